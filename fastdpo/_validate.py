@@ -1,0 +1,106 @@
+"""Argument checks: bad input gets a ValueError/TypeError naming the argument, never a device assert."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ._options import BACKENDS
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def tensor(name, t, *, ndim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def number(name, value, *, positive=False, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="weight", targets_name="targets",
+         bias_name="bias"):
+    """Check one head's tensors; ``targets`` must be shaped like ``hidden.shape[:-1]``."""
+    tensor(hidden_name, hidden)
+    tensor(weight_name, weight, ndim=2)
+    tensor(targets_name, targets)
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{hidden_name} must be a floating tensor (bf16, fp16, fp32, fp64), got {hidden.dtype}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{weight_name} must be a floating tensor (bf16, fp16, fp32, fp64), got {weight.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: {hidden_name} has shape {tuple(hidden.shape)} but "
+                         f"{weight_name} has shape {tuple(weight.shape)}; expected {hidden_name}[..., H] with "
+                         f"{weight_name} [V, H]")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"{targets_name} must be an integer tensor of token ids, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{targets_name} must have shape {tuple(hidden.shape[:-1])} (that of {hidden_name} "
+                         f"without its last dimension), got {tuple(targets.shape)}")
+    if weight.device != hidden.device or targets.device != hidden.device:
+        raise ValueError(f"{hidden_name}, {weight_name} and {targets_name} must be on one device, got "
+                         f"{hidden.device}, {weight.device}, {targets.device}")
+    if bias is not None:
+        tensor(bias_name, bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{bias_name} must have shape [{weight.shape[0]}] (the vocabulary of {weight_name}), "
+                             f"got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"{bias_name} must be on {hidden.device}, got {bias.device}")
+
+
+def label_range(name, labels, vocab, ignore_index):
+    """Labels must be in [0, vocab) or ``ignore_index``. Costs one device sync on GPU tensors."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.numel() and bool(bad.any()):
+        example = int(labels[bad].flatten()[0])
+        raise ValueError(f"{name} must hold token ids in [0, {vocab}) or ignore_index={ignore_index}, "
+                         f"found {example}")
+
+
+def common_dtype(hidden, weight, hidden_name="hidden", weight_name="weight"):
+    """The dtype the head computes in: the inputs' own, or the autocast dtype when they differ under autocast."""
+    if hidden.dtype == weight.dtype:
+        return hidden.dtype
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) if hasattr(torch, "is_autocast_enabled") else False:
+        return torch.get_autocast_dtype(dev)
+    raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype "
+                    f"(or run under torch.autocast)")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def backend(name, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve ``"auto"`` and check that the requested backend can run these tensors."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and dtype in TRITON_DTYPES else "torch"
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            raise ValueError("backend='triton' needs the triton package, which is not installed") from err
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"backend='triton' runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                             f"got tensors on {device}: use backend='torch' or 'auto'")
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' computes bf16, fp16 and fp32 inputs, got {dtype}; "
+                            f"use backend='torch' for {dtype}")
+    return name

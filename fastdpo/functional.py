@@ -1,0 +1,189 @@
+"""The functional API: fused per-token log-probs, sequence log-probs and the DPO loss."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as check
+from ._autograd import EXTRA_OUTPUTS, FusedLogprobFunction
+from ._options import HeadOptions
+from .losses import DPOOutput, LossConfig, compute_dpo_loss
+
+__all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
+
+
+def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
+                temperature=1.0, backend="auto", extras=False, check_labels=True, names=None) -> dict:
+    """Per-token statistics of the fused head, each shaped like ``targets`` and 0 where ignored.
+
+    Returns a dict: ``logp`` (differentiable w.r.t. hidden, weight, bias), ``mean_logit`` and, with
+    ``extras=True``, ``entropy``, ``log_sum_sq_probs`` (``log Σ_v p_v²``) and ``is_top1``. See
+    :func:`fused_logprobs` for the arguments; ``names`` renames the arguments in error messages.
+    """
+    names = names or {}
+    hn, wn, tn, bn = (names.get(k, k) for k in ("hidden", "weight", "targets", "bias"))
+    check.head(hidden, weight, targets, bias, hidden_name=hn, weight_name=wn, targets_name=tn, bias_name=bn)
+    if softcap is not None:
+        check.number("softcap", softcap, positive=True)
+    scale = check.number("logit_scale", logit_scale) / check.number("temperature", temperature, positive=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    dtype = check.common_dtype(hidden, weight, hn, wn)
+    resolved = check.backend(backend, hidden.device, dtype)
+    if check_labels:
+        check.label_range(tn, targets, weight.shape[0], ignore_index)
+    opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=scale,
+                       backend=resolved, extras=bool(extras))
+    shape = targets.shape
+    H = hidden.shape[-1]
+    h2 = hidden.reshape(-1, H).to(dtype)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    outs = FusedLogprobFunction.apply(h2, w, b, targets.reshape(-1), opts)
+    result = {"logp": outs[0].view(shape), "mean_logit": outs[1].view(shape)}
+    if extras:
+        for name, value in zip(EXTRA_OUTPUTS, outs[2:]):
+            result[name] = value.view(shape)
+    return result
+
+
+def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
+                   temperature=1.0, backend="auto") -> torch.Tensor:
+    """Per-token log-probabilities of the targets, without materializing the logits.
+
+    ``z = hidden·weightᵀ + bias``; if ``softcap``: ``z = softcap·tanh(z/softcap)``;
+    ``z = z·logit_scale/temperature``; ``logp_t = z_t[targets_t] − logsumexp(z_t)``.
+
+    Args:
+        hidden: ``[..., H]`` hidden states (bf16, fp16, fp32; fp64 on the torch backend).
+        weight: ``[V, H]`` lm-head weight, same dtype as ``hidden`` (or any dtypes under autocast).
+        targets: integer token ids shaped ``hidden.shape[:-1]``, in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` lm-head bias.
+        ignore_index: targets with this value are skipped: never projected, log-prob 0.
+        softcap: optional tanh soft-capping of the raw logits (Gemma-2), ``None`` for none.
+        logit_scale: multiplier of the (capped) logits (Cohere's ``logit_scale``). Default 1.
+        temperature: divisor of the logits. Default 1.
+        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"`` (CUDA, or CPU with
+            ``TRITON_INTERPRET=1``) or ``"torch"``.
+
+    Returns:
+        fp32 (fp64 for fp64 inputs) log-probs shaped like ``targets``, 0 at ignored positions,
+        differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
+    """
+    return token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
+                       logit_scale=logit_scale, temperature=temperature, backend=backend)["logp"]
+
+
+def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=-100, softcap=None,
+                      logit_scale=1.0, temperature=1.0, backend="auto") -> torch.Tensor:
+    """Log-probability of each sequence's labelled tokens: ``π_s = Σ_t mask_st·logp_st``.
+
+    Args:
+        hidden: ``[S, T, H]`` hidden states, aligned with ``labels`` (label ``t`` is predicted from state ``t``).
+        weight: ``[V, H]`` lm-head weight.
+        labels: ``[S, T]`` token ids, ``ignore_index`` on prompt and padding.
+        average: the per-token mean instead of the sum (0 for a sequence without labelled tokens).
+        Other arguments as in :func:`fused_logprobs`.
+
+    Returns:
+        ``[S]`` sequence log-probs. Their backward takes one scalar per sequence to the kernel.
+    """
+    check.tensor("hidden", hidden, ndim=3)
+    check.tensor("labels", labels, ndim=2)
+    logp = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
+                       logit_scale=logit_scale, temperature=temperature, backend=backend,
+                       names={"targets": "labels"})["logp"]
+    total = logp.sum(-1)
+    if average:
+        total = total / (labels != ignore_index).sum(-1).clamp(min=1)
+    return total
+
+
+def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias):
+    check.tensor("hidden", hidden)
+    check.tensor("labels", labels)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got shape {tuple(hidden.shape)}")
+    if labels.dim() != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"labels must be [2B, T] = {tuple(hidden.shape[:2])} to match hidden, got "
+                         f"{tuple(labels.shape)}")
+    rows = hidden.shape[0]
+    if rows == 0 or hidden.shape[1] == 0:
+        raise ValueError(f"empty batch: hidden has shape {tuple(hidden.shape)}; need at least one pair and one token")
+    if rows % 2:
+        raise ValueError(f"hidden must hold an even number of rows (B chosen then B rejected), got {rows}")
+    given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None]
+    if reference_free:
+        given.append("reference_free=True")
+    if ref_weight is not None and ref_hidden is None:
+        raise ValueError("ref_weight was given without ref_hidden: pass both, or neither")
+    if ref_bias is not None and ref_hidden is None:
+        raise ValueError("ref_bias was given without ref_hidden: pass it with ref_hidden and ref_weight")
+    if ref_hidden is not None and ref_weight is None:
+        raise ValueError("ref_hidden was given without ref_weight: pass the reference lm-head weight [V, H] "
+                         "(it may be the policy's weight tensor itself)")
+    if len(given) > 1:
+        raise ValueError(f"give exactly one reference, got {' and '.join(given)}")
+    if not given:
+        raise ValueError("no reference: pass ref_hidden with ref_weight, or precomputed ref_logps [2B], "
+                         "or reference_free=True")
+    if ref_hidden is not None:
+        check.tensor("ref_hidden", ref_hidden)
+        check.tensor("ref_weight", ref_weight, ndim=2)
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight must cover the policy's vocabulary of {weight.shape[0]} tokens: "
+                             f"expected [{weight.shape[0]}, H_ref], got {tuple(ref_weight.shape)}")
+        if ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != tuple(hidden.shape[:2]):
+            raise ValueError(f"ref_hidden must be [2B, T, H_ref] with 2B, T = {tuple(hidden.shape[:2])}, got "
+                             f"{tuple(ref_hidden.shape)}")
+    if ref_logps is not None:
+        check.tensor("ref_logps", ref_logps)
+        if tuple(ref_logps.shape) != (rows,):
+            raise ValueError(f"ref_logps must be [2B] = [{rows}] (chosen then rejected), got {tuple(ref_logps.shape)}")
+        if not ref_logps.dtype.is_floating_point:
+            raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")
+
+
+def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
+             beta=0.1, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
+             backend="auto", config: LossConfig | None = None, **loss_options) -> DPOOutput:
+    """The DPO loss computed from hidden states, without materializing the logits.
+
+    ``π_s = Σ_t mask_st·logp_st`` for the policy, ``ρ_s`` the same for the reference;
+    ``Δ = (π_c − π_r) − (ρ_c − ρ_r)``; ``loss = −mean_b log σ(β·Δ_b)`` (``loss_type="sigmoid"``).
+
+    Args:
+        hidden: ``[2B, T, H]`` policy final hidden states: rows ``0..B-1`` chosen, ``B..2B-1`` rejected.
+        weight: ``[V, H]`` policy lm-head weight.
+        labels: ``[2B, T]`` token ids aligned with ``hidden``, ``ignore_index`` on prompt and padding.
+        ref_hidden: ``[2B, T, H_ref]`` reference hidden states; with ``ref_weight [V, H_ref]`` (which may be
+            ``weight`` itself) the reference log-probs are computed in this call, without gradient.
+        ref_logps: ``[2B]`` precomputed reference sequence log-probs, in row order.
+        reference_free: no reference model (``ρ = 0``). Exactly one of the three reference modes is required.
+        beta: the DPO temperature β. Default 0.1.
+        bias, ref_bias: optional ``[V]`` lm-head biases.
+        ignore_index, softcap, logit_scale, temperature, backend: as in :func:`fused_logprobs`, applied
+            to both heads.
+        config: a :class:`LossConfig`; or give its fields (``loss_type``, ``average_log_prob``, ...) as
+            keyword arguments.
+
+    Returns:
+        :class:`DPOOutput` with ``loss``, ``chosen_logps``/``rejected_logps`` ``[B]``,
+        ``chosen_rewards``/``rejected_rewards`` ``β·(π − ρ)`` and ``metrics`` named as TRL logs them.
+    """
+    _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias)
+    if config is None:
+        config = LossConfig(beta=beta, **loss_options)
+    elif loss_options:
+        raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
+    head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature,
+                backend=backend)
+    stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"}, **head)
+    ref_token_logps = None
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_token_logps = token_stats(ref_hidden, ref_weight, labels, bias=ref_bias, check_labels=False,
+                                          names={"hidden": "ref_hidden", "weight": "ref_weight",
+                                                 "targets": "labels", "bias": "ref_bias"}, **head)["logp"]
+    return compute_dpo_loss(stats, labels != ignore_index, config, ref_token_logps=ref_token_logps,
+                            ref_logps=ref_logps, reference_free=reference_free)

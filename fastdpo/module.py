@@ -1,0 +1,40 @@
+"""The ``nn.Module`` form of the fused DPO loss."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .functional import dpo_loss
+from .losses import DPOOutput, LossConfig
+
+
+class FusedLinearDPOLoss(nn.Module):
+    """Holds the options of :func:`fastdpo.dpo_loss`; called with the tensors.
+
+    Example::
+
+        loss_fn = FusedLinearDPOLoss(beta=0.1)
+        out = loss_fn(hidden, model.lm_head.weight, labels, ref_hidden=ref_hidden, ref_weight=ref_head.weight)
+        out.loss.backward()
+
+    Args:
+        beta: the DPO temperature. Default 0.1.
+        ignore_index, softcap, logit_scale, temperature, backend: head options, see :func:`fastdpo.fused_logprobs`.
+        **loss_options: other fields of :class:`fastdpo.LossConfig` (``loss_type``, ...), checked here.
+    """
+
+    def __init__(self, beta=0.1, *, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
+                 backend="auto", **loss_options):
+        super().__init__()
+        self.config = LossConfig(beta=beta, **loss_options)
+        self.head_options = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
+                                 temperature=temperature, backend=backend)
+
+    def forward(self, hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
+                reference_free=False, bias=None, ref_bias=None) -> DPOOutput:
+        return dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps,
+                        reference_free=reference_free, bias=bias, ref_bias=ref_bias, config=self.config,
+                        **self.head_options)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, head={self.head_options}"

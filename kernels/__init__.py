@@ -1,0 +1,1 @@
+"""Triton kernels of fastdpo and their thin launchers (installed as ``fastdpo.kernels``)."""
