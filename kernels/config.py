@@ -1,0 +1,97 @@
+"""Block sizes, warps and chunking of every fastdpo kernel: the one place they are chosen.
+
+``default_config()`` is the GPU default; under the Triton interpreter it returns small blocks so
+that tiny test shapes still cross several tiles. ``use_config`` overrides it for a block of code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import triton
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shapes (BLOCK_*), ``num_warps``/``num_stages`` per kernel, and the work split.
+
+    Attributes:
+        fwd_*: forward kernel (tokens × vocab tile, K-step over H).
+        dlogits_*: backward kernel that recomputes a logit tile and writes its gradient.
+        gw_*: grad-weight GEMM (vocab × hidden tile, K-step over tokens).
+        gh_*: grad-hidden GEMM (tokens × hidden tile, K-step over the vocabulary chunk).
+        vocab_chunk: vocabulary columns per backward step; the logit-gradient workspace is
+            ``tokens × vocab_chunk`` in the compute dtype.
+        min_programs: the forward splits the vocabulary until it launches at least this many programs.
+    """
+
+    fwd_block_m: int = 128
+    fwd_block_v: int = 128
+    fwd_block_k: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    dlogits_block_m: int = 128
+    dlogits_block_v: int = 128
+    dlogits_block_k: int = 64
+    dlogits_warps: int = 8
+    dlogits_stages: int = 3
+    gw_block_v: int = 128
+    gw_block_h: int = 128
+    gw_block_k: int = 64
+    gw_warps: int = 8
+    gw_stages: int = 3
+    gh_block_m: int = 128
+    gh_block_h: int = 128
+    gh_block_k: int = 64
+    gh_warps: int = 8
+    gh_stages: int = 3
+    vocab_chunk: int = 8192
+    min_programs: int = 528
+
+    def __post_init__(self):
+        for name, value in self.__dict__.items():
+            if name.endswith(("block_m", "block_v", "block_k", "block_h")):
+                if value < 16 or value & (value - 1):
+                    raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.vocab_chunk < 1 or self.min_programs < 1:
+            raise ValueError("vocab_chunk and min_programs must be >= 1")
+
+
+GPU_DEFAULT = KernelConfig()
+# The interpreter runs each program in numpy: small tiles keep the tests' odd shapes crossing
+# tile, split and chunk boundaries.
+INTERPRETER_DEFAULT = replace(
+    GPU_DEFAULT,
+    fwd_block_m=16, fwd_block_v=16, fwd_block_k=16,
+    dlogits_block_m=16, dlogits_block_v=16, dlogits_block_k=16,
+    gw_block_v=16, gw_block_h=16, gw_block_k=16,
+    gh_block_m=16, gh_block_h=16, gh_block_k=16,
+    vocab_chunk=24, min_programs=4,
+)
+
+_override: list[KernelConfig] = []
+
+
+def default_config() -> KernelConfig:
+    if _override:
+        return _override[-1]
+    from triton import knobs
+
+    return INTERPRETER_DEFAULT if knobs.runtime.interpret else GPU_DEFAULT
+
+
+@contextlib.contextmanager
+def use_config(config: KernelConfig):
+    """Run the kernels with ``config`` inside the ``with`` block."""
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
+    _override.append(config)
+    try:
+        yield config
+    finally:
+        _override.pop()
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)

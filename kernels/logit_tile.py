@@ -1,0 +1,42 @@
+"""One ``[BLOCK_M tokens, BLOCK_V vocab]`` tile of transformed logits, accumulated in fp32.
+
+Shared by the forward and the backward kernels so both see bit-identical logits.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logit_tile(x_ptr, w_ptr, b_ptr, src_rows, row_mask, cols, col_mask, H, softcap, scale,
+               stride_xn, stride_xh, stride_wv, stride_wh,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Returns ``(z, t)``: ``z = scale·softcap·tanh((x·wᵀ + b)/softcap)`` (no cap: ``scale·(x·wᵀ + b)``)
+    and ``t = tanh(...)``, which the backward needs for the cap's derivative (``t = z`` without a cap).
+
+    ``src_rows`` are int64 row indices into ``x`` (gathered tokens); ``cols`` int64 vocabulary ids.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + src_rows[:, None] * stride_xn
+    w_rows = w_ptr + cols[:, None] * stride_wv
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < H
+        x = tl.load(x_rows + k[None, :] * stride_xh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_F32:
+            # The interpreter multiplies bf16 operands wrongly; fp32 operands are exact there.
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    t = acc
+    if HAS_SOFTCAP:
+        # tanh(u) = 2·sigmoid(2u) − 1: core Triton has no tanh the interpreter also runs.
+        t = 2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0
+        acc = softcap * t
+    return acc * scale, t

@@ -1,0 +1,131 @@
+"""Forward: per-token online-logsumexp statistics of ``x·Wᵀ`` without storing the logits.
+
+Grid ``(token blocks, vocabulary splits)``. Each program walks its split's vocabulary tiles,
+projecting only gathered (labelled) tokens, and writes one partial record per token and split:
+running max ``m``, ``Σ exp(z − m)``, the target logit (0 when the target is outside the split),
+``Σ z`` and, with ``EXTRAS``, ``Σ exp(z − m)·z``, ``Σ exp(2(z − m))`` and the first argmax. The host
+merges the splits (a few ``[splits, tokens]`` ops).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import KernelConfig
+from .logit_tile import logit_tile
+
+# Rows of the stats record; the last three only with EXTRAS.
+STAT_MAX, STAT_SUMEXP, STAT_TARGET, STAT_SUM, STAT_XSUMEXP, STAT_SQSUMEXP, STAT_ARGMAX = range(7)
+N_STATS, N_STATS_EXTRAS = 4, 7
+
+
+@triton.jit
+def _logprob_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, nv_ptr, stats_ptr,
+    V, H, tiles_per_split, softcap, scale,
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_stat, stride_split,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXTRAS: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    # The number of labelled tokens lives on the device, so the host never waits for it.
+    nv = tl.load(nv_ptr).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    if row0 >= nv:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < nv
+    src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    zt = tl.zeros((BLOCK_M,), tl.float32)
+    zsum = tl.zeros((BLOCK_M,), tl.float32)
+    sz = tl.zeros((BLOCK_M,), tl.float32)
+    s2 = tl.zeros((BLOCK_M,), tl.float32)
+    amax = tl.zeros((BLOCK_M,), tl.int64)
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for tile in range(t0, t1):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z, _ = logit_tile(x_ptr, w_ptr, b_ptr, src, row_mask, cols, col_mask, H, softcap, scale,
+                          stride_xn, stride_xh, stride_wv, stride_wh,
+                          HAS_BIAS, HAS_SOFTCAP, DOT_F32, INPUT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        z_valid = tl.where(col_mask[None, :], z, 0.0)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
+        # Σz also carries any NaN of the inputs, which tl.maximum would drop.
+        zsum += tl.sum(z_valid, axis=1)
+        if EXTRAS:
+            sz = sz * alpha + tl.sum(e * z_valid, axis=1)
+            s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1)
+            # Tiles go left to right, so a strictly greater max keeps the first argmax.
+            tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + tile * BLOCK_V
+            amax = tl.where(tile_max > m, tile_arg, amax)
+        m = m_new
+
+    base = stats_ptr + pid_s * stride_split + rows
+    tl.store(base + STAT_MAX * stride_stat, m, mask=row_mask)
+    tl.store(base + STAT_SUMEXP * stride_stat, s, mask=row_mask)
+    tl.store(base + STAT_TARGET * stride_stat, zt, mask=row_mask)
+    tl.store(base + STAT_SUM * stride_stat, zsum, mask=row_mask)
+    if EXTRAS:
+        tl.store(base + STAT_XSUMEXP * stride_stat, sz, mask=row_mask)
+        tl.store(base + STAT_SQSUMEXP * stride_stat, s2, mask=row_mask)
+        tl.store(base + STAT_ARGMAX * stride_stat, amax.to(tl.float32), mask=row_mask)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's TF32 switch for matmuls (off by default: exact fp32)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def dot_in_fp32(x: torch.Tensor) -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret) and x.dtype == torch.bfloat16
+
+
+def logprob_forward(x, weight, bias, rows, targets, nv, *, softcap, scale, extras, config: KernelConfig):
+    """Launch the forward.
+
+    Args:
+        x: ``[N, H]`` hidden states (any strides). weight: ``[V, H]``. bias: ``[V]`` or None.
+        rows: ``[N]`` int64, the labelled rows of ``x`` first (only the first ``nv`` are read).
+        targets: ``[N]`` int64 target of each entry of ``rows``.
+        nv: one-element int32 device tensor, the number of labelled rows.
+
+    Returns:
+        ``stats [n_stats, splits, N]`` fp32; columns ``>= nv`` are not written.
+    """
+    N, H = x.shape
+    V = weight.shape[0]
+    bm, bv = config.fwd_block_m, config.fwd_block_v
+    n_tiles = triton.cdiv(V, bv)
+    token_blocks = triton.cdiv(N, bm)
+    # Split the vocabulary until the grid fills the GPU; every split keeps at least one tile.
+    splits = max(1, min(n_tiles, triton.cdiv(config.min_programs, token_blocks)))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    stats = torch.empty((N_STATS_EXTRAS if extras else N_STATS, splits, N), dtype=torch.float32, device=x.device)
+    _logprob_fwd_kernel[(token_blocks, splits)](
+        x, weight, bias if bias is not None else weight, rows, targets, nv, stats,
+        V, H, tiles_per_split, float(softcap or 1.0), float(scale),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stats.stride(0), stats.stride(1),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, EXTRAS=bool(extras),
+        DOT_F32=dot_in_fp32(x), INPUT_PRECISION=input_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=config.fwd_block_k,
+        num_warps=config.fwd_warps, num_stages=config.fwd_stages,
+    )
+    return stats
