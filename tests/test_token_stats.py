@@ -1,0 +1,206 @@
+"""Per-token log-probs and statistics of both backends against the float64 reference."""
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo import _validate
+from fastdpo.kernels.config import KernelConfig, use_config
+from fastdpo.reference import reference_token_stats
+from conftest import backend_params, make_batch, rel_err
+
+HEADS = [
+    dict(),
+    dict(softcap=4.0, logit_scale=1.3, temperature=0.7, bias=True),
+    dict(logit_scale=0.5, bias=True),
+]
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Fresh float buffers start as NaN, so an element a kernel forgets to write shows up."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+def _inputs(dtype, head, seed=0, **shape):
+    hidden, weight, labels = make_batch(dtype=torch.float64, seed=seed, **shape)
+    g = torch.Generator().manual_seed(seed + 1)
+    bias = torch.randn(weight.shape[0], generator=g, dtype=torch.float64) if head.get("bias") else None
+    kw = {k: v for k, v in head.items() if k != "bias"}
+    return hidden, weight, bias, labels, kw
+
+
+def _run(fn, hidden, weight, bias, labels, upstream, kw, dtype):
+    h = hidden.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    b = bias.to(dtype).requires_grad_() if bias is not None else None
+    stats = fn(h, w, labels, b, **kw)
+    params = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad((stats["logp"] * upstream).sum(), params)
+    return stats, grads
+
+
+def _ours(backend):
+    def fn(h, w, labels, b, **kw):
+        return fastdpo.token_stats(h, w, labels, bias=b, backend=backend, extras=True, **kw)
+    return fn
+
+
+def _reference(h, w, labels, b, **kw):
+    return reference_token_stats(h, w, labels, b, **kw)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("head", HEADS)
+def test_fp32_matches_float64_reference(backend, head):
+    hidden, weight, bias, labels, kw = _inputs(torch.float32, head)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ours, ours_g = _run(_ours(backend), hidden, weight, bias, labels, upstream.float(), kw, torch.float32)
+    ref, ref_g = _run(_reference, hidden, weight, bias, labels, upstream, kw, torch.float64)
+    mask = labels != -100
+    for name in ("logp", "mean_logit", "entropy", "log_sum_sq_probs"):
+        assert ours[name].shape == labels.shape
+        assert torch.isfinite(ours[name]).all(), name
+        assert (ours[name][~mask] == 0).all(), f"{name} must be 0 at ignored positions"
+        torch.testing.assert_close(ours[name].double(), ref[name], rtol=0, atol=2e-5, msg=name)
+    assert torch.equal(ours["is_top1"], ref["is_top1"])
+    for got, want in zip(ours_g, ref_g):
+        assert rel_err(got, want) < 2e-5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_error_within_that_of_torch(backend, dtype):
+    """Error of ours in bf16/fp16 <= 2 x error of the naive torch path in the same dtype, + a floor."""
+    head = HEADS[1]
+    hidden, weight, bias, labels, kw = _inputs(dtype, head, seed=3)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ref, ref_g = _run(_reference, hidden, weight, bias, labels, upstream, kw, torch.float64)
+    naive, naive_g = _run(_reference, hidden, weight, bias, labels, upstream.float(), kw, dtype)
+    ours, ours_g = _run(_ours(backend), hidden, weight, bias, labels, upstream.float(), kw, dtype)
+    # Our logits come from an fp32-accumulated matmul; the naive ones are rounded to `dtype` first.
+    assert (ours["logp"].double() - ref["logp"]).abs().max() <= 2 * (naive["logp"].double() - ref["logp"]).abs().max() + 1e-4
+    for got, base, want in zip(ours_g, naive_g, ref_g):
+        assert rel_err(got, want) <= 2 * rel_err(base, want) + 2e-3
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_torch_backend_float64_is_exact(backend):
+    if backend != "torch":
+        h, w, labels = make_batch(dtype=torch.float64)
+        with pytest.raises(TypeError, match="float64"):
+            fastdpo.fused_logprobs(h, w, labels, backend=backend)
+        return
+    hidden, weight, bias, labels, kw = _inputs(torch.float64, HEADS[1])
+    upstream = torch.randn(labels.shape, dtype=torch.float64)
+    ours, ours_g = _run(_ours("torch"), hidden, weight, bias, labels, upstream, kw, torch.float64)
+    ref, ref_g = _run(_reference, hidden, weight, bias, labels, upstream, kw, torch.float64)
+    torch.testing.assert_close(ours["logp"], ref["logp"], rtol=1e-12, atol=1e-12)
+    for got, want in zip(ours_g, ref_g):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", [
+    KernelConfig(fwd_block_m=16, fwd_block_v=32, fwd_block_k=16, dlogits_block_m=32, dlogits_block_v=16,
+                 dlogits_block_k=32, gw_block_v=32, gw_block_h=16, gw_block_k=32, gh_block_m=16, gh_block_h=32,
+                 gh_block_k=16, vocab_chunk=1000, min_programs=1),
+    KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
+                 dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16, gh_block_h=16,
+                 gh_block_k=16, vocab_chunk=17, min_programs=64),
+], ids=["one-chunk-one-split", "many-chunks-many-splits"])
+def test_triton_tilings_agree(config):
+    if not (torch.cuda.is_available() or _validate.interpreting()):
+        pytest.skip("triton backend not runnable here")
+    hidden, weight, bias, labels, kw = _inputs(torch.float32, HEADS[1], seed=5, T=11, H=23, V=67)
+    upstream = torch.randn(labels.shape, dtype=torch.float64)
+    ref, ref_g = _run(_reference, hidden, weight, bias, labels, upstream, kw, torch.float64)
+    with use_config(config):
+        ours, ours_g = _run(_ours("triton"), hidden, weight, bias, labels, upstream.float(), kw, torch.float32)
+    torch.testing.assert_close(ours["logp"].double(), ref["logp"], rtol=0, atol=2e-5)
+    assert torch.equal(ours["is_top1"], ref["is_top1"])
+    for got, want in zip(ours_g, ref_g):
+        assert rel_err(got, want) < 2e-5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_strided_inputs(backend):
+    """Non-contiguous hidden states and weight (views into larger tensors) give the same result."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=11)
+    wide_h = torch.randn(*hidden.shape[:2], hidden.shape[2] + 5)
+    wide_h[..., 2:2 + hidden.shape[2]] = hidden
+    h_view = wide_h[..., 2:2 + hidden.shape[2]]
+    w_view = weight.t().contiguous().t()
+    got = fastdpo.fused_logprobs(h_view, w_view, labels, backend=backend)
+    want = reference_token_stats(hidden.double(), weight.double(), labels)["logp"]
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_deterministic(backend):
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=2)
+    outs = []
+    for _ in range(2):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp = fastdpo.fused_logprobs(h, w, labels, backend=backend)
+        outs.append((logp, *torch.autograd.grad(logp.sum(), (h, w))))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_all_ignored_gives_zeros_not_nan(backend):
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    labels = torch.full_like(labels, -100)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    logp = fastdpo.fused_logprobs(h, w, labels, backend=backend)
+    gh, gw = torch.autograd.grad(logp.sum(), (h, w))
+    assert torch.equal(logp, torch.zeros_like(logp))
+    assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("where", ["hidden", "weight"])
+def test_nan_in_inputs_comes_out_as_nan(backend, where):
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    if where == "hidden":
+        hidden[0, 5, 3] = float("nan")  # a labelled position (prompt is 3 tokens)
+    else:
+        weight[7, 0] = float("nan")
+    logp = fastdpo.fused_logprobs(hidden, weight, labels, backend=backend)
+    assert torch.isnan(logp[0, 5])
+    if where == "weight":
+        assert torch.isnan(logp[labels != -100]).all()
+    else:
+        assert torch.isfinite(logp[1:]).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_sequence_logprobs(backend):
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=4)
+    labels[2, :] = -100  # a sequence with no completion token: 0, not NaN
+    for average in (False, True):
+        got = fastdpo.sequence_logprobs(hidden, weight, labels, average=average, backend=backend)
+        logp = reference_token_stats(hidden.double(), weight.double(), labels)["logp"].sum(-1)
+        if average:
+            logp = logp / (labels != -100).sum(-1).clamp(min=1)
+        assert got.shape == (labels.shape[0],)
+        assert got[2] == 0
+        torch.testing.assert_close(got.double(), logp, rtol=0, atol=1e-4)
+
+
+def test_import_does_not_touch_cuda():
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.cuda.init = lambda: (_ for _ in ()).throw(RuntimeError('cuda touched'));"
+            "import fastdpo, fastdpo.kernels, fastdpo.integrations; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
