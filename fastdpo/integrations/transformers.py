@@ -1,0 +1,320 @@
+"""fastdpo on Hugging Face ``transformers`` causal language models.
+
+A causal LM is a backbone (embeddings, decoder layers, final norm) followed by an lm-head and, on some
+architectures, a transform of the logits. The functions here run only the backbone, then hand its hidden
+states and the lm-head to fastdpo, so the ``[tokens, vocab]`` logits never exist, and reproduce the model's
+own logit transform:
+
+- Gemma-2/3 ``final_logit_softcapping``: ``c·tanh(z/c)``;
+- Cohere ``logit_scale`` (and Muse Glimmer ``output_multiplier``, Falcon-H1 ``lm_head_multiplier``): ``z·s``;
+- Granite / MiniCPM3 ``logits_scaling``: ``z/s`` (HyperCLOVA X multiplies instead);
+- a bias on the lm-head (e.g. Phi).
+
+These models apply their scale *before* the softcap (``c·tanh(s·z/c)``) while fastdpo applies it after
+(``s·c'·tanh(z/c')``); the two agree exactly with ``c' = c/|s|``, which :func:`lm_head_spec` returns.
+
+Works with a PEFT-wrapped model (LoRA-style adapters injected into the layers) and, for the reference,
+with the same model with its adapter disabled (``ref_model="disable_adapter"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+from .. import functional
+from ..losses import DPOOutput, LossConfig, compute_dpo_loss
+
+__all__ = [
+    "HeadSpec",
+    "lm_head_spec",
+    "unwrap_causal_lm",
+    "backbone_hidden_states",
+    "add_hidden_states_forward",
+    "causal_lm_token_stats",
+    "causal_lm_logprobs",
+    "causal_lm_dpo_loss",
+    "DISABLE_ADAPTER",
+]
+
+#: ``ref_model`` value of :func:`causal_lm_dpo_loss`: the reference is the policy with its PEFT adapter disabled.
+DISABLE_ADAPTER = "disable_adapter"
+
+# The keyword that :func:`add_hidden_states_forward` adds to a model's forward.
+HIDDEN_STATES_KWARG = "fastdpo_hidden_states"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The lm-head of a causal LM and its logit transform, in fastdpo's order.
+
+    ``logits = logit_scale · softcap·tanh((h·weightᵀ + bias)/softcap)`` (the softcap only when not None).
+
+    Attributes:
+        weight: ``[V, H]`` lm-head weight (the input embedding when tied).
+        bias: ``[V]`` lm-head bias or None.
+        softcap: tanh soft-capping in fastdpo's order (applied before ``logit_scale``), or None.
+        logit_scale: multiplier of the (capped) logits.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    logit_scale: float
+
+    def options(self) -> dict:
+        """Keyword arguments of :func:`fastdpo.token_stats` / :func:`fastdpo.dpo_loss` for this head."""
+        return {"softcap": self.softcap, "logit_scale": self.logit_scale}
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def unwrap_causal_lm(model):
+    """The ``*ForCausalLM`` module under a PEFT wrapper (or the model itself).
+
+    Raises:
+        TypeError: for prompt-learning PEFT methods (prefix/prompt tuning), whose virtual tokens only exist in
+            ``PeftModel.forward`` and so are skipped when the backbone is run directly.
+    """
+    if _is_peft_model(model):
+        if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+            raise TypeError("model: prompt-learning PEFT adapters (prefix/prompt/p-tuning) are not supported by "
+                            "fastdpo's transformers helpers; use a LoRA-style adapter")
+        return model.get_base_model()
+    return model
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _model_transform(config) -> tuple[float | None, float]:
+    """``(softcap, scale)`` as the model applies them: ``softcap·tanh(scale·z/softcap)``.
+
+    Reads the same config attributes as TRL's fused head (``trl.trainer.utils.add_fused_lm_head``).
+    """
+    text = _text_config(config)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scaling = text.logits_scaling
+        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1 / scaling
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def to_fastdpo_transform(softcap, scale) -> tuple[float | None, float]:
+    """Convert a scale-then-softcap transform ``c·tanh(s·z/c)`` into fastdpo's softcap-then-scale form.
+
+    ``c·tanh(s·z/c) = s·(c/|s|)·tanh(z/(c/|s|))`` for any ``s ≠ 0`` (tanh is odd), so the result is
+    ``(c/|s|, s)``; with ``s = 0`` every logit is 0 and the softcap is dropped.
+    """
+    if softcap is None or scale == 0:
+        return None, float(scale)
+    if not softcap > 0:
+        raise ValueError(f"final_logit_softcapping must be > 0, got {softcap!r}")
+    return float(softcap) / abs(float(scale)), float(scale)
+
+
+def lm_head_spec(model) -> HeadSpec:
+    """The lm-head (tied or not) of a causal LM and its logit transform in fastdpo's order.
+
+    Args:
+        model: a ``transformers`` causal LM, optionally PEFT-wrapped.
+
+    Raises:
+        TypeError: when the model has no linear output embedding, or a PEFT adapter wraps the lm-head
+            (fastdpo reads ``lm_head.weight`` directly, so the adapter would be silently ignored).
+    """
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"model: {type(lm).__name__} has no output embedding (lm-head) with a weight")
+    if head.__class__.__module__.startswith("peft."):
+        raise TypeError("model: a PEFT adapter on the lm-head is not supported: fastdpo reads lm_head.weight "
+                        "directly, so the adapter would never be applied or trained; remove 'lm_head' from "
+                        "target_modules")
+    softcap, scale = to_fastdpo_transform(*_model_transform(lm.config))
+    return HeadSpec(weight=head.weight, bias=getattr(head, "bias", None), softcap=softcap, logit_scale=scale)
+
+
+def _backbone(lm):
+    backbone = getattr(lm, "base_model", None)
+    if backbone is None or backbone is lm:
+        raise TypeError(f"model: {type(lm).__name__} does not expose its backbone as `base_model`; fastdpo needs "
+                        f"a transformers *ForCausalLM model")
+    return backbone
+
+
+def _run_backbone(lm, *args, **kwargs) -> torch.Tensor:
+    # The lm-head (and with it the labels and loss arguments) is fastdpo's job: the backbone must not see them.
+    for key in ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict"):
+        kwargs.pop(key, None)
+    kwargs["use_cache"] = False
+    out = _backbone(lm)(*args, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def backbone_hidden_states(model, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
+    """The final hidden states ``[B, T, H]`` of a causal LM: its backbone only, no lm-head.
+
+    For a PEFT model the adapters take part (they live inside the backbone's layers); run it under
+    ``model.disable_adapter()`` for the base model. When the model is wrapped for distributed training
+    (DDP), call the wrapper with ``fastdpo_hidden_states=True`` after :func:`add_hidden_states_forward`
+    instead, so that the wrapper's forward hooks run.
+    """
+    return _run_backbone(unwrap_causal_lm(model), input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def add_hidden_states_forward(model) -> None:
+    """Let ``model(..., fastdpo_hidden_states=True)`` return the backbone's final hidden states.
+
+    The call then returns a ``BaseModelOutput``-like object whose ``last_hidden_state`` is ``[B, T, H]``;
+    without the keyword the model's forward is unchanged. Going through ``model(...)`` keeps wrappers
+    (PEFT, DDP, accelerate hooks) in the loop. Idempotent.
+    """
+    lm = unwrap_causal_lm(model)
+    if getattr(lm, "_fastdpo_hidden_states_forward", False):
+        return
+    original_forward = lm.forward
+
+    # Keep the original signature: `generate` validates its model kwargs against it.
+    @functools.wraps(type(lm).forward)
+    def forward(self, *args, fastdpo_hidden_states=False, **kwargs):
+        if not fastdpo_hidden_states:
+            return original_forward(*args, **kwargs)
+        return _HiddenStates(last_hidden_state=_run_backbone(self, *args, **kwargs))
+
+    lm.forward = types.MethodType(forward, lm)
+    lm._fastdpo_hidden_states_forward = True
+
+
+@dataclass
+class _HiddenStates:
+    last_hidden_state: torch.Tensor
+
+
+def _check_inputs(input_ids, labels):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise TypeError(f"input_ids must be a [B, T] tensor, got "
+                        f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels must be a tensor shaped like input_ids {tuple(input_ids.shape)} (unshifted, "
+                         f"as for model(labels=...)), got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must hold at least 2 tokens per row to predict one, got shape "
+                         f"{tuple(input_ids.shape)}")
+
+
+def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temperature=1.0, extras=False,
+                          ignore_index=-100, backend="auto", hidden_states=None, **model_kwargs) -> dict:
+    """Per-token statistics of the next-token labels, as ``model(...).logits`` would give them.
+
+    Args:
+        model: a ``transformers`` causal LM, optionally PEFT-wrapped.
+        input_ids: ``[B, T]`` token ids.
+        labels: ``[B, T]`` *unshifted* labels as for ``model(labels=...)``: position ``t+1``'s label is
+            predicted from position ``t``; ``ignore_index`` on prompt and padding. Only labelled tokens are
+            projected through the lm-head.
+        attention_mask: ``[B, T]`` or None.
+        temperature: divisor of the logits after the model's own transform.
+        extras: also return ``entropy``, ``log_sum_sq_probs`` and ``is_top1``.
+        hidden_states: the backbone's ``[B, T, H]`` output when already computed (the backbone is then not run).
+        **model_kwargs: passed to the backbone (e.g. ``position_ids``).
+
+    Returns:
+        dict of ``[B, T-1]`` tensors (see :func:`fastdpo.token_stats`): ``logp`` (differentiable), ``mean_logit``,
+        and the extras; 0 where the shifted label is ignored.
+    """
+    _check_inputs(input_ids, labels)
+    head = lm_head_spec(model)
+    if hidden_states is None:
+        hidden_states = backbone_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask,
+                                               **model_kwargs)
+    hidden = hidden_states[:, :-1].to(head.weight.device)
+    targets = labels[:, 1:].to(head.weight.device)
+    return functional.token_stats(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index,
+                                  temperature=temperature, backend=backend, extras=extras,
+                                  names={"targets": "labels"}, **head.options())
+
+
+def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, **kwargs) -> torch.Tensor:
+    """``[B, T-1]`` log-probs of the next-token labels (0 where ignored); see :func:`causal_lm_token_stats`."""
+    return causal_lm_token_stats(model, input_ids, labels, attention_mask, **kwargs)["logp"]
+
+
+def _adapter_disabled(model):
+    if not _is_peft_model(model):
+        raise TypeError(f"ref_model={DISABLE_ADAPTER!r} needs a PEFT model (the reference is the policy without "
+                        f"its adapter), got {type(model).__name__}")
+    return model.disable_adapter()
+
+
+def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, ref_logps=None,
+                       reference_free=False, beta=0.1, temperature=1.0, ignore_index=-100, backend="auto",
+                       config: LossConfig | None = None, **loss_options) -> DPOOutput:
+    """The DPO loss of a causal LM on a batch of ``2B`` rows (``B`` chosen, then ``B`` rejected).
+
+    Args:
+        model: the policy, a ``transformers`` causal LM, optionally PEFT-wrapped.
+        input_ids, labels, attention_mask: ``[2B, T]``; ``labels`` unshifted (as for ``model(labels=...)``)
+            with ``ignore_index`` on prompt and padding.
+        ref_model: the reference causal LM (run without gradient), or ``"disable_adapter"`` for the PEFT
+            policy with its adapter disabled. Exactly one of ``ref_model``, ``ref_logps`` and
+            ``reference_free`` is required.
+        ref_logps: ``[2B]`` precomputed reference sequence log-probs.
+        reference_free: no reference model.
+        beta, config, **loss_options: the loss, as in :func:`fastdpo.dpo_loss`.
+        temperature, ignore_index, backend: as in :func:`fastdpo.token_stats`.
+
+    Returns:
+        :class:`fastdpo.DPOOutput`; ``metrics`` include ``entropy`` and ``mean_token_accuracy`` like TRL's.
+    """
+    _check_inputs(input_ids, labels)
+    if input_ids.shape[0] % 2:
+        raise ValueError(f"input_ids must hold an even number of rows (B chosen then B rejected), got "
+                         f"{input_ids.shape[0]}")
+    given = [n for n, v in (("ref_model", ref_model), ("ref_logps", ref_logps)) if v is not None]
+    if reference_free:
+        given.append("reference_free=True")
+    if len(given) != 1:
+        raise ValueError(f"give exactly one reference: ref_model, ref_logps or reference_free=True; got "
+                         f"{given or 'none'}")
+    if config is None:
+        config = LossConfig(beta=beta, **loss_options)
+    elif loss_options:
+        raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
+    common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
+    stats = causal_lm_token_stats(model, input_ids, labels, attention_mask, extras=True, **common)
+    ref_token_logps = None
+    if ref_model is not None:
+        if isinstance(ref_model, str):
+            if ref_model != DISABLE_ADAPTER:
+                raise ValueError(f"ref_model must be a model or {DISABLE_ADAPTER!r}, got {ref_model!r}")
+            ctx, ref = _adapter_disabled(model), model
+        else:
+            ctx, ref = contextlib.nullcontext(), ref_model
+        with torch.no_grad(), ctx:
+            ref_token_logps = causal_lm_token_stats(ref, input_ids, labels, attention_mask, **common)["logp"]
+    if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) !=
+                                  (input_ids.shape[0],)):
+        raise ValueError(f"ref_logps must be a [2B] = [{input_ids.shape[0]}] tensor, got "
+                         f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
+    mask = labels[:, 1:].to(stats["logp"].device) != ignore_index
+    return compute_dpo_loss(stats, mask, config, ref_token_logps=ref_token_logps,
+                            ref_logps=None if ref_logps is None else ref_logps.to(stats["logp"].device),
+                            reference_free=reference_free)
