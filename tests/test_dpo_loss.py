@@ -1,0 +1,157 @@
+"""The DPO loss of both backends against the reference, its reference modes and its bad inputs."""
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo.reference import reference_dpo_loss
+from conftest import backend_params, make_batch, rel_err
+
+METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "logits/chosen", "logits/rejected"]
+
+
+def _ref_inputs(mode, hidden, weight, labels):
+    g = torch.Generator().manual_seed(99)
+    if mode == "hidden-own-head":
+        return dict(ref_hidden=torch.randn(hidden.shape, generator=g, dtype=torch.float64).to(hidden.dtype),
+                    ref_weight=(weight.double() + 0.05 * torch.randn(weight.shape, generator=g,
+                                                                      dtype=torch.float64)).to(weight.dtype))
+    if mode == "hidden-shared-head":
+        return dict(ref_hidden=torch.randn(hidden.shape, generator=g, dtype=torch.float64).to(hidden.dtype),
+                    ref_weight=weight)
+    if mode == "precomputed":
+        return dict(ref_logps=-30 * torch.rand(hidden.shape[0], generator=g, dtype=torch.float64))
+    return dict(reference_free=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("mode", ["hidden-own-head", "hidden-shared-head", "precomputed", "free"])
+def test_dpo_loss_matches_reference(backend, mode):
+    hidden, weight, labels = make_batch(pairs=3, dtype=torch.float64, seed=1)
+    ref = _ref_inputs(mode, hidden, weight, labels)
+    head = dict(softcap=6.0, temperature=0.8)
+
+    h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref64 = {k: (v if not isinstance(v, torch.Tensor) else (w64 if v is weight else v)) for k, v in ref.items()}
+    want = reference_dpo_loss(h64, w64, labels, beta=0.3, **ref64, **head)
+    want_g = torch.autograd.grad(want.loss, (h64, w64))
+
+    h32, w32 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    ref32 = {k: (w32 if v is weight else (v.float() if isinstance(v, torch.Tensor) and k != "ref_logps" else v))
+             for k, v in ref.items()}
+    got = fastdpo.dpo_loss(h32, w32, labels, beta=0.3, backend=backend, **ref32, **head)
+    got_g = torch.autograd.grad(got.loss, (h32, w32))
+
+    assert abs(got.loss.item() - want.loss.item()) < 1e-5
+    for name in ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
+        assert getattr(got, name).shape == (3,)
+        torch.testing.assert_close(getattr(got, name).double(), getattr(want, name).double(), rtol=0, atol=2e-4)
+    for key in METRICS:
+        assert got.metrics[key].dim() == 0
+        torch.testing.assert_close(got.metrics[key].double(), want.metrics[key].double(), rtol=0, atol=2e-4,
+                                   msg=key)
+    for a, b in zip(got_g, want_g):
+        assert rel_err(a, b) < 1e-4
+    if mode == "free":
+        assert torch.equal(got.ref_chosen_logps, torch.zeros(3))
+
+
+def test_reference_gets_no_gradient_and_shared_head_grads_only_policy():
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=3)
+    ref_hidden = torch.randn(hidden.shape).requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fastdpo.dpo_loss(hidden, w, labels, ref_hidden=ref_hidden, ref_weight=w, backend="torch")
+    out.loss.backward()
+    assert ref_hidden.grad is None
+    # The reference branch contributes nothing: same grad as with the reference log-probs precomputed.
+    pre = fastdpo.sequence_logprobs(ref_hidden.detach(), weight, labels)
+    w2 = weight.clone().requires_grad_()
+    fastdpo.dpo_loss(hidden, w2, labels, ref_logps=pre, backend="torch").loss.backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_module_holds_options():
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=4)
+    module = fastdpo.FusedLinearDPOLoss(beta=0.5, softcap=3.0, backend="torch")
+    got = module(hidden, weight, labels, reference_free=True)
+    want = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=0.5, softcap=3.0, backend="torch")
+    assert torch.equal(got.loss, want.loss)
+    assert "beta=0.5" in repr(module)
+
+
+def test_nan_hidden_gives_nan_loss():
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    hidden[1, 6, 0] = float("nan")
+    out = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True)
+    assert torch.isnan(out.loss)
+
+
+def test_empty_completion_sequence_is_zero_not_nan():
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    labels[0] = -100
+    out = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True)
+    assert out.chosen_logps[0] == 0 and torch.isfinite(out.loss)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def _good():
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    return dict(hidden=hidden, weight=weight, labels=labels)
+
+
+def _call(**overrides):
+    args = _good()
+    args.update(overrides)
+    kwargs = {k: v for k, v in args.items() if k not in ("hidden", "weight", "labels")}
+    if not any(k in kwargs for k in ("ref_hidden", "ref_logps", "reference_free", "ref_weight", "ref_bias")):
+        kwargs["reference_free"] = True
+    return fastdpo.dpo_loss(args["hidden"], args["weight"], args["labels"], **kwargs)
+
+
+H, V = 19, 53
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    (dict(weight=torch.randn(V, H + 1)), ValueError, "hidden size"),
+    (dict(hidden=torch.randn(3, 9, H), labels=torch.zeros(3, 9, dtype=torch.long)), ValueError, "even number"),
+    (dict(labels=torch.full((4, 9), V, dtype=torch.long)), ValueError, "labels"),
+    (dict(labels=torch.full((4, 9), -5, dtype=torch.long)), ValueError, "labels"),
+    (dict(labels=torch.zeros(4, 9)), TypeError, "labels"),
+    (dict(labels=torch.zeros(4, 8, dtype=torch.long)), ValueError, "labels"),
+    (dict(labels=torch.zeros(36, dtype=torch.long)), ValueError, "labels"),
+    (dict(ref_hidden=torch.randn(4, 9, H), ref_weight=torch.randn(V + 2, H)), ValueError, "ref_weight"),
+    (dict(ref_hidden=torch.randn(4, 9, H), ref_weight=torch.randn(V, H + 3)), ValueError, "ref_hidden"),
+    (dict(ref_hidden=torch.randn(4, 8, H), ref_weight=torch.randn(V, H)), ValueError, "ref_hidden"),
+    (dict(ref_hidden=torch.randn(4, 9, H)), ValueError, "ref_weight"),
+    (dict(ref_weight=torch.randn(V, H)), ValueError, "ref_hidden"),
+    (dict(ref_hidden=torch.randn(4, 9, H), ref_weight=torch.randn(V, H), ref_logps=torch.zeros(4)), ValueError,
+     "exactly one"),
+    (dict(ref_logps=torch.zeros(4), reference_free=True), ValueError, "exactly one"),
+    (dict(ref_logps=torch.zeros(3)), ValueError, "ref_logps"),
+    (dict(hidden=torch.randn(0, 9, H), labels=torch.zeros(0, 9, dtype=torch.long)), ValueError, "empty"),
+    (dict(hidden=torch.randn(4, 0, H), labels=torch.zeros(4, 0, dtype=torch.long)), ValueError, "empty"),
+    (dict(hidden=torch.randn(4, 9, H, dtype=torch.float64)), TypeError, "dtype"),
+    (dict(hidden="not a tensor"), TypeError, "hidden"),
+    (dict(bias=torch.randn(V + 1)), ValueError, "bias"),
+    (dict(beta=0.0), ValueError, "beta"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_input_raises_clear_error(overrides, error, words):
+    with pytest.raises(error, match=words):
+        _call(**overrides)
+
+
+def test_no_reference_without_reference_free():
+    args = _good()
+    with pytest.raises(ValueError, match="no reference"):
+        fastdpo.dpo_loss(args["hidden"], args["weight"], args["labels"])
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _call(backend="triton")
