@@ -99,7 +99,8 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     return total
 
 
-def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias):
+def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
+                      needs_reference=True):
     check.tensor("hidden", hidden)
     check.tensor("labels", labels)
     if hidden.dim() != 3:
@@ -124,9 +125,9 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
                          "(it may be the policy's weight tensor itself)")
     if len(given) > 1:
         raise ValueError(f"give exactly one reference, got {' and '.join(given)}")
-    if not given:
+    if not given and needs_reference:
         raise ValueError("no reference: pass ref_hidden with ref_weight, or precomputed ref_logps [2B], "
-                         "or reference_free=True")
+                         "or reference_free=True (only the loss types simpo, cpo, orpo, sft need none)")
     if ref_hidden is not None:
         check.tensor("ref_hidden", ref_hidden)
         check.tensor("ref_weight", ref_weight, ndim=2)
@@ -159,7 +160,9 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         ref_hidden: ``[2B, T, H_ref]`` reference hidden states; with ``ref_weight [V, H_ref]`` (which may be
             ``weight`` itself) the reference log-probs are computed in this call, without gradient.
         ref_logps: ``[2B]`` precomputed reference sequence log-probs, in row order.
-        reference_free: no reference model (``ρ = 0``). Exactly one of the three reference modes is required.
+        reference_free: no reference model (``ρ = 0``). Exactly one of the three reference modes is required,
+            except that loss types which never read the reference (simpo, cpo, orpo, sft, alone or mixed
+            among themselves) accept none (``ρ = 0``); a reference given to them only enters the rewards metrics.
         beta: the DPO temperature β. Default 0.1.
         bias, ref_bias: optional ``[V]`` lm-head biases.
         ignore_index, softcap, logit_scale, temperature, backend: as in :func:`fused_logprobs`, applied
@@ -171,14 +174,16 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         :class:`DPOOutput` with ``loss``, ``chosen_logps``/``rejected_logps`` ``[B]``,
         ``chosen_rewards``/``rejected_rewards`` ``β·(π − ρ)`` and ``metrics`` named as TRL logs them.
     """
-    _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias)
     if config is None:
         config = LossConfig(beta=beta, **loss_options)
     elif loss_options:
         raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
+    _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
+                      needs_reference=config.needs_reference)
     head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature,
                 backend=backend)
-    stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"}, **head)
+    stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"},
+                        extras=config.needs_token_extras, **head)
     ref_token_logps = None
     if ref_hidden is not None:
         with torch.no_grad():

@@ -2,49 +2,365 @@
 
 Everything here runs on ``[2B]`` / ``[2B, T]`` tensors after the fused kernels have produced the
 per-token log-probs, so autograd through these few ops yields the one coefficient per token that the
-kernel backward consumes.
+kernel backward consumes. Any loss written here therefore works on every backend unchanged.
+
+Notation (per pair ``b``; ``c`` chosen, ``r`` rejected):
+
+- ``π_c, π_r``: policy sequence log-probs (sum over the completion tokens, or their mean with
+  ``average_log_prob``, or LD-DPO's shared-plus-``ld_alpha``-tail sum with ``ld_alpha``).
+- ``ρ_c, ρ_r``: the same for the reference (0 without one).
+- ``u_c = π_c − ρ_c``, ``u_r = π_r − ρ_r``: the log-ratios.
+- ``s_c = f'(u_c)``, ``s_r = f'(u_r)``: the f-divergence scores (``s = u`` for the default reverse KL);
+  ``Δ = s_c − s_r``.
+- ``|c|, |r|``: completion lengths (labelled tokens), ``ā_c, ā_r``: per-token mean policy log-probs.
+- ``NLL``: mean negative log-prob of all chosen completion tokens of the batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossConfig", "DPOOutput", "compute_dpo_loss", "LOSS_TYPES"]
+__all__ = ["LossConfig", "DPOOutput", "compute_dpo_loss", "LOSS_TYPES", "TRL_LOSS_TYPES", "F_DIVERGENCE_TYPES",
+           "REFERENCE_FREE_LOSS_TYPES"]
+
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = TRL_LOSS_TYPES + ("simpo", "cpo", "orpo")
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The f-DPO reparameterization leaves a β·log Z(x) term that cancels only in the chosen−rejected score
+# difference, so only the losses built on Δ have an f-divergence form (the same set TRL 1.16 accepts).
+F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
+                                     "sft"})
+# Loss types whose value does not depend on ρ: a mix made only of these needs no reference.
+REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo", "sft"})
+# Loss types defined on per-token mean log-probs ā whatever ``average_log_prob``/``ld_alpha`` say.
+_MEAN_LOGP_LOSS_TYPES = frozenset({"simpo", "orpo"})
+_LABEL_SMOOTHING_LOSS_TYPES = frozenset({"exo_pair", "robust", "aot", "aot_unpaired"})
+_LENGTH_NORMALISED_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm"})
+_SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
+# The exp() of the α-divergence score is clamped here, as TRL does for fp32, so it stays finite.
+_ALPHA_EXP_CLAMP = 80.0
 
 
-def _sigmoid(ctx):
-    return -F.logsigmoid(ctx["beta"] * ctx["delta"])
+class _Pairs:
+    """The ``[B]`` quantities the loss formulas read; see the module docstring for the notation."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
 
 
-# name -> per-pair loss of a context dict holding beta, delta, the four log-probs and the ratios.
+# --- the loss types -------------------------------------------------------------------------------------------
+# Each maps (pairs, config) -> per-pair loss [B]. They follow TRL 1.16 DPOTrainer._compute_loss line by line
+# where TRL has the type, so that the same config gives the same numbers.
+
+def _sigmoid(p, cfg):
+    """DPO (arXiv 2305.18290): ``−log σ(β·Δ)``."""
+    return -F.logsigmoid(cfg.beta * p.delta)
+
+
+def _hinge(p, cfg):
+    """SLiC (arXiv 2305.10425): ``max(0, 1 − β·Δ)``."""
+    return torch.relu(1 - cfg.beta * p.delta)
+
+
+def _ipo(p, cfg):
+    """IPO (arXiv 2310.12036, eq. 17), length-normalised as TRL: ``(s_c/|c| − s_r/|r| − 1/(2β))²``."""
+    return (p.chosen_scores / p.chosen_len - p.rejected_scores / p.rejected_len - 1 / (2 * cfg.beta)) ** 2
+
+
+def _exo_pair(p, cfg):
+    """EXO-pref (arXiv 2402.00856, eq. 16) with ε = ``label_smoothing``:
+    ``σ(βΔ)·(log σ(βΔ) − log(1−ε)) + σ(−βΔ)·(log σ(−βΔ) − log ε)``."""
+    x = cfg.beta * p.delta
+    eps = cfg.label_smoothing
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+
+
+def _nca_pair(p, cfg):
+    """NCA (arXiv 2402.05369): ``−log σ(βu_c) − ½ log σ(−βu_c) − ½ log σ(−βu_r)``."""
+    rc, rr = cfg.beta * p.chosen_logratios, cfg.beta * p.rejected_logratios
+    return -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
+
+
+def _robust(p, cfg):
+    """Robust DPO (arXiv 2403.00409) with flip rate ε = ``label_smoothing``:
+    ``(−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)) / (1 − 2ε)``."""
+    x = cfg.beta * p.delta
+    eps = cfg.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+def _bco_pair(p, cfg):
+    """BCO, paired form (arXiv 2404.04656): ``−log σ(βu_c) − log σ(−βu_r)``."""
+    return -F.logsigmoid(cfg.beta * p.chosen_logratios) - F.logsigmoid(-cfg.beta * p.rejected_logratios)
+
+
+def _sppo_hard(p, cfg):
+    """SPPO with hard labels (arXiv 2405.00675): ``(u_c − 1/(2β))² + (u_r + 1/(2β))²``."""
+    return (p.chosen_logratios - 0.5 / cfg.beta) ** 2 + (p.rejected_logratios + 0.5 / cfg.beta) ** 2
+
+
+def _smoothed_sigmoid(delta, cfg):
+    x = cfg.beta * delta
+    return -F.logsigmoid(x) * (1 - cfg.label_smoothing) - F.logsigmoid(-x) * cfg.label_smoothing
+
+
+def _aot(p, cfg):
+    """AOT, paired (arXiv 2406.05882): sort ``π_c − π_r`` and ``ρ_c − ρ_r`` across the batch, ``d`` their
+    difference rank by rank; ``−(1−ε)·log σ(βd) − ε·log σ(−βd)``. The per-pair losses are in sorted order."""
+    policy, _ = torch.sort(p.chosen_logps - p.rejected_logps, dim=0)
+    ref, _ = torch.sort(p.ref_chosen_logps - p.ref_rejected_logps, dim=0)
+    return _smoothed_sigmoid(policy - ref, cfg)
+
+
+def _aot_unpaired(p, cfg):
+    """AOT, unpaired (arXiv 2406.05882): sort ``u_c`` and ``u_r`` across the batch separately, then as ``aot``."""
+    chosen, _ = torch.sort(p.chosen_logratios, dim=0)
+    rejected, _ = torch.sort(p.rejected_logratios, dim=0)
+    return _smoothed_sigmoid(chosen - rejected, cfg)
+
+
+def _apo_zero(p, cfg):
+    """APO-zero (arXiv 2408.06266, eq. 7): ``1 − σ(βu_c) + σ(βu_r)``."""
+    return 1 - torch.sigmoid(cfg.beta * p.chosen_logratios) + torch.sigmoid(cfg.beta * p.rejected_logratios)
+
+
+def _apo_down(p, cfg):
+    """APO-down (arXiv 2408.06266, eq. 8): ``σ(βu_c) + 1 − σ(β(u_c − u_r))``."""
+    return (torch.sigmoid(cfg.beta * p.chosen_logratios)
+            + 1 - torch.sigmoid(cfg.beta * (p.chosen_logratios - p.rejected_logratios)))
+
+
+def _discopop(p, cfg):
+    """DiscoPOP (arXiv 2406.08414, eq. 5), ``x = βΔ``, ``m = σ(x/τ)``: ``(1−m)·(−log σ(x)) + m·e^(−x)``."""
+    x = cfg.beta * p.delta
+    m = torch.sigmoid(x / cfg.discopop_tau)
+    return -F.logsigmoid(x) * (1 - m) + torch.exp(-x) * m
+
+
+def _sft(p, cfg):
+    """The NLL of the chosen completions (RPO's term, arXiv 2404.19733): ``NLL`` for every pair."""
+    return p.nll.expand(p.delta.shape[0])
+
+
+def _sigmoid_norm(p, cfg):
+    """Length-normalised DPO, as TRL: ``−log σ(β·(s_c/|c| − s_r/|r|))``."""
+    return -F.logsigmoid(cfg.beta * (p.chosen_scores / p.chosen_len - p.rejected_scores / p.rejected_len))
+
+
+def _simpo(p, cfg):
+    """SimPO (Meng et al., arXiv 2405.14734, eq. 6), no reference, length-normalised, target margin γ:
+    ``−log σ(β·(ā_c − ā_r) − γ)`` with γ = ``simpo_gamma``."""
+    return -F.logsigmoid(cfg.beta * (p.chosen_mean_logps - p.rejected_mean_logps) - cfg.simpo_gamma)
+
+
+def _cpo(p, cfg):
+    """CPO (Xu et al., arXiv 2401.08417, eq. 7), no reference: ``−log σ(β·(π_c − π_r)) + α·NLL`` with
+    α = ``cpo_alpha`` (TRL's CPOTrainer with ``loss_type="sigmoid"``)."""
+    return -F.logsigmoid(cfg.beta * (p.chosen_logps - p.rejected_logps)) + cfg.cpo_alpha * p.nll
+
+
+def _log1mexp(x):
+    """``log(1 − eˣ)`` for ``x < 0``, accurate on both sides of −log 2 (Mächler 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _orpo(p, cfg):
+    """ORPO (Hong et al., arXiv 2403.07691, eqs. 6-7), no reference, λ = β as in TRL's ORPOTrainer:
+    ``NLL − β·log σ(log odds(ā_c) − log odds(ā_r))`` with ``log odds(a) = a − log(1 − eᵃ)``.
+
+    ā is clamped just below 0 so that a completion without tokens (ā = 0) gives a finite loss."""
+    tiny = torch.finfo(p.chosen_mean_logps.dtype).eps
+    ac = p.chosen_mean_logps.clamp(max=-tiny)
+    ar = p.rejected_mean_logps.clamp(max=-tiny)
+    log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
+    return p.nll - cfg.beta * F.logsigmoid(log_odds)
+
+
 _PAIR_LOSSES = {
-    "sigmoid": _sigmoid,
+    "sigmoid": _sigmoid, "hinge": _hinge, "ipo": _ipo, "exo_pair": _exo_pair, "nca_pair": _nca_pair,
+    "robust": _robust, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "aot": _aot, "aot_unpaired": _aot_unpaired,
+    "apo_zero": _apo_zero, "apo_down": _apo_down, "discopop": _discopop, "sft": _sft, "sigmoid_norm": _sigmoid_norm,
+    "simpo": _simpo, "cpo": _cpo, "orpo": _orpo,
 }
-LOSS_TYPES = tuple(_PAIR_LOSSES)
+assert tuple(_PAIR_LOSSES) == LOSS_TYPES
+
+
+def _f_scores(logratios, cfg):
+    """``f'(u)`` of the configured f-divergence (f-DPO, arXiv 2309.16240), as TRL computes it."""
+    kind = cfg.f_divergence_type
+    if kind == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if kind == "alpha_divergence" and abs(cfg.f_alpha_divergence_coef - 1.0) >= 1e-6:
+        a1 = cfg.f_alpha_divergence_coef - 1.0
+        return torch.expm1(torch.clamp(a1 * logratios, max=_ALPHA_EXP_CLAMP)) / a1
+    # reverse KL, and the α → 1 limit of the α-divergence, which is reverse KL too.
+    return logratios
+
+
+# --- the configuration ------------------------------------------------------------------------------------------
+
+def _check_number(name, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Options of the DPO loss, named as in TRL's ``DPOConfig``.
+    """Options of the DPO loss, named as in TRL's ``DPOConfig`` (plus SimPO, CPO and ORPO).
+
+    Every combination is checked when the config is built; those TRL rejects, and those that would
+    silently do nothing, raise a ``ValueError`` naming the option.
 
     Attributes:
-        beta: temperature of the implicit reward ``β·(π − ρ)``; must be > 0.
-        loss_type: which loss of the family (see ``LOSS_TYPES``).
-        average_log_prob: use the per-token mean log-prob of each sequence instead of the sum.
+        beta: temperature of the implicit reward ``β·(π − ρ)``; must be > 0. For ``ipo`` it is IPO's τ,
+            for ``orpo`` the weight λ of the odds-ratio term (as in TRL's ORPOConfig).
+        loss_type: one name of ``LOSS_TYPES`` or a list of them (stored as a tuple). The loss is
+            ``Σ_i loss_weights[i] · mean_b loss_i(b)``; see each type's formula in this module.
+        loss_weights: one weight per loss type; default all 1.
+        label_smoothing: ε of ``exo_pair`` (needs 0 < ε < 1), ``robust`` (0 ≤ ε < 0.5, the flip rate),
+            ``aot`` and ``aot_unpaired``. Must stay 0 with other loss types (TRL 1.16's ``sigmoid`` has no
+            conservative-DPO smoothing, so a non-zero value there would be silently ignored).
+        discopop_tau: τ of ``discopop``; > 0.
+        f_divergence_type: ``reverse_kl`` (standard DPO), ``forward_kl`` (``f'(t) = 1 − 1/t``),
+            ``js_divergence`` (``f'(t) = log(2t/(t+1))``) or ``alpha_divergence``
+            (``f'(t) = (t^(α−1) − 1)/(α−1)``, exponent clamped at 80); anything but ``reverse_kl`` needs all loss
+            types in ``F_DIVERGENCE_LOSS_TYPES``.
+        f_alpha_divergence_coef: α of ``alpha_divergence`` (within 1e-6 of 1 means reverse KL).
+        average_log_prob: ``π`` (and ``ρ`` when computed here) is the per-token mean over the completion instead
+            of the sum. Not with ``ipo``/``sigmoid_norm`` (they already divide by the length) nor ``ld_alpha``.
+        ld_alpha: LD-DPO (arXiv 2409.06411): the tokens of each completion beyond the shorter completion of
+            its pair count with weight ``ld_alpha`` ∈ [0, 1]: ``π = Σ_{t ≤ min(|c|,|r|)} logp_t + α·Σ_{t >} logp_t``.
+            Applied to the policy and to a reference computed in the same call; precomputed ``ref_logps`` are
+            taken as given. Not with ``simpo``/``orpo``.
+        use_weighting: WPO (arXiv 2406.11827, eq. 2): every per-pair loss is multiplied by ``w_c·w_r`` with
+            ``w = exp(mean_t(logp_t − log Σ_v p_v²))`` over the completion, without gradient. Not with the sorting
+            ``aot``/``aot_unpaired`` (the weights would no longer line up with their pairs).
+        simpo_gamma: SimPO's target reward margin γ (``simpo_gamma`` as in TRL's CPOConfig).
+        cpo_alpha: weight of CPO's NLL term (``cpo_alpha`` as in TRL's CPOConfig); ≥ 0.
+        extra_metrics: also report ``entropy`` (mean over all completion tokens) and ``mean_token_accuracy``
+            (fraction of chosen completion tokens that are the argmax), computed in the kernel.
     """
 
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str | tuple = "sigmoid"
+    loss_weights: tuple | None = None
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
     average_log_prob: bool = False
+    ld_alpha: float | None = None
+    use_weighting: bool = False
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    extra_metrics: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or not self.beta > 0:
-            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
-        if self.loss_type not in _PAIR_LOSSES:
-            raise ValueError(f"loss_type must be one of {list(_PAIR_LOSSES)}, got {self.loss_type!r}")
+        _check_number("beta", self.beta, low=0, low_open=True)
+        types = self._normalise_loss_type(self.loss_type)
+        object.__setattr__(self, "loss_type", types if isinstance(self.loss_type, (list, tuple)) else types[0])
+        if self.loss_weights is not None:
+            if isinstance(self.loss_weights, (str, bytes)) or not hasattr(self.loss_weights, "__len__"):
+                raise TypeError(f"loss_weights must be a list of numbers, got {self.loss_weights!r}")
+            weights = tuple(self.loss_weights)
+            for w in weights:
+                _check_number("each of loss_weights", w)
+            if len(weights) != len(types):
+                raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
+                                 f"{len(types)} loss types {list(types)}")
+            object.__setattr__(self, "loss_weights", weights)
+        used = set(types)
+
+        _check_number("label_smoothing", self.label_smoothing, low=0, high=1)
+        if self.label_smoothing != 0 and not used & _LABEL_SMOOTHING_LOSS_TYPES:
+            raise ValueError(f"label_smoothing={self.label_smoothing!r} has no effect on loss types {list(types)}; it "
+                             f"applies to {sorted(_LABEL_SMOOTHING_LOSS_TYPES)} only")
+        if "exo_pair" in used and not 0 < self.label_smoothing < 1:
+            raise ValueError(f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (the EXO paper recommends 1e-3), "
+                             f"got {self.label_smoothing!r}")
+        if "robust" in used and not self.label_smoothing < 0.5:
+            raise ValueError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5 (the label flip rate), got "
+                             f"{self.label_smoothing!r}")
+        _check_number("discopop_tau", self.discopop_tau, low=0, low_open=True)
+
+        if not isinstance(self.f_divergence_type, str) or self.f_divergence_type not in F_DIVERGENCE_TYPES:
+            raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got "
+                             f"{self.f_divergence_type!r}")
+        _check_number("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
+        if self.f_divergence_type != "reverse_kl" and not used <= F_DIVERGENCE_LOSS_TYPES:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies only to loss types "
+                             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, not to {sorted(used - F_DIVERGENCE_LOSS_TYPES)}; "
+                             f"use f_divergence_type='reverse_kl' with these")
+
+        for name in ("average_log_prob", "use_weighting", "extra_metrics"):
+            _check_bool(name, getattr(self, name))
+        _check_number("ld_alpha", self.ld_alpha, low=0, high=1, allow_none=True)
+        if self.average_log_prob and used & _LENGTH_NORMALISED_LOSS_TYPES:
+            raise ValueError(f"average_log_prob=True with loss types {sorted(used & _LENGTH_NORMALISED_LOSS_TYPES)} "
+                             f"would divide by the completion length twice: they already normalise by it")
+        if self.average_log_prob and self.ld_alpha is not None:
+            raise ValueError("average_log_prob=True and ld_alpha are two different length corrections; use one")
+        if self.ld_alpha is not None and used & _MEAN_LOGP_LOSS_TYPES:
+            raise ValueError(f"ld_alpha does not apply to loss types {sorted(used & _MEAN_LOGP_LOSS_TYPES)}: they "
+                             f"always use per-token mean log-probs")
+        if self.use_weighting and used & _SORTING_LOSS_TYPES:
+            raise ValueError(f"use_weighting=True is not supported with loss types {sorted(used & _SORTING_LOSS_TYPES)}"
+                             f": they sort the batch, which would misalign the per-pair weights")
+        _check_number("simpo_gamma", self.simpo_gamma)
+        _check_number("cpo_alpha", self.cpo_alpha, low=0)
+
+    @staticmethod
+    def _normalise_loss_type(loss_type):
+        names = (loss_type,) if isinstance(loss_type, str) else loss_type
+        if not isinstance(names, (list, tuple)):
+            raise TypeError(f"loss_type must be a loss name or a list of them, got {loss_type!r}")
+        if not names:
+            raise ValueError("loss_type must name at least one loss type, got an empty list")
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"loss_type entries must be strings, got {name!r}")
+            if name not in _PAIR_LOSSES:
+                raise ValueError(f"unknown loss_type {name!r}; expected one of {list(LOSS_TYPES)}")
+        return tuple(names)
+
+    @property
+    def loss_types(self) -> tuple:
+        """The loss types as a tuple, even when a single name was given."""
+        return (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
+
+    @property
+    def weights(self) -> tuple:
+        """``loss_weights``, or 1.0 for every loss type."""
+        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_types)
+
+    @property
+    def needs_reference(self) -> bool:
+        """False when every loss type is independent of the reference (``REFERENCE_FREE_LOSS_TYPES``)."""
+        return not set(self.loss_types) <= REFERENCE_FREE_LOSS_TYPES
+
+    @property
+    def needs_token_extras(self) -> bool:
+        """Whether the per-token extras (entropy, ``log Σp²``, top-1) must be computed by the head."""
+        return self.use_weighting or self.extra_metrics
 
 
 @dataclass
@@ -52,11 +368,12 @@ class DPOOutput:
     """What :func:`fastdpo.dpo_loss` returns.
 
     Attributes:
-        loss: scalar loss (mean over pairs).
-        chosen_logps, rejected_logps: ``[B]`` policy sequence log-probs (differentiable).
-        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs (zeros when reference-free).
+        loss: scalar loss, ``Σ_i weight_i · mean_b loss_i(b)``.
+        chosen_logps, rejected_logps: ``[B]`` policy sequence log-probs ``π`` (differentiable).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs (zeros without a reference).
         chosen_rewards, rejected_rewards: ``[B]`` detached ``β·(π − ρ)``.
-        losses: ``[B]`` per-pair losses.
+        losses: ``[B]`` per-pair losses ``Σ_i weight_i · loss_i(b)`` (so ``loss = losses.mean()``); ``aot``
+            terms are in the batch's sorted order, not the pairs'.
         metrics: scalar tensors named as TRL's DPOTrainer logs them.
     """
 
@@ -77,42 +394,85 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), torch.zeros_like(values.sum()))
 
 
+def _ld_weights(mask: torch.Tensor, alpha: float, dtype) -> torch.Tensor:
+    """LD-DPO token weights ``[2B, T]``: 1 on the first ``min(|c|, |r|)`` completion tokens of each row,
+    ``alpha`` on the rest (TRL's shared and tail masks), 0 off the completion."""
+    position = mask.cumsum(dim=1)
+    lengths = mask.sum(dim=1)
+    B = mask.shape[0] // 2
+    shared = torch.minimum(lengths[:B], lengths[B:]).repeat(2).unsqueeze(1)
+    tail = mask & (position > shared)
+    return (mask & ~tail).to(dtype) + alpha * tail.to(dtype)
+
+
+def _sequence(token_logps, counts, config, ld):
+    if ld is not None:
+        return (token_logps * ld).sum(-1)
+    total = token_logps.sum(-1)
+    return total / counts if config.average_log_prob else total
+
+
 def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref_token_logps=None,
                      ref_logps=None, reference_free=False) -> DPOOutput:
     """The loss, rewards and metrics from per-token statistics of the policy (and reference).
 
     Args:
-        stats: per-token tensors ``[2B, T]`` as produced by the fused head: ``logp`` (differentiable),
-            ``mean_logit``; optionally ``entropy``, ``log_sum_sq_probs``, ``is_top1``.
+        stats: per-token tensors ``[2B, T]`` as produced by the fused head, 0 off the mask: ``logp``
+            (differentiable), ``mean_logit``; ``log_sum_sq_probs`` with ``use_weighting``; ``entropy`` and
+            ``is_top1`` with ``extra_metrics``.
         mask: ``[2B, T]`` bool, the completion tokens.
         config: the loss options.
-        ref_token_logps: ``[2B, T]`` reference per-token log-probs, or None.
-        ref_logps: ``[2B]`` precomputed reference sequence log-probs, or None.
-        reference_free: no reference (``ρ = 0``).
+        ref_token_logps: ``[2B, T]`` reference per-token log-probs (0 off the mask), or None.
+        ref_logps: ``[2B]`` precomputed reference sequence log-probs, used as given, or None.
+        reference_free: no reference (``ρ = 0``); also what happens when neither reference is given.
     """
     logp = stats["logp"]
-    counts = mask.sum(-1)
-    pol = logp.sum(-1)
-    if config.average_log_prob:
-        pol = pol / counts.clamp(min=1)
-    if ref_token_logps is not None:
-        ref = ref_token_logps.detach().sum(-1)
-        if config.average_log_prob:
-            ref = ref / counts.clamp(min=1)
-    elif ref_logps is not None:
-        ref = ref_logps.detach().to(pol.dtype)
+    dtype = logp.dtype
+    B = logp.shape[0] // 2
+    counts = mask.sum(-1).to(dtype).clamp(min=1)
+    ld = _ld_weights(mask, config.ld_alpha, dtype) if config.ld_alpha is not None else None
+    pol = _sequence(logp, counts, config, ld)
+    if ref_token_logps is not None and not reference_free:
+        ref = _sequence(ref_token_logps.detach().to(dtype), counts, config, ld)
+    elif ref_logps is not None and not reference_free:
+        ref = ref_logps.detach().to(dtype)
     else:
         ref = torch.zeros_like(pol.detach())
-    B = pol.shape[0] // 2
     pc, pr = pol[:B], pol[B:]
     rc, rr = ref[:B], ref[B:]
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
-    ctx = {
-        "beta": config.beta, "delta": chosen_ratio - rejected_ratio,
-        "chosen_logps": pc, "rejected_logps": pr, "ref_chosen_logps": rc, "ref_rejected_logps": rr,
-        "chosen_logratios": chosen_ratio, "rejected_logratios": rejected_ratio,
-    }
-    losses = _PAIR_LOSSES[config.loss_type](ctx)
+    chosen_scores, rejected_scores = _f_scores(chosen_ratio, config), _f_scores(rejected_ratio, config)
+    types = config.loss_types
+    used = set(types)
+    pairs = _Pairs(
+        chosen_logps=pc, rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
+        chosen_logratios=chosen_ratio, rejected_logratios=rejected_ratio,
+        chosen_scores=chosen_scores, rejected_scores=rejected_scores, delta=chosen_scores - rejected_scores,
+        chosen_len=counts[:B], rejected_len=counts[B:], nll=None, chosen_mean_logps=None, rejected_mean_logps=None,
+    )
+    if used & {"sft", "cpo", "orpo"}:
+        # Mean over all chosen tokens of the batch (TRL's sft, and the cross-entropy of CPO/ORPO), 0 without any.
+        pairs.nll = -logp[:B].sum() / mask[:B].sum().clamp(min=1).to(dtype)
+    if used & _MEAN_LOGP_LOSS_TYPES:
+        means = logp.sum(-1) / counts
+        pairs.chosen_mean_logps, pairs.rejected_mean_logps = means[:B], means[B:]
+
+    pair_weights = None
+    if config.use_weighting:
+        lssp = stats.get("log_sum_sq_probs")
+        if lssp is None:
+            raise ValueError("use_weighting=True needs stats['log_sum_sq_probs'] (compute the head with extras=True)")
+        with torch.no_grad():
+            aligned = ((logp.detach() - lssp.to(dtype)) * mask).sum(-1) / counts
+            w = torch.exp(aligned)
+            pair_weights = w[:B] * w[B:]
+
+    losses = None
+    for name, weight in zip(types, config.weights):
+        per_pair = _PAIR_LOSSES[name](pairs, config)
+        if pair_weights is not None:
+            per_pair = per_pair * pair_weights
+        losses = weight * per_pair if losses is None else losses + weight * per_pair
     loss = losses.mean()
 
     chosen_rewards = config.beta * chosen_ratio.detach()
@@ -129,9 +489,11 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
         "logits/chosen": _masked_mean(mean_logit[:B], cmask),
         "logits/rejected": _masked_mean(mean_logit[B:], rmask),
     }
-    if stats.get("entropy") is not None:
+    if config.extra_metrics:
+        if stats.get("entropy") is None or stats.get("is_top1") is None:
+            raise ValueError("extra_metrics=True needs stats['entropy'] and stats['is_top1'] (compute the head with "
+                             "extras=True)")
         metrics["entropy"] = _masked_mean(stats["entropy"], mask)
-    if stats.get("is_top1") is not None:
         metrics["mean_token_accuracy"] = _masked_mean(stats["is_top1"][:B], cmask)
     return DPOOutput(loss=loss, chosen_logps=pc, rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
                      chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, losses=losses,
