@@ -76,7 +76,7 @@ def common_dtype(hidden, weight, hidden_name="hidden", weight_name="weight"):
     if hidden.dtype == weight.dtype:
         return hidden.dtype
     dev = hidden.device.type
-    if torch.is_autocast_enabled(dev) if hasattr(torch, "is_autocast_enabled") else False:
+    if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype "
                     f"(or run under torch.autocast)")

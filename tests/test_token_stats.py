@@ -204,3 +204,16 @@ def test_import_does_not_touch_cuda():
             "import fastdpo, fastdpo.kernels, fastdpo.integrations; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_mixed_dtypes_under_autocast_follow_the_autocast_dtype():
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=6)
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = fastdpo.fused_logprobs(hidden.bfloat16(), w, labels, backend="torch")
+    logp.sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    want = reference_token_stats(hidden.bfloat16().double(), weight.bfloat16().double(), labels)["logp"]
+    torch.testing.assert_close(logp.double(), want, rtol=0, atol=1e-4)
+    with pytest.raises(TypeError, match="one dtype"):
+        fastdpo.fused_logprobs(hidden.bfloat16(), weight, labels)
