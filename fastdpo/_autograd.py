@@ -30,7 +30,9 @@ class FusedLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions):
         backend = _backend_module(opts)
-        out, saved = backend.forward(hidden, weight, bias, targets, opts)
+        # The inputs already carry the compute dtype; autocast must not recast the inner matmuls.
+        with torch.autocast(hidden.device.type, enabled=False):
+            out, saved = backend.forward(hidden, weight, bias, targets, opts)
         ctx.opts = opts
         ctx.saved = saved
         ctx.save_for_backward(hidden, weight, bias, targets)
@@ -47,6 +49,7 @@ class FusedLogprobFunction(torch.autograd.Function):
         if grad_logp is None or not any(needs):
             return None, None, None, None, None
         backend = _backend_module(ctx.opts)
-        gh, gw, gb = backend.backward(hidden, weight, bias, targets, ctx.saved, grad_logp.contiguous(), ctx.opts,
-                                      needs)
+        with torch.autocast(hidden.device.type, enabled=False):
+            gh, gw, gb = backend.backward(hidden, weight, bias, targets, ctx.saved, grad_logp.contiguous(),
+                                          ctx.opts, needs)
         return gh, gw, gb, None, None
