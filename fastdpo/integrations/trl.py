@@ -1,0 +1,491 @@
+"""fastdpo inside TRL (``pip install fastdpo[trl]``; TRL 1.16.x).
+
+Two ways in:
+
+- :class:`FastDPOTrainer` — a drop-in subclass of ``trl.DPOTrainer`` that computes the whole DPO loss
+  with fastdpo (backbone hidden states → fused lm-head → loss) and logs the same metrics::
+
+      from fastdpo.integrations.trl import FastDPOTrainer as DPOTrainer
+
+- :func:`patch_trl` — replaces TRL's own per-token fused head (``ChunkedLogProbFunction``, used by
+  ``add_fused_lm_head`` in the DPO, KTO, SFT, GRPO and RLOO trainers) with fastdpo's kernels, so the stock
+  trainers run on fastdpo. A plain call (undone by :func:`unpatch_trl`) or a context manager::
+
+      with patch_trl():
+          DPOTrainer(...).train()
+
+TRL multiplies the logits by ``logit_scale`` *before* the softcap and fastdpo after it; the patch maps
+one onto the other exactly (see :func:`fastdpo.integrations.transformers.to_fastdpo_transform`).
+TRL's head can differentiate the per-token entropy (GRPO-style entropy terms); fastdpo's kernels produce
+the entropy without a gradient, so when a loss does backpropagate through the patched head's entropy,
+that part of the gradient is computed by an exact chunked PyTorch fallback (the log-prob part stays on
+fastdpo's kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from contextlib import nullcontext
+
+import torch
+
+#: The TRL versions this module is written against; the same range as the ``fastdpo[trl]`` extra.
+TRL_SPECIFIER = ">=1.16,<1.17"
+
+
+def check_trl_version(version: str | None = None) -> str:
+    """Raise ``ImportError`` unless TRL (``version``, or the installed one) is in :data:`TRL_SPECIFIER`.
+
+    fastdpo reaches into TRL's DPOTrainer and fused head, whose internals change between minor releases,
+    so other versions are refused rather than silently mis-patched. Returns the checked version.
+    """
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        try:
+            version = importlib.metadata.version("trl")
+        except importlib.metadata.PackageNotFoundError as err:
+            raise ImportError("fastdpo.integrations.trl needs TRL: pip install 'fastdpo[trl]'") from err
+    try:
+        parsed = Version(version)
+    except InvalidVersion as err:
+        raise ImportError(f"cannot parse the TRL version {version!r}") from err
+    if parsed not in SpecifierSet(TRL_SPECIFIER):
+        raise ImportError(f"fastdpo.integrations.trl supports trl{TRL_SPECIFIER}, found trl {version}: install a "
+                          f"supported version with pip install 'fastdpo[trl]'")
+    return version
+
+
+check_trl_version()
+
+import trl.kernels  # noqa: E402
+import trl.kernels.chunked_logprob as _trl_chunked  # noqa: E402
+import trl.trainer.utils as _trl_utils  # noqa: E402
+from accelerate.utils import is_peft_model  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+
+from .. import _validate, functional  # noqa: E402
+from .._autograd import _backend_module  # noqa: E402
+from .._options import BACKENDS, HeadOptions  # noqa: E402
+from .._torch_path import _compute_dtype, _logits, _rows_per_chunk  # noqa: E402
+from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
+from .transformers import (  # noqa: E402
+    add_hidden_states_forward,
+    lm_head_spec,
+    to_fastdpo_transform,
+    unwrap_causal_lm,
+)
+
+__all__ = [
+    "FastDPOTrainer",
+    "FastChunkedLogProbFunction",
+    "patch_trl",
+    "unpatch_trl",
+    "is_patched",
+    "loss_config_from_dpo_config",
+    "check_trl_version",
+    "TRL_SPECIFIER",
+]
+
+# --------------------------------------------------------------------------------------------------------------
+# The patch: TRL's per-token fused head on fastdpo's kernels
+# --------------------------------------------------------------------------------------------------------------
+
+# The original class, kept so that unpatching restores it whatever was patched in between.
+_TRL_FUNCTION = _trl_chunked.ChunkedLogProbFunction
+# Every name under which TRL reaches its head: `add_fused_lm_head` looks up `_ChunkedLogProbFunction` in
+# `trl.trainer.utils` at call time, and code importing `trl.kernels` after the patch gets fastdpo's as well.
+_PATCH_SITES = ((_trl_utils, "_ChunkedLogProbFunction"), (trl.kernels, "ChunkedLogProbFunction"),
+                (_trl_chunked, "ChunkedLogProbFunction"))
+_TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_FASTDPO_EXTRAS = ("entropy", "log_sum_sq_probs", "is_top1")
+# TRL hands its head only valid targets (compacted, or clamped to >= 0), so no target is ever ignored.
+_NO_IGNORE = -100
+
+
+class _PatchState:
+    patched = False
+    backend = "auto"
+
+
+def _entropy_backward(hidden, weight, bias, grad_entropy, opts: HeadOptions, needs):
+    """Exact gradients of ``Σ_t g_t·entropy_t`` in PyTorch, chunked over tokens (no ``[N, V]`` tensor).
+
+    ``∂H/∂z_j = −p_j·(log p_j + H)``, then back through fastdpo's scale and softcap. Only rows with a
+    non-zero coefficient are projected.
+    """
+    need_h, need_w, need_b = needs
+    cd = _compute_dtype(hidden.dtype)
+    w = weight.to(cd)
+    b = bias.to(cd) if bias is not None else None
+    g_all = grad_entropy.to(cd)
+    rows_all = (g_all != 0).nonzero().squeeze(1)
+    grad_h = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
+    step = _rows_per_chunk(weight.shape[0])
+    for s in range(0, rows_all.numel(), step):
+        rows = rows_all[s:s + step]
+        x = hidden[rows].to(cd)
+        z, t = _logits(x, w, b, opts)
+        logsm = z - torch.logsumexp(z, dim=1, keepdim=True)
+        p = logsm.exp()
+        entropy = -(p * logsm).sum(1, keepdim=True)
+        dz = p.mul_(logsm.add_(entropy)).mul_(-g_all[rows].unsqueeze(1) * opts.scale)
+        if t is not None:
+            dz.mul_(1 - t * t)
+        if need_h:
+            grad_h[rows] = dz @ w
+        if need_w:
+            grad_w.addmm_(dz.t(), x)
+        if need_b:
+            grad_b += dz.sum(0)
+    return grad_h, grad_w, grad_b
+
+
+class FastChunkedLogProbFunction(torch.autograd.Function):
+    """Drop-in for ``trl.kernels.ChunkedLogProbFunction`` computed by fastdpo's kernels.
+
+    Same arguments (``hidden [N, H], weight [V, H], bias, targets [N], temperature, chunk_size,
+    final_logit_softcapping, logit_scale, outputs``) and outputs (``log_probs, entropy, log_sum_sq_probs,
+    mean_logits, is_top1``, ``None`` where not requested). ``chunk_size`` is TRL's tiling and is ignored:
+    fastdpo picks its own. TRL's transform ``softcap·tanh(logit_scale·z/softcap)/temperature`` is mapped
+    exactly onto fastdpo's softcap-then-scale order. The log-prob gradient runs on fastdpo's backward; an
+    entropy gradient (which TRL supports, fastdpo's kernels do not) falls back to an exact chunked PyTorch
+    computation.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+                logit_scale=1.0, outputs=_TRL_OPTIONAL_OUTPUTS):
+        ctx.set_materialize_grads(False)
+        device = hidden.device
+        # As TRL: under autocast the head computes in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        temperature = _validate.number("temperature", temperature, positive=True)
+        softcap, scale = to_fastdpo_transform(final_logit_softcapping, _validate.number("logit_scale", logit_scale))
+        unknown = set(outputs) - set(_TRL_OPTIONAL_OUTPUTS) - {"log_probs"}
+        if unknown:
+            raise ValueError(f"outputs: unknown per-token fields {sorted(unknown)}; TRL's head computes "
+                             f"{['log_probs', *_TRL_OPTIONAL_OUTPUTS]}")
+        opts = HeadOptions(ignore_index=_NO_IGNORE, softcap=softcap, scale=scale / temperature,
+                           backend=_validate.backend(_PatchState.backend, device, dtype),
+                           extras=any(name in outputs for name in _FASTDPO_EXTRAS))
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        out, saved = _backend_module(opts).forward(h, w, b, targets, opts)
+        ctx.opts, ctx.saved, ctx.dtype = opts, saved, dtype
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        entropy = out["entropy"].float() if "entropy" in outputs else None
+        lssp = out["log_sum_sq_probs"].float() if "log_sum_sq_probs" in outputs else None
+        mean_logits = out["mean_logit"].float() if "mean_logits" in outputs else None
+        is_top1 = out["is_top1"] if "is_top1" in outputs else None
+        ctx.mark_non_differentiable(*(x for x in (lssp, mean_logits, is_top1) if x is not None))
+        return out["logp"].float(), entropy, lssp, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, *_):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        none = (None,) * 9
+        if not any(needs) or (grad_logp is None and grad_entropy is None):
+            return none
+        grads = [None, None, None]
+        # Under DeepSpeed ZeRO-3 the lm-head is partitioned outside its module's forward: gather it again, as
+        # TRL's own backward does.
+        with _trl_utils.maybe_gather_lm_head_ctx(weight, bias):
+            h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+            b = bias.to(ctx.dtype) if bias is not None else None
+            if grad_logp is not None:
+                grads = list(_backend_module(ctx.opts).backward(h, w, b, targets, ctx.saved, grad_logp.contiguous(),
+                                                                ctx.opts, needs))
+            if grad_entropy is not None:
+                extra = _entropy_backward(h, w, b, grad_entropy, ctx.opts, needs)
+                grads = [e if g is None else (g if e is None else g + e.to(g.dtype)) for g, e in zip(grads, extra)]
+        originals = (hidden, weight, bias)
+        grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, originals)]
+        return (*grads, *none[3:])
+
+
+class _Patch:
+    """What :func:`patch_trl` returns: already applied; as a context manager it restores the prior state."""
+
+    def __init__(self, was_patched, previous_backend):
+        self._was_patched = was_patched
+        self._previous_backend = previous_backend
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._was_patched:
+            _PatchState.backend = self._previous_backend
+        else:
+            unpatch_trl()
+        return False
+
+
+def patch_trl(backend: str = "auto") -> _Patch:
+    """Run TRL's per-token fused head on fastdpo's kernels, in every TRL trainer that uses it.
+
+    Applied at once; :func:`unpatch_trl` undoes it, or use it as a context manager (``with patch_trl():``),
+    which restores the state it found. Patching twice only updates ``backend``.
+
+    Args:
+        backend: fastdpo backend for the head: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise),
+            ``"triton"`` or ``"torch"``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    handle = _Patch(_PatchState.patched, _PatchState.backend)
+    _PatchState.backend = backend
+    for module, name in _PATCH_SITES:
+        setattr(module, name, FastChunkedLogProbFunction)
+    _PatchState.patched = True
+    return handle
+
+
+def unpatch_trl() -> bool:
+    """Restore TRL's own fused head. Returns whether a patch was in place."""
+    was = _PatchState.patched
+    for module, name in _PATCH_SITES:
+        setattr(module, name, _TRL_FUNCTION)
+    _PatchState.patched = False
+    _PatchState.backend = "auto"
+    return was
+
+
+def is_patched() -> bool:
+    """Whether TRL's fused head currently runs on fastdpo."""
+    return _PatchState.patched and _trl_utils._ChunkedLogProbFunction is FastChunkedLogProbFunction
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DPOConfig -> LossConfig
+# --------------------------------------------------------------------------------------------------------------
+
+# DPOConfig fields that define the loss; the trainer maps each onto the LossConfig field of the same name.
+DPO_LOSS_FIELDS = ("beta", "loss_type", "loss_weights", "label_smoothing", "f_divergence_type",
+                   "f_alpha_divergence_coef", "ld_alpha", "use_weighting", "discopop_tau")
+
+
+def _dpo_config_defaults() -> dict:
+    defaults = {}
+    for f in dataclasses.fields(DPOConfig):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
+def _normalize(name, value):
+    if name == "loss_type":
+        if isinstance(value, str):
+            value = [value]
+        value = list(value)
+    if name == "loss_weights" and value is not None:
+        value = [float(v) for v in value]
+    return value
+
+
+def loss_config_from_dpo_config(args: DPOConfig | None) -> LossConfig:
+    """The :class:`fastdpo.LossConfig` that computes the loss a ``DPOConfig`` asks for.
+
+    Raises:
+        ValueError: naming the DPOConfig field, when an option is set that fastdpo's loss does not support.
+    """
+    defaults = _dpo_config_defaults()
+    supported = {f.name: f for f in dataclasses.fields(LossConfig)}
+    kwargs = {}
+    for name in DPO_LOSS_FIELDS:
+        value = _normalize(name, getattr(args, name) if args is not None else defaults[name])
+        default = _normalize(name, defaults[name])
+        if name in supported:
+            if name == "loss_type" and len(value) == 1 and supported[name].type in ("str", str):
+                value = value[0]
+            elif name == "loss_type" and supported[name].type in ("str", str):
+                raise ValueError(f"DPOConfig.loss_type={value!r}: this fastdpo version computes one loss type at a "
+                                 f"time; give a single loss_type")
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+        elif value != default:
+            raise ValueError(f"DPOConfig.{name}={value!r} is not supported by fastdpo's loss (fastdpo.LossConfig has "
+                             f"no {name!r}); leave it at its default {default!r} or use trl's DPOTrainer")
+    try:
+        return LossConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"DPOConfig: fastdpo cannot compute this loss: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------------------
+
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+class FastDPOTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` with the whole DPO loss computed by fastdpo.
+
+    Takes the same arguments as ``DPOTrainer`` plus ``fastdpo_backend`` (``"auto"``, ``"triton"`` or
+    ``"torch"``). The policy's backbone runs once per step; its final hidden states and the lm-head (with
+    the model's softcap / logit scale / bias) go to fastdpo, which projects only completion tokens and never
+    builds the logits. The reference is the ``ref_model``, the PEFT policy with its adapter disabled (or its
+    ``"ref"`` adapter), or the reference log-probs precomputed with ``precompute_ref_log_probs=True`` (also
+    computed by fastdpo). Logs TRL's metrics under TRL's names.
+
+    Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction: loss options
+    missing from :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT, the MoE router auxiliary
+    loss, DeepSpeed ZeRO-3 and FSDP (they shard the lm-head that fastdpo reads directly).
+    """
+
+    _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pos, fastdpo_backend: str = "auto",
+                 **kwargs):
+        if fastdpo_backend not in BACKENDS:
+            raise ValueError(f"fastdpo_backend must be one of {list(BACKENDS)}, got {fastdpo_backend!r}")
+        self.fastdpo_backend = fastdpo_backend
+        # Checked before DPOTrainer.__init__: it already runs the loss's reference pass when precomputing.
+        self.fastdpo_config = loss_config_from_dpo_config(args)
+        if args is not None:
+            self._check_unsupported(args)
+        train_dataset = kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None)
+        if train_dataset is not None:
+            try:
+                sample = next(iter(train_dataset))
+            except (StopIteration, TypeError):
+                sample = {}
+            if "image" in sample or "images" in sample:
+                raise ValueError("train_dataset: vision datasets are not supported by FastDPOTrainer; use "
+                                 "trl.DPOTrainer (or patch_trl()) for vision-language models")
+        peft_config = kwargs.get("peft_config", pos[8] if len(pos) > 8 else None)
+        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+            raise ValueError("peft_config: prompt-learning PEFT (prefix/prompt/p-tuning) is not supported by "
+                             "FastDPOTrainer; use a LoRA-style adapter")
+        if not isinstance(model, str):
+            unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+        super().__init__(model, ref_model, args, *pos, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError("router_aux_loss_coef: the MoE router auxiliary loss is not supported by "
+                             "FastDPOTrainer; set DPOConfig(router_aux_loss_coef=0.0) or use trl.DPOTrainer")
+        self._check_unsupported(self.args)
+        self.fastdpo_config = loss_config_from_dpo_config(self.args)
+
+    @staticmethod
+    def _check_unsupported(args):
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+            raise ValueError("deepspeed: ZeRO-3 is not supported by FastDPOTrainer (it partitions the lm-head that "
+                             "fastdpo reads directly); use ZeRO-1/2, or trl.DPOTrainer with patch_trl()")
+        if getattr(args, "fsdp", None):
+            raise ValueError("fsdp: FSDP is not supported by FastDPOTrainer (it shards the lm-head that fastdpo reads "
+                             "directly); use trl.DPOTrainer with patch_trl()")
+
+    # -- the fused head ------------------------------------------------------------------------------------------
+
+    def _token_stats(self, model, model_kwargs, labels, *, extras):
+        """fastdpo's per-token stats ``[2B, T-1]`` of the shifted labels, from ``model``'s backbone."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        # Through `model(...)`, so that DDP / PEFT / accelerate wrappers see the forward.
+        add_hidden_states_forward(unwrapped)
+        hidden = model(**model_kwargs, fastdpo_hidden_states=True).last_hidden_state
+        head = lm_head_spec(unwrapped)
+        return functional.token_stats(hidden[:, :-1].to(head.weight.device), head.weight,
+                                      labels[:, 1:].to(head.weight.device), bias=head.bias, extras=extras,
+                                      backend=self.fastdpo_backend, names={"targets": "labels"}, **head.options())
+
+    def _adapter_context(self):
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return _trl_utils.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return nullcontext()
+
+    def _reference_sequence_logps(self, token_logps, mask):
+        """Reduce reference per-token log-probs exactly as :func:`compute_dpo_loss` reduces the policy's."""
+        config = self.fastdpo_config
+        if "use_weighting" in {f.name for f in dataclasses.fields(config)}:
+            config = dataclasses.replace(config, use_weighting=False)
+        stats = {"logp": token_logps, "mean_logit": torch.zeros_like(token_logps)}
+        out = compute_dpo_loss(stats, mask, config, reference_free=True)
+        return out.chosen_logps.detach(), out.rejected_logps.detach()
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch (``precompute_ref_log_probs=True``), computed by fastdpo."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              self._adapter_context(), self.accelerator.autocast()):
+            logp = self._token_stats(model, model_kwargs, labels, extras=False)["logp"]
+        return self._reference_sequence_logps(logp, labels[:, 1:].to(logp.device) != -100)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        stats = self._token_stats(model, model_kwargs, labels, extras=True)
+        mask = labels[:, 1:].to(stats["logp"].device) != -100
+
+        ref_token_logps = ref_logps = None
+        if self.precompute_ref_logps:
+            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(stats["logp"].device)
+        else:
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                if self.ref_model is None:
+                    with self._adapter_context():
+                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False)["logp"]
+                else:
+                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False)["logp"]
+        out = compute_dpo_loss(stats, mask, self.fastdpo_config, ref_token_logps=ref_token_logps, ref_logps=ref_logps)
+        self._log_fastdpo_metrics(mode, out, stats, mask, inputs)
+
+        if return_outputs:
+            # As TRL: `compute_metrics` wants logits, which the fused head never builds; recompute them.
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return out.loss, outputs
+        return out.loss
+
+    def _log_fastdpo_metrics(self, mode, out, stats, mask, inputs):
+        """TRL's metrics, gathered across processes the way DPOTrainer gathers them."""
+        acc = self.accelerator
+
+        def log(name, value):
+            self._metrics[mode][name].append(value)
+
+        B = out.chosen_logps.shape[0]
+        maskf = mask.to(torch.float32)
+        cmask, rmask = maskf[:B], maskf[B:]
+
+        total = acc.gather_for_metrics(maskf.sum()).sum()
+        ent = acc.gather_for_metrics((stats["entropy"].detach().float() * maskf).sum()).sum()
+        log("entropy", (ent / total).item() if total > 0 else 0.0)
+
+        if mode == "train":
+            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        mean_logit = stats["mean_logit"].detach().float()
+        for name, m, rows in (("chosen", cmask, slice(0, B)), ("rejected", rmask, slice(B, 2 * B))):
+            logit_sum = acc.gather_for_metrics((mean_logit[rows] * m).sum()).sum().item()
+            count = acc.gather_for_metrics(m.sum()).sum().item()
+            log(f"logits/{name}", logit_sum / count if count > 0 else 0.0)
+
+        correct = acc.gather_for_metrics((stats["is_top1"][:B] & mask[:B]).sum()).sum()
+        chosen_tokens = acc.gather_for_metrics(mask[:B].sum()).sum()
+        log("mean_token_accuracy",
+                                (correct / chosen_tokens).item() if chosen_tokens > 0 else 0.0)
+
+        chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
+        log("rewards/chosen", acc.gather(chosen_rewards).mean().item())
+        log("rewards/rejected", acc.gather(rejected_rewards).mean().item())
+        log("rewards/accuracies",
+                                acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        log("rewards/margins", acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        log("logps/chosen", acc.gather(out.chosen_logps.detach()).mean().item())
+        log("logps/rejected", acc.gather(out.rejected_logps.detach()).mean().item())
