@@ -1,0 +1,593 @@
+"""The DPO loss family against independent float64 formulas, on both backends.
+
+The expected values below are written from the papers and TRL 1.16's ``DPOTrainer._compute_loss`` with
+different primitives (softplus, explicit loops over pairs and tokens) from fastdpo's registry, and
+computed from logits materialized here in float64. A last group runs TRL's own ``_compute_loss`` on
+the same per-token log-probs.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdpo
+from fastdpo import LossConfig
+from fastdpo.losses import LOSS_TYPES, TRL_LOSS_TYPES
+from conftest import backend_params, make_batch, rel_err
+
+IGNORE = -100
+# Options that make each loss type do something worth checking (non-zero smoothing, a margin, ...).
+TYPE_OPTIONS = {
+    "sigmoid": {}, "hinge": {}, "ipo": {}, "exo_pair": {"label_smoothing": 1e-3}, "nca_pair": {},
+    "robust": {"label_smoothing": 0.1}, "bco_pair": {}, "sppo_hard": {}, "aot": {"label_smoothing": 0.05},
+    "aot_unpaired": {"label_smoothing": 0.05}, "apo_zero": {}, "apo_down": {}, "discopop": {"discopop_tau": 0.3},
+    "sft": {}, "sigmoid_norm": {}, "simpo": {"simpo_gamma": 0.3}, "cpo": {"cpo_alpha": 0.7}, "orpo": {},
+}
+
+
+# --- inputs -------------------------------------------------------------------------------------------------------
+
+def _shape(backend):
+    # The interpreter is slow: the triton cases stay tiny. The torch ones use 3 pairs, so that every pair has
+    # completions of different lengths (make_batch pads every other row).
+    return dict(pairs=2, T=7, H=19, V=41) if backend == "triton" else dict(pairs=3, T=9, H=19, V=53)
+
+
+def _dtype(backend):
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def _batch(backend, seed=0):
+    """Policy and reference inputs in float64; the reference is a perturbed policy so that the log-ratios
+    are O(1) and no loss saturates. Lengths differ inside every pair, and one position inside a completion
+    is ignored, so that nothing can assume contiguous completions of equal length."""
+    hidden, weight, labels = make_batch(seed=seed, dtype=torch.float64, **_shape(backend))
+    labels = labels.clone()
+    B = labels.shape[0] // 2
+    labels[B, -1] = IGNORE
+    labels[0, 4] = IGNORE
+    g = torch.Generator().manual_seed(seed + 100)
+    ref_hidden = hidden + 0.3 * torch.randn(hidden.shape, generator=g, dtype=torch.float64)
+    ref_weight = weight * (1 + 0.2 * torch.randn(weight.shape, generator=g, dtype=torch.float64))
+    return hidden, weight, labels, ref_hidden, ref_weight
+
+
+def _token_stats(hidden, weight, labels):
+    """Per-token log-prob (differentiable), log Σp², entropy and top-1 from float64 logits built here."""
+    z = hidden.double() @ weight.double().t()
+    logsm = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    mask = labels != IGNORE
+    logp = torch.stack([torch.stack([logsm[s, t, labels[s, t]] if mask[s, t] else logsm.new_zeros(())
+                                     for t in range(labels.shape[1])]) for s in range(labels.shape[0])])
+    with torch.no_grad():
+        p = logsm.exp()
+        lssp = torch.log((p * p).sum(-1))
+        entropy = -(p * logsm).sum(-1)
+        top1 = z.argmax(-1) == labels
+    return logp, lssp, entropy, top1, mask
+
+
+# --- the independent formulas -------------------------------------------------------------------------------------
+
+def _log_sig(x):
+    return -F.softplus(-x)
+
+
+def _sig(x):
+    return 1 / (1 + torch.exp(-x))
+
+
+def _sequence_logps(logp, mask, opts):
+    """π per row: the sum, the per-token mean, or LD-DPO's shared part + α · the tail (token by token)."""
+    rows = logp.shape[0]
+    B = rows // 2
+    lengths = [int(mask[s].sum()) for s in range(rows)]
+    out = []
+    for s in range(rows):
+        if opts.get("ld_alpha") is not None:
+            shared = min(lengths[s % B], lengths[s % B + B])
+            total, k = logp.new_zeros(()), 0
+            for t in range(logp.shape[1]):
+                if mask[s, t]:
+                    k += 1
+                    total = total + (1.0 if k <= shared else opts["ld_alpha"]) * logp[s, t]
+        else:
+            total = logp[s].sum()
+            if opts.get("average_log_prob"):
+                total = total / max(lengths[s], 1)
+        out.append(total)
+    return torch.stack(out)
+
+
+def _score(u, opts):
+    kind = opts.get("f_divergence_type", "reverse_kl")
+    if kind == "forward_kl":
+        return 1 - torch.exp(-u)
+    if kind == "js_divergence":
+        return math.log(2) + _log_sig(u)
+    if kind == "alpha_divergence":
+        a = opts.get("f_alpha_divergence_coef", 0.5)
+        return u if abs(a - 1) < 1e-6 else (torch.exp((a - 1) * u) - 1) / (a - 1)
+    return u
+
+
+def _pair_losses(name, beta, opts, pi, rho, n, mean_logp, nll):
+    """The ``[B]`` per-pair losses of one type, written pair by pair."""
+    B = pi.shape[0] // 2
+    eps = opts.get("label_smoothing", 0.0)
+    out = []
+    if name in ("aot", "aot_unpaired"):
+        if name == "aot":
+            a, _ = torch.sort(pi[:B] - pi[B:])
+            b, _ = torch.sort(rho[:B] - rho[B:])
+        else:
+            a, _ = torch.sort(pi[:B] - rho[:B])
+            b, _ = torch.sort(pi[B:] - rho[B:])
+        d = beta * (a - b)
+        return (1 - eps) * F.softplus(-d) + eps * F.softplus(d)
+    for b in range(B):
+        uc, ur = pi[b] - rho[b], pi[b + B] - rho[b + B]
+        sc, sr = _score(uc, opts), _score(ur, opts)
+        x = beta * (sc - sr)
+        nc, nr = max(n[b], 1), max(n[b + B], 1)
+        if name == "sigmoid":
+            v = F.softplus(-x)
+        elif name == "hinge":
+            v = torch.clamp(1 - x, min=0)
+        elif name == "ipo":
+            v = (sc / nc - sr / nr - 1 / (2 * beta)) ** 2
+        elif name == "exo_pair":
+            q = _sig(x)
+            v = q * (torch.log(q) - math.log(1 - eps)) + (1 - q) * (torch.log(1 - q) - math.log(eps))
+        elif name == "nca_pair":
+            v = F.softplus(-beta * uc) + 0.5 * F.softplus(beta * uc) + 0.5 * F.softplus(beta * ur)
+        elif name == "robust":
+            v = ((1 - eps) * F.softplus(-x) - eps * F.softplus(x)) / (1 - 2 * eps)
+        elif name == "bco_pair":
+            v = F.softplus(-beta * uc) + F.softplus(beta * ur)
+        elif name == "sppo_hard":
+            v = (uc - 1 / (2 * beta)) ** 2 + (ur + 1 / (2 * beta)) ** 2
+        elif name == "apo_zero":
+            v = 1 - _sig(beta * uc) + _sig(beta * ur)
+        elif name == "apo_down":
+            v = _sig(beta * uc) + 1 - _sig(beta * (uc - ur))
+        elif name == "discopop":
+            m = _sig(x / opts.get("discopop_tau", 0.05))
+            v = (1 - m) * F.softplus(-x) + m * torch.exp(-x)
+        elif name == "sft":
+            v = nll
+        elif name == "sigmoid_norm":
+            v = F.softplus(-beta * (sc / nc - sr / nr))
+        elif name == "simpo":
+            v = F.softplus(-(beta * (mean_logp[b] - mean_logp[b + B]) - opts.get("simpo_gamma", 0.5)))
+        elif name == "cpo":
+            v = F.softplus(-beta * (pi[b] - pi[b + B])) + opts.get("cpo_alpha", 1.0) * nll
+        elif name == "orpo":
+            def log_odds(a):
+                return a - torch.log(1 - torch.exp(a))
+            v = nll + beta * F.softplus(-(log_odds(mean_logp[b]) - log_odds(mean_logp[b + B])))
+        else:
+            raise AssertionError(name)
+        out.append(v)
+    return torch.stack(out)
+
+
+def expected_loss(hidden, weight, labels, opts, *, ref_hidden=None, ref_weight=None, ref_logps=None):
+    """The loss of ``opts`` (LossConfig fields) in float64, differentiable w.r.t. hidden and weight."""
+    logp, lssp, _, _, mask = _token_stats(hidden, weight, labels)
+    beta = opts.get("beta", 0.1)
+    types = opts.get("loss_type", "sigmoid")
+    types = [types] if isinstance(types, str) else list(types)
+    weights = opts.get("loss_weights") or [1.0] * len(types)
+    rows = labels.shape[0]
+    B = rows // 2
+    n = [int(mask[s].sum()) for s in range(rows)]
+    pi = _sequence_logps(logp, mask, opts)
+    if ref_hidden is not None:
+        with torch.no_grad():
+            rho = _sequence_logps(_token_stats(ref_hidden, ref_weight, labels)[0], mask, opts)
+    elif ref_logps is not None:
+        rho = ref_logps.double()
+    else:
+        rho = torch.zeros(rows, dtype=torch.float64)
+    mean_logp = torch.stack([logp[s].sum() / max(n[s], 1) for s in range(rows)])
+    nll = -logp[:B].sum() / max(sum(n[:B]), 1)
+    pair_w = torch.ones(B, dtype=torch.float64)
+    if opts.get("use_weighting"):
+        with torch.no_grad():
+            w = torch.stack([torch.exp(sum((logp[s, t] - lssp[s, t]) for t in range(labels.shape[1]) if mask[s, t])
+                                       / max(n[s], 1)) for s in range(rows)])
+            pair_w = w[:B] * w[B:]
+    total = 0.0
+    for name, wt in zip(types, weights):
+        total = total + wt * (_pair_losses(name, beta, opts, pi, rho, n, mean_logp, nll) * pair_w).mean()
+    return total
+
+
+# --- the comparison ---------------------------------------------------------------------------------------------
+
+def _check(backend, opts, *, ref="hidden", seed=0, batch=None):
+    """dpo_loss with ``opts`` against :func:`expected_loss`: loss and gradients w.r.t. hidden and weight."""
+    hidden, weight, labels, ref_hidden, ref_weight = batch or _batch(backend, seed)
+    dtype = _dtype(backend)
+    # The expectation is computed from the very values the backend sees.
+    hidden, weight, ref_hidden, ref_weight = (t.to(dtype).double() for t in (hidden, weight, ref_hidden, ref_weight))
+    refs = {}
+    if ref == "hidden":
+        refs = dict(ref_hidden=ref_hidden, ref_weight=ref_weight)
+    elif ref == "logps":
+        mask = labels != IGNORE
+        refs = dict(ref_logps=_sequence_logps(_token_stats(ref_hidden, ref_weight, labels)[0], mask, {}).detach())
+    elif ref == "free":
+        refs = dict(reference_free=True)
+
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    want = expected_loss(h, w, labels, opts, **refs)
+    want_gh, want_gw = torch.autograd.grad(want, (h, w))
+    assert want_gh.abs().max() > 0 and want_gw.abs().max() > 0, "a test whose gradient vanishes checks nothing"
+
+    h = hidden.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    ours = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and k != "ref_logps" else v) for k, v in refs.items()}
+    out = fastdpo.dpo_loss(h, w, labels, backend=backend, **ours, **opts)
+    gh, gw = torch.autograd.grad(out.loss, (h, w))
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    assert out.loss.dtype == dtype
+    assert abs(out.loss.item() - want.item()) <= tol * max(1.0, abs(want.item())), (out.loss.item(), want.item())
+    assert rel_err(gh, want_gh) <= tol, rel_err(gh, want_gh)
+    assert rel_err(gw, want_gw) <= tol, rel_err(gw, want_gw)
+    return out, want
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_each_loss_type(backend, loss_type):
+    _check(backend, dict(loss_type=loss_type, **TYPE_OPTIONS[loss_type]))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("f_div", [dict(f_divergence_type="forward_kl"), dict(f_divergence_type="js_divergence"),
+                                   dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+                                   dict(f_divergence_type="reverse_kl")],
+                         ids=lambda d: d["f_divergence_type"])
+def test_f_divergence(backend, f_div):
+    # sigmoid reads the score difference, ipo the length-normalised scores: both places the scores enter.
+    _check(backend, dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.05], **f_div))
+
+
+def test_alpha_divergence_at_one_is_reverse_kl():
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    args = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, backend="torch")
+    a = fastdpo.dpo_loss(hidden, weight, labels, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0,
+                         **args).loss
+    b = fastdpo.dpo_loss(hidden, weight, labels, **args).loss
+    c = fastdpo.dpo_loss(hidden, weight, labels, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5,
+                         **args).loss
+    assert torch.equal(a, b) and abs(c.item() - b.item()) > 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_weighted_mix(backend):
+    # MPO-style: sigmoid + bco_pair + sft, with robust smoothing mixed in to share label_smoothing.
+    out, want = _check(backend, dict(loss_type=["sigmoid", "bco_pair", "sft", "robust"],
+                                     loss_weights=[0.8, 0.2, 1.0, -0.3], label_smoothing=0.1))
+    assert torch.allclose(out.losses.mean(), out.loss)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_ld_alpha(backend):
+    out, _ = _check(backend, dict(ld_alpha=0.3))
+    hidden, weight, labels, _, _ = _batch(backend)
+    plain = _token_stats(hidden, weight, labels)[0].sum(-1)
+    ours = torch.cat([out.chosen_logps, out.rejected_logps]).double()
+    # Every pair has completions of different lengths, so the tail weighting moves one of its two π.
+    B = labels.shape[0] // 2
+    moved = ((ours - plain).abs() > 0.1).view(2, B).any(0)
+    assert moved.all(), (ours, plain)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_ld_alpha_ends(alpha):
+    _check("torch", dict(ld_alpha=alpha, loss_type="ipo"))
+
+
+def test_ld_alpha_one_is_plain_dpo():
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    args = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, backend="torch")
+    a = fastdpo.dpo_loss(hidden, weight, labels, ld_alpha=1.0, **args).loss
+    b = fastdpo.dpo_loss(hidden, weight, labels, **args).loss
+    assert abs(a.item() - b.item()) <= 1e-12
+
+
+def test_ld_alpha_with_precomputed_reference_takes_it_as_given():
+    _check("torch", dict(ld_alpha=0.5), ref="logps")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_use_weighting(backend):
+    out, want = _check(backend, dict(use_weighting=True, loss_type=["sigmoid", "sft"]))
+    hidden, weight, labels, ref_hidden, ref_weight = _batch(backend)
+    unweighted = expected_loss(hidden, weight, labels, {"loss_type": ["sigmoid", "sft"]}, ref_hidden=ref_hidden,
+                               ref_weight=ref_weight)
+    assert abs(want.item() - unweighted.item()) > 1e-3 * abs(unweighted.item())
+
+
+def test_average_log_prob():
+    _check("torch", dict(average_log_prob=True, beta=2.0))
+    _check("torch", dict(average_log_prob=True, beta=2.0), ref="logps")
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo", ["simpo", "sft"]], ids=str)
+def test_reference_free_types_need_no_reference(loss_type):
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    opts = dict(loss_type=loss_type, backend="torch")
+    none = fastdpo.dpo_loss(hidden, weight, labels, **opts)
+    free = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, **opts)
+    with_ref = fastdpo.dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, **opts)
+    assert torch.equal(none.loss, free.loss)
+    assert abs(with_ref.loss.item() - none.loss.item()) <= 1e-12 * abs(none.loss.item())
+    # The reference still enters the logged rewards β·(π − ρ).
+    assert not torch.equal(with_ref.chosen_rewards, none.chosen_rewards)
+    _check("torch", dict(loss_type=loss_type), ref="none")
+
+
+def test_reference_still_required_when_a_type_reads_it():
+    hidden, weight, labels, _, _ = _batch("torch")
+    with pytest.raises(ValueError, match="no reference"):
+        fastdpo.dpo_loss(hidden, weight, labels, loss_type=["simpo", "sigmoid"], backend="torch")
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "ipo", "sft", "simpo"])
+def test_empty_completion_gives_finite_loss(loss_type):
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    labels = labels.clone()
+    labels[1] = IGNORE
+    h = hidden.clone().requires_grad_()
+    out = fastdpo.dpo_loss(h, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, loss_type=loss_type,
+                           backend="torch")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(h.grad).all()
+    assert h.grad[1].abs().max() == 0
+    _check("torch", dict(loss_type=loss_type), batch=(hidden, weight, labels, ref_hidden, ref_weight))
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_extra_metrics(backend):
+    hidden, weight, labels, ref_hidden, ref_weight = _batch(backend)
+    dtype = _dtype(backend)
+    hidden, weight, ref_hidden, ref_weight = (t.to(dtype) for t in (hidden, weight, ref_hidden, ref_weight))
+    B = labels.shape[0] // 2
+    # Make about half of the chosen targets the argmax, so that the accuracy is neither 0 nor 1.
+    argmax = (hidden.double() @ weight.double().t()).argmax(-1)
+    labels = labels.clone()
+    take = (labels != IGNORE) & (torch.arange(labels.shape[1]) % 2 == 0)
+    take[B:] = False
+    labels[take] = argmax[take]
+    _, _, entropy, top1, mask = _token_stats(hidden.double(), weight.double(), labels)
+    want_entropy = (entropy * mask).sum() / mask.sum()
+    want_acc = (top1[:B] & mask[:B]).sum() / mask[:B].sum()
+    assert 0 < want_acc < 1
+
+    args = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, backend=backend)
+    plain = fastdpo.dpo_loss(hidden, weight, labels, **args)
+    assert "entropy" not in plain.metrics and "mean_token_accuracy" not in plain.metrics
+    out = fastdpo.dpo_loss(hidden, weight, labels, extra_metrics=True, **args)
+    assert abs(out.metrics["entropy"].item() - want_entropy.item()) <= 1e-5 * want_entropy.item()
+    assert out.metrics["mean_token_accuracy"].item() == pytest.approx(want_acc.item(), abs=1e-6)
+    assert set(plain.metrics) < set(out.metrics)
+    assert out.loss.item() == plain.loss.item()
+
+
+def test_trl_named_metrics():
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    out = fastdpo.dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, beta=0.2,
+                           backend="torch")
+    logp, _, _, _, mask = _token_stats(hidden, weight, labels)
+    ref_logp = _token_stats(ref_hidden, ref_weight, labels)[0]
+    B = labels.shape[0] // 2
+    pi, rho = logp.sum(-1), ref_logp.sum(-1)
+    rc, rr = 0.2 * (pi[:B] - rho[:B]), 0.2 * (pi[B:] - rho[B:])
+    want = {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(), "rewards/margins": (rc - rr).mean(),
+            "rewards/accuracies": (rc > rr).double().mean(), "logps/chosen": pi[:B].mean(),
+            "logps/rejected": pi[B:].mean()}
+    for k, v in want.items():
+        # The accuracy is a float32 fraction, as TRL logs it.
+        tol = 1e-7 if k == "rewards/accuracies" else 1e-12
+        assert out.metrics[k].item() == pytest.approx(v.item(), rel=1e-9, abs=tol), k
+    assert {"logits/chosen", "logits/rejected"} <= set(out.metrics)
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    (dict(loss_type="dpo"), ValueError, "unknown loss_type 'dpo'"),
+    (dict(loss_type=[]), ValueError, "at least one loss type"),
+    (dict(loss_type=3), TypeError, "loss_type"),
+    (dict(loss_type=["sigmoid", None]), TypeError, "loss_type entries"),
+    (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), ValueError, "loss_weights must have one weight"),
+    (dict(loss_weights=[1.0, 2.0]), ValueError, "loss_weights must have one weight"),
+    (dict(loss_weights="1"), TypeError, "loss_weights"),
+    (dict(loss_weights=[float("nan")]), TypeError, "loss_weights"),
+    (dict(loss_type="exo_pair"), ValueError, "exo_pair.*label_smoothing"),
+    (dict(loss_type="exo_pair", label_smoothing=1.0), ValueError, "exo_pair.*label_smoothing"),
+    (dict(loss_type="robust", label_smoothing=0.5), ValueError, "robust.*label_smoothing"),
+    (dict(label_smoothing=0.1), ValueError, "label_smoothing=0.1 has no effect"),
+    (dict(loss_type="aot", label_smoothing=-0.1), ValueError, "label_smoothing must be >= 0"),
+    (dict(loss_type="aot", label_smoothing=1.5), ValueError, "label_smoothing must be <= 1"),
+    (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau"),
+    (dict(f_divergence_type="kl"), ValueError, "f_divergence_type must be one of"),
+    (dict(f_divergence_type=None), ValueError, "f_divergence_type must be one of"),
+    (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("inf")), TypeError,
+     "f_alpha_divergence_coef"),
+    (dict(use_weighting=True, loss_type="aot"), ValueError, "use_weighting"),
+    (dict(use_weighting=True, loss_type=["sigmoid", "aot_unpaired"]), ValueError, "use_weighting"),
+    (dict(use_weighting=1), TypeError, "use_weighting"),
+    (dict(extra_metrics="yes"), TypeError, "extra_metrics"),
+    (dict(average_log_prob=None), TypeError, "average_log_prob"),
+    (dict(ld_alpha=1.5), ValueError, "ld_alpha must be <= 1"),
+    (dict(ld_alpha=-0.1), ValueError, "ld_alpha must be >= 0"),
+    (dict(ld_alpha="half"), TypeError, "ld_alpha"),
+    (dict(ld_alpha=0.5, loss_type="simpo"), ValueError, "ld_alpha does not apply"),
+    (dict(ld_alpha=0.5, loss_type=["sigmoid", "orpo"]), ValueError, "ld_alpha does not apply"),
+    (dict(ld_alpha=0.5, average_log_prob=True), ValueError, "average_log_prob=True and ld_alpha"),
+    (dict(average_log_prob=True, loss_type="ipo"), ValueError, "length twice"),
+    (dict(average_log_prob=True, loss_type=["sigmoid", "sigmoid_norm"]), ValueError, "length twice"),
+    (dict(beta=0.0), ValueError, "beta must be > 0"),
+    (dict(beta=-1.0), ValueError, "beta must be > 0"),
+    (dict(beta="0.1"), TypeError, "beta"),
+    (dict(beta=True), TypeError, "beta"),
+    (dict(loss_type="cpo", cpo_alpha=-1.0), ValueError, "cpo_alpha"),
+    (dict(loss_type="simpo", simpo_gamma=float("nan")), TypeError, "simpo_gamma"),
+]
+# f-divergences with every loss type they do not apply to (TRL rejects the same ones).
+BAD_CONFIGS += [(dict(loss_type=t, f_divergence_type=f, **TYPE_OPTIONS[t]), ValueError, "applies only to loss types")
+                for t in ("nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
+                          "simpo", "cpo", "orpo")
+                for f in ("forward_kl", "js_divergence", "alpha_divergence")]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_CONFIGS, ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_invalid_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LossConfig(**kwargs)
+
+
+def test_invalid_config_raised_at_build_time_everywhere():
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    with pytest.raises(ValueError, match="exo_pair"):
+        fastdpo.FusedLinearDPOLoss(loss_type="exo_pair")
+    with pytest.raises(ValueError, match="loss_weights"):
+        fastdpo.dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, backend="torch",
+                         loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LossConfig(rpo_alpha=1.0)
+
+
+@pytest.mark.parametrize("f", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence_accepted_on_every_listed_type(f):
+    for t in ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"):
+        LossConfig(loss_type=t, f_divergence_type=f, **TYPE_OPTIONS[t])
+
+
+def test_config_normalises_lists():
+    cfg = LossConfig(loss_type=["sigmoid", "sft"], loss_weights=[1, 0.5])
+    assert cfg.loss_type == ("sigmoid", "sft") and cfg.loss_weights == (1, 0.5)
+    assert cfg.loss_types == ("sigmoid", "sft") and hash(cfg) == hash(LossConfig(loss_type=("sigmoid", "sft"),
+                                                                                   loss_weights=(1, 0.5)))
+    assert LossConfig().loss_types == ("sigmoid",) and LossConfig().weights == (1.0,)
+    assert LossConfig(loss_type=["simpo", "sft"]).needs_reference is False
+    assert LossConfig(loss_type=["simpo", "apo_zero"]).needs_reference is True
+
+
+def test_module_form():
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    opts = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3], ld_alpha=0.5, extra_metrics=True)
+    mod = fastdpo.FusedLinearDPOLoss(beta=0.2, backend="torch", **opts)
+    a = mod(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    b = fastdpo.dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, beta=0.2,
+                         backend="torch", **opts)
+    assert torch.equal(a.loss, b.loss) and "entropy" in a.metrics
+
+
+def test_reference_implementation_shares_the_family():
+    from fastdpo.reference import reference_dpo_loss
+
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    opts = dict(loss_type=["discopop", "nca_pair"], use_weighting=True, extra_metrics=True)
+    a = reference_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, **opts)
+    want = expected_loss(hidden, weight, labels, opts, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    assert abs(a.loss.item() - want.item()) <= 1e-9 * abs(want.item())
+    assert "mean_token_accuracy" in a.metrics
+
+
+# --- parity with TRL 1.16's own _compute_loss ------------------------------------------------------------------
+
+class _FakeOutputs:
+    pass
+
+
+class _FakeModel:
+    """Stands in for a causal LM patched with TRL's fused head: returns per-token statistics of the
+    labels from our float64 logits, shaped ``[2B, T]`` (TRL's shifted sequence length)."""
+
+    training = True
+    is_gradient_checkpointing = False
+
+    def __init__(self, hidden, weight):
+        self.hidden, self.weight = hidden, weight
+
+    def __call__(self, *, labels, **_):
+        logp, lssp, entropy, top1, _ = _token_stats(self.hidden, self.weight, labels[:, 1:])
+        out = _FakeOutputs()
+        z = self.hidden @ self.weight.t()
+        out.log_probs, out.log_sum_sq_probs, out.entropy, out.is_top1 = logp, lssp, entropy, top1
+        out.mean_logits = z.mean(-1).detach()
+        return out
+
+
+def _trl_loss(opts, hidden, weight, labels, ref_hidden, ref_weight):
+    from collections import defaultdict
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    rows, T = labels.shape
+    # TRL's inputs carry one more position (the first prompt token) and shift it away.
+    input_ids = torch.zeros(rows, T + 1, dtype=torch.long)
+    input_ids[:, 1:] = labels.clamp(min=0)
+    completion_mask = torch.zeros(rows, T + 1, dtype=torch.long)
+    completion_mask[:, 1:] = (labels != IGNORE).long()
+    types = opts.get("loss_type", "sigmoid")
+    types = [types] if isinstance(types, str) else list(types)
+    model = _FakeModel(hidden, weight)
+    trainer = SimpleNamespace(
+        model=model, ref_model=_FakeModel(ref_hidden, ref_weight), beta=opts.get("beta", 0.1),
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x,
+                                    autocast=nullcontext),
+        aux_loss_enabled=False, precompute_ref_logps=True, ld_alpha=opts.get("ld_alpha"),
+        f_divergence_type=opts.get("f_divergence_type", "reverse_kl"),
+        f_alpha_divergence_coef=opts.get("f_alpha_divergence_coef", 0.5), loss_types=types,
+        loss_weights=opts.get("loss_weights") or [1.0] * len(types), label_smoothing=opts.get("label_smoothing", 0.0),
+        use_weighting=opts.get("use_weighting", False),
+        args=SimpleNamespace(discopop_tau=opts.get("discopop_tau", 0.05), gradient_checkpointing_kwargs=None),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+    )
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "completion_mask": completion_mask}
+    ref_c, ref_r = trl_dpo.DPOTrainer.compute_ref_log_probs(trainer, trainer.ref_model, inputs)
+    inputs.update(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    return trl_dpo.DPOTrainer._compute_loss(trainer, model, inputs, False), trainer._metrics["train"]
+
+
+TRL_CASES = [dict(loss_type=t, **TYPE_OPTIONS[t]) for t in TRL_LOSS_TYPES] + [
+    dict(loss_type=["sigmoid", "ipo"], f_divergence_type="forward_kl"),
+    dict(loss_type=["hinge", "sigmoid_norm"], f_divergence_type="js_divergence"),
+    dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], ld_alpha=0.4),
+    dict(loss_type=["robust", "apo_down"], label_smoothing=0.2, use_weighting=True),
+    # TRL's alpha-divergence clamp table has no float64 entry, so that one is covered by the formulas above only.
+]
+
+
+@pytest.mark.parametrize("opts", TRL_CASES, ids=str)
+def test_same_numbers_as_trl(opts):
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    want, trl_metrics = _trl_loss(opts, h, w, labels, ref_hidden, ref_weight)
+    want_gh, want_gw = torch.autograd.grad(want, (h, w))
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fastdpo.dpo_loss(h, w, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, backend="torch",
+                           extra_metrics=True, **opts)
+    gh, gw = torch.autograd.grad(out.loss, (h, w))
+    # TRL builds exo_pair's ε as a float32 tensor, so its log(1−ε) and log ε carry float32 rounding.
+    rel = 1e-7 if "exo_pair" in str(opts) else 1e-10
+    assert out.loss.item() == pytest.approx(want.item(), rel=rel, abs=1e-12)
+    assert rel_err(gh, want_gh) <= rel * 10 and rel_err(gw, want_gw) <= rel * 10
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                 "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"):
+        assert out.metrics[name].item() == pytest.approx(trl_metrics[name][-1], rel=1e-6, abs=1e-6), name
