@@ -17,6 +17,9 @@ from .logit_tile import logit_tile
 # Rows of the stats record; the last three only with EXTRAS.
 STAT_MAX, STAT_SUMEXP, STAT_TARGET, STAT_SUM, STAT_XSUMEXP, STAT_SQSUMEXP, STAT_ARGMAX = range(7)
 N_STATS, N_STATS_EXTRAS = 4, 7
+# The kernel reads globals only as constexpr.
+_ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in range(4))
+_ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7))
 
 
 @triton.jit
@@ -74,14 +77,14 @@ def _logprob_fwd_kernel(
         m = m_new
 
     base = stats_ptr + pid_s * stride_split + rows
-    tl.store(base + STAT_MAX * stride_stat, m, mask=row_mask)
-    tl.store(base + STAT_SUMEXP * stride_stat, s, mask=row_mask)
-    tl.store(base + STAT_TARGET * stride_stat, zt, mask=row_mask)
-    tl.store(base + STAT_SUM * stride_stat, zsum, mask=row_mask)
+    tl.store(base + _ROW_MAX * stride_stat, m, mask=row_mask)
+    tl.store(base + _ROW_SUMEXP * stride_stat, s, mask=row_mask)
+    tl.store(base + _ROW_TARGET * stride_stat, zt, mask=row_mask)
+    tl.store(base + _ROW_SUM * stride_stat, zsum, mask=row_mask)
     if EXTRAS:
-        tl.store(base + STAT_XSUMEXP * stride_stat, sz, mask=row_mask)
-        tl.store(base + STAT_SQSUMEXP * stride_stat, s2, mask=row_mask)
-        tl.store(base + STAT_ARGMAX * stride_stat, amax.to(tl.float32), mask=row_mask)
+        tl.store(base + _ROW_XSUMEXP * stride_stat, sz, mask=row_mask)
+        tl.store(base + _ROW_SQSUMEXP * stride_stat, s2, mask=row_mask)
+        tl.store(base + _ROW_ARGMAX * stride_stat, amax.to(tl.float32), mask=row_mask)
 
 
 def input_precision(dtype: torch.dtype) -> str:
