@@ -1,0 +1,7 @@
+"""``python -m fastdpo``: the same command line as the ``fastdpo`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""The ``fastdpo`` command line: ``fastdpo bench`` and ``fastdpo profile`` (also ``python -m fastdpo``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _impl_list(text: str) -> tuple:
+    from .competitors import get_implementations
+
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not keys:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of implementations")
+    try:
+        get_implementations(keys)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return keys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Only light imports here: `fastdpo --help` should not wait for torch's first CUDA query.
+    from .bench import DTYPES, SHAPES
+    from .competitors import IMPLEMENTATIONS
+    from .profiling import MODELS
+
+    parser = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: the DPO loss without the logits. "
+                                     "Measure it on your machine with `fastdpo bench` and `fastdpo profile`.")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,profile}")
+
+    b = sub.add_parser("bench", help="time, peak memory and error of the DPO loss step against the naive "
+                       "reference, TRL, Liger and CCE", description="The DPO loss step (policy forward+backward, "
+                       "reference forward) of fastdpo against the naive reference and the competitors installed "
+                       "here. Prints a table; writes results.csv, results.json and bench.png into --out.")
+    b.add_argument("--shape", choices=list(SHAPES), default=None,
+                   help="named lm-head shape (default: llama3-8b on GPU, cpu-small on CPU); on CPU a named "
+                   "model shape keeps H and V but runs a small batch")
+    b.add_argument("--hidden", type=_positive_int, help="hidden size H (overrides the shape's)")
+    b.add_argument("--vocab", type=_positive_int, help="vocabulary size V (overrides the shape's)")
+    b.add_argument("--pairs", type=_positive_int, help="preference pairs B (2B sequences)")
+    b.add_argument("--seq-len", type=_positive_int, help="tokens per sequence T (the first 25%% are prompt)")
+    b.add_argument("--dtype", choices=list(DTYPES), default=None, help="bf16 on GPU, fp32 on CPU by default")
+    b.add_argument("--no-ref", action="store_true", help="reference-free: no reference head")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--impl", type=_impl_list, default=None,
+                   help=f"comma-separated subset of {','.join(IMPLEMENTATIONS)} (or fastdpo[torch|triton])")
+    b.add_argument("--repeats", type=_positive_int, help="timed runs (default 10 on GPU, 3 on CPU)")
+    b.add_argument("--warmup", type=_nonneg_int, help="warm-up runs (default 3 on GPU, 1 on CPU)")
+    b.add_argument("--out", help="output folder (default: a fresh fastdpo-out-bench-<time> folder)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("profile", help="peak memory of a whole DPO training step of a transformers model, naive "
+                       "head against fastdpo's", description="One DPO training step (policy forward+backward, "
+                       "reference forward, optimizer step) of a causal LM built from a config (no download), with "
+                       "the naive head and with fastdpo's: peak memory by part, the largest batch that fits "
+                       "--budget, and a memory timeline chart.")
+    p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} or a path to a config.json "
+                   "(default: llama3)")
+    p.add_argument("--layers", type=_positive_int, default=None, help="decoder layers (default 2)")
+    p.add_argument("--budget", type=_positive_float, default=None,
+                   help="memory budget in GiB for the largest-batch search (default: the GPU's memory, or 2 on CPU)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence (default 512 GPU, 128 CPU)")
+    p.add_argument("--pairs", type=_positive_int, default=None, help="pairs in the profiled step (default 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-search", action="store_true", help="skip the largest-batch search")
+    p.add_argument("--out", help="output folder (default: a fresh fastdpo-out-profile-<time> folder)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _bench(args, parser) -> int:
+    from . import bench
+
+    try:
+        config = bench.resolve_config(args.shape, hidden=args.hidden, vocab=args.vocab, pairs=args.pairs,
+                                      seq_len=args.seq_len, dtype=args.dtype, device=args.device,
+                                      with_ref=not args.no_ref, repeats=args.repeats, warmup=args.warmup,
+                                      impls=args.impl)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        out = bench.prepare_out_dir(args.out, "bench")
+    except bench.OutputDirError as err:
+        parser.error(f"argument --out: {err}")
+    report = bench.run_bench(config, progress=not args.no_progress)
+    print(bench.describe(report))
+    print()
+    print(bench.format_table(report))
+    print()
+    bench.write_outputs(report, out)
+    print(bench.summary(report, out))
+    return 0 if any(r.key == "fastdpo" and r.status == "ok" for r in report.rows) else 1
+
+
+def _profile(args, parser) -> int:
+    from . import bench, profiling
+
+    try:
+        config = profiling.resolve_config(args.model, layers=args.layers, budget_gib=args.budget,
+                                          seq_len=args.seq_len, pairs=args.pairs, device=args.device,
+                                          search=not args.no_search)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        out = bench.prepare_out_dir(args.out, "profile")
+    except bench.OutputDirError as err:
+        parser.error(f"argument --out: {err}")
+    try:
+        report = profiling.run_profile(config, progress=not args.no_progress)
+    except profiling.BudgetError as err:
+        print(f"fastdpo profile: error: {err}", file=sys.stderr)
+        return 2
+    paths = profiling.write_outputs(report, out)
+    print(profiling.format_report(report, paths))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``fastdpo`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    return _bench(args, sub) if args.command == "bench" else _profile(args, sub)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

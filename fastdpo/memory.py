@@ -1,0 +1,199 @@
+"""Peak-memory meters for the benchmarks and the profiler: GPU allocator statistics, or the process's RSS on CPU.
+
+GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated just
+before the measured region (the inputs).
+
+CPU: Python's ``tracemalloc`` does not see torch's allocations, and torch has no CPU allocator statistics, so
+the meter reads what the operating system charges the process. On Linux it resets the kernel's peak-RSS mark
+(``/proc/self/clear_refs``, value 5) before the region and reads ``VmHWM`` after it: an exact high-water mark,
+not a sample. For the RSS to follow the live tensors, glibc must hand freed blocks back to the system, so
+during a measurement the meter pins glibc's mmap threshold low with ``mallopt`` (otherwise a freed 16 MiB block
+stays resident in the heap and the next allocation reuses it unseen). Where that is not possible the meter
+falls back to sampling the RSS from a thread every millisecond, which can miss short peaks; ``method`` says
+which one ran.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import re
+import sys
+import threading
+import time
+
+import torch
+
+__all__ = ["PeakMeter", "RssSampler", "current_rss", "cpu_peak_method"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# During a measurement every allocation of 64 KiB or more is its own mapping, returned on free.
+_MEASURE_MMAP = 64 << 10
+# Outside measurements: glibc's own ceiling for its dynamic threshold (32 MiB on 64-bit), i.e. the steady
+# state of a long-running process, so that timing runs are not slowed by page faults a trainer would not see.
+_STEADY_MMAP = 32 << 20
+
+_libc = None
+
+
+def _glibc():
+    """glibc through ctypes, or None (musl, macOS, Windows)."""
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6")
+            lib.mallopt  # noqa: B018 - raises AttributeError when absent
+            _libc = lib
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc or None
+
+
+def _mallopt(mmap_threshold: int) -> bool:
+    lib = _glibc()
+    if lib is None:
+        return False
+    # Setting either value also switches off glibc's dynamic threshold adjustment.
+    return bool(lib.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(lib.mallopt(_M_TRIM_THRESHOLD,
+                                                                                    2 * mmap_threshold))
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def current_rss() -> int | None:
+    """Resident set size of this process in bytes, or None where it cannot be read."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib << 10
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def cpu_peak_method() -> str:
+    """How :class:`PeakMeter` measures CPU memory on this machine (one line, for reports)."""
+    if sys.platform.startswith("linux") and _reset_hwm() and _glibc() is not None:
+        return ("peak RSS (Linux VmHWM, reset via /proc/self/clear_refs) above the RSS before the step, "
+                "glibc mmap threshold pinned at 64 KiB so freed tensors leave the RSS")
+    if current_rss() is not None:
+        return "RSS sampled every 1 ms from a thread, above the RSS before the step (can miss short peaks)"
+    return "unmeasured (no way to read this process's RSS here)"
+
+
+class RssSampler:
+    """Samples the process's RSS from a background thread: ``samples`` is a list of ``(seconds, bytes)``.
+
+    Used for the CPU memory timeline of ``fastdpo profile`` and as the fallback peak meter. ``mark(label)``
+    records a named instant (phase boundaries for the chart).
+    """
+
+    def __init__(self, interval_s: float = 1e-3):
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, int]] = []
+        self.marks: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = None
+        self._t0 = 0.0
+
+    def _run(self):
+        while not self._stop.is_set():
+            rss = current_rss()
+            if rss is not None:
+                self.samples.append((time.perf_counter() - self._t0, rss))
+            self._stop.wait(self.interval_s)
+
+    def mark(self, label: str):
+        self.marks.append((time.perf_counter() - self._t0, label))
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        rss = current_rss()
+        if rss is not None:
+            self.samples.append((time.perf_counter() - self._t0, rss))
+        return False
+
+    @property
+    def peak(self) -> int | None:
+        return max((b for _, b in self.samples), default=None)
+
+
+class PeakMeter:
+    """Context manager: ``peak_bytes`` is the peak memory above what was held when the region began.
+
+    ``device`` picks the method: CUDA allocator statistics for a CUDA device, the process's RSS otherwise
+    (see the module docstring). ``baseline_bytes`` is what was held at the start (allocated tensors on GPU,
+    the RSS on CPU). ``peak_bytes`` is None when nothing could measure it.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.peak_bytes: int | None = None
+        self.baseline_bytes: int | None = None
+        self.method = "cuda max_memory_allocated" if self.device.type == "cuda" else cpu_peak_method()
+        self._sampler = None
+        self._hwm = False
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._hwm = self.method.startswith("peak RSS") and _mallopt(_MEASURE_MMAP)
+        self.baseline_bytes = current_rss()
+        if self._hwm and _reset_hwm():
+            return self
+        self._hwm = False
+        if self.baseline_bytes is not None:
+            self._sampler = RssSampler().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes
+            return False
+        if self._hwm:
+            hwm = _status_kib("VmHWM")
+            self.peak_bytes = max(0, (hwm << 10) - self.baseline_bytes) if hwm is not None else None
+            _mallopt(_STEADY_MMAP)
+        elif self._sampler is not None:
+            self._sampler.__exit__(*exc)
+            peak = self._sampler.peak
+            self.peak_bytes = max(0, peak - self.baseline_bytes) if peak is not None else None
+        return False
+
+
+def steady_allocator():
+    """Put glibc's allocator in the steady state used for timing runs on CPU (no-op elsewhere)."""
+    if os.name == "posix":
+        _mallopt(_STEADY_MMAP)
