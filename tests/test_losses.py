@@ -46,8 +46,11 @@ def _batch(backend, seed=0):
     hidden, weight, labels = make_batch(seed=seed, dtype=torch.float64, **_shape(backend))
     labels = labels.clone()
     B = labels.shape[0] // 2
-    labels[B, -1] = IGNORE
     labels[0, 4] = IGNORE
+    for b in range(B):
+        valid = (labels[b + B] != IGNORE).nonzero().flatten()
+        if (labels[b] != IGNORE).sum() == valid.numel():
+            labels[b + B, valid[-1]] = IGNORE
     g = torch.Generator().manual_seed(seed + 100)
     ref_hidden = hidden + 0.3 * torch.randn(hidden.shape, generator=g, dtype=torch.float64)
     ref_weight = weight * (1 + 0.2 * torch.randn(weight.shape, generator=g, dtype=torch.float64))
