@@ -282,7 +282,8 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
         temperature, ignore_index, backend: as in :func:`fastdpo.token_stats`.
 
     Returns:
-        :class:`fastdpo.DPOOutput`; ``metrics`` include ``entropy`` and ``mean_token_accuracy`` like TRL's.
+        :class:`fastdpo.DPOOutput`; ``metrics`` include ``entropy`` and ``mean_token_accuracy`` like TRL's
+        (``extra_metrics`` defaults to True here when the options are given as keywords).
     """
     _check_inputs(input_ids, labels)
     if input_ids.shape[0] % 2:
@@ -295,11 +296,14 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
         raise ValueError(f"give exactly one reference: ref_model, ref_logps or reference_free=True; got "
                          f"{given or 'none'}")
     if config is None:
+        # TRL logs the entropy and token accuracy too; they come from the same kernel pass.
+        loss_options.setdefault("extra_metrics", True)
         config = LossConfig(beta=beta, **loss_options)
     elif loss_options:
         raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
-    stats = causal_lm_token_stats(model, input_ids, labels, attention_mask, extras=True, **common)
+    stats = causal_lm_token_stats(model, input_ids, labels, attention_mask, extras=config.needs_token_extras,
+                                  **common)
     ref_token_logps = None
     if ref_model is not None:
         if isinstance(ref_model, str):

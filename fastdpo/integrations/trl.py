@@ -299,17 +299,12 @@ def loss_config_from_dpo_config(args: DPOConfig | None) -> LossConfig:
         ValueError: naming the DPOConfig field, when an option is set that fastdpo's loss does not support.
     """
     defaults = _dpo_config_defaults()
-    supported = {f.name: f for f in dataclasses.fields(LossConfig)}
+    supported = {f.name for f in dataclasses.fields(LossConfig)}
     kwargs = {}
     for name in DPO_LOSS_FIELDS:
         value = _normalize(name, getattr(args, name) if args is not None else defaults[name])
         default = _normalize(name, defaults[name])
         if name in supported:
-            if name == "loss_type" and len(value) == 1 and supported[name].type in ("str", str):
-                value = value[0]
-            elif name == "loss_type" and supported[name].type in ("str", str):
-                raise ValueError(f"DPOConfig.loss_type={value!r}: this fastdpo version computes one loss type at a "
-                                 f"time; give a single loss_type")
             kwargs[name] = tuple(value) if isinstance(value, list) else value
         elif value != default:
             raise ValueError(f"DPOConfig.{name}={value!r} is not supported by fastdpo's loss (fastdpo.LossConfig has "
@@ -406,12 +401,18 @@ class FastDPOTrainer(DPOTrainer):
 
     def _reference_sequence_logps(self, token_logps, mask):
         """Reduce reference per-token log-probs exactly as :func:`compute_dpo_loss` reduces the policy's."""
-        config = self.fastdpo_config
-        if "use_weighting" in {f.name for f in dataclasses.fields(config)}:
-            config = dataclasses.replace(config, use_weighting=False)
+        # WPO weights only scale the loss, and need head extras the reference pass does not compute.
+        config = dataclasses.replace(self.fastdpo_config, use_weighting=False)
         stats = {"logp": token_logps, "mean_logit": torch.zeros_like(token_logps)}
         out = compute_dpo_loss(stats, mask, config, reference_free=True)
         return out.chosen_logps.detach(), out.rejected_logps.detach()
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL caches precomputed reference log-probs on disk under a key of (dataset, model). fastdpo's values
+        # differ from TRL's in the last bits, so tag the key: neither trainer must pick up the other's cache.
+        if not str(self._precompute_model_hash).startswith("fastdpo-"):
+            self._precompute_model_hash = f"fastdpo-{self._precompute_model_hash}"
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (``precompute_ref_log_probs=True``), computed by fastdpo."""

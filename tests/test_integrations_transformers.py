@@ -1,0 +1,281 @@
+"""fastdpo on transformers causal LMs: the helper against ``model(...).logits``, PEFT, a plain training loop.
+
+Tiny models built from configs (2 layers, hidden 32, vocabulary 96), fp32 on CPU. The lm-heads are scaled
+up so that the logits are peaked and Gemma-2's softcap actually bends them.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo.integrations import transformers as fx
+from fastdpo.reference import reference_dpo_loss
+
+transformers = pytest.importorskip("transformers")
+
+V = 96
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+SOFTCAP = 2.0
+
+
+def make_model(kind, seed=0, head_scale=30.0):
+    """A tiny causal LM of the given architecture, lm-head scaled so its logits have a std of a few units."""
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    elif kind == "gemma2":  # tied embeddings, final_logit_softcapping
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**COMMON, head_dim=8,
+                                                                         final_logit_softcapping=SOFTCAP))
+    elif kind == "cohere":  # logit_scale, tied
+        model = transformers.CohereForCausalLM(transformers.CohereConfig(**COMMON, logit_scale=0.37))
+    elif kind == "granite":  # logits_scaling (a divisor)
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**COMMON, logits_scaling=3.0))
+    elif kind == "phi":  # lm-head bias
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**COMMON))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight.mul_(head_scale)
+        if head.bias is not None:
+            head.bias.normal_(0, 1.0)
+    return model.eval()
+
+
+def make_batch(pairs=2, T=11, seed=0):
+    """``[2B, T]`` ids, unshifted labels (prompt and right padding ignored) and the attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (2 * pairs, T), generator=g)
+    labels = ids.clone()
+    attention = torch.ones_like(ids)
+    labels[:, :4] = -100
+    for row in range(1, 2 * pairs, 2):  # padding on every other row
+        ids[row, -3:] = 0
+        labels[row, -3:] = -100
+        attention[row, -3:] = 0
+    return ids, labels, attention
+
+
+def logits_token_stats(model, ids, labels, attention):
+    """Per-token statistics of the shifted labels from the model's own materialized logits."""
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logsm = torch.log_softmax(logits, -1)
+    logp = logsm.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(logsm.exp() * logsm).sum(-1) * mask
+    top1 = (logits.argmax(-1) == targets) & mask
+    return {"logp": logp, "mean_logit": logits.mean(-1) * mask, "entropy": entropy, "is_top1": top1}, logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere", "granite", "phi"])
+def test_token_stats_match_model_logits(kind):
+    model = make_model(kind)
+    ids, labels, attention = make_batch()
+    ours = fx.causal_lm_token_stats(model, ids, labels, attention, extras=True)
+    theirs, logits = logits_token_stats(model, ids, labels, attention)
+    for name in ("logp", "mean_logit", "entropy"):
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-5, rtol=1e-5, msg=f"{kind}: {name}")
+    assert torch.equal(ours["is_top1"], theirs["is_top1"])
+    assert logits.std() > 1.0, "the head should produce peaked logits"
+    if kind == "gemma2":
+        # The softcap is active: some raw logits lie well beyond what the cap lets through.
+        raw = model.model(input_ids=ids, attention_mask=attention).last_hidden_state @ model.lm_head.weight.t()
+        assert raw.abs().max() > 2 * SOFTCAP and logits.abs().max() <= SOFTCAP
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "phi", "cohere"])
+def test_gradients_match_model_logits(kind):
+    """The backward of the helper's log-probs reaches every parameter as through the materialized logits."""
+    ids, labels, attention = make_batch(seed=1)
+    coef = torch.randn(ids.shape[0], ids.shape[1] - 1, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for use_fastdpo in (True, False):
+        model = make_model(kind)
+        if use_fastdpo:
+            logp = fx.causal_lm_logprobs(model, ids, labels, attention)
+        else:
+            logp = logits_token_stats(model, ids, labels, attention)[0]["logp"]
+        (logp * coef).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_head_spec_reads_tied_and_untied_heads():
+    gemma, llama = make_model("gemma2"), make_model("llama")
+    assert fx.lm_head_spec(gemma).weight is gemma.get_input_embeddings().weight
+    assert fx.lm_head_spec(gemma).options() == {"softcap": SOFTCAP, "logit_scale": 1.0}
+    assert fx.lm_head_spec(llama).weight is llama.lm_head.weight
+    assert fx.lm_head_spec(make_model("granite")).logit_scale == pytest.approx(1 / 3)
+    assert fx.lm_head_spec(make_model("phi")).bias is not None
+
+
+@pytest.mark.parametrize("scale", [0.37, 3.0, -2.0, 0.0])
+def test_scale_before_softcap_maps_exactly(scale):
+    """Muse-Glimmer-style ``c·tanh(s·z/c)`` (scale first, as TRL orders it) equals fastdpo's order after mapping."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(7, 16, generator=g, dtype=torch.float64), torch.randn(V, 16, generator=g,
+                                                                                       dtype=torch.float64)
+    targets = torch.randint(0, V, (7,), generator=g)
+    cap = 1.5
+    z = cap * torch.tanh(scale * (hidden @ weight.t()) / cap)
+    expected = torch.log_softmax(z, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    softcap, logit_scale = fx.to_fastdpo_transform(cap, scale)
+    got = fastdpo.fused_logprobs(hidden, weight, targets, softcap=softcap, logit_scale=logit_scale, backend="torch")
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_glimmer_like_config_is_composed():
+    """A config with both a pre-softcap multiplier and a softcap: the helper matches the model's formula."""
+    model = make_model("gemma2")
+    model.config.output_multiplier = 0.5  # read as the pre-softcap scale, as TRL reads it
+    ids, labels, attention = make_batch()
+    ours = fx.causal_lm_logprobs(model, ids, labels, attention)
+    hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
+    z = SOFTCAP * torch.tanh(0.5 * (hidden @ model.lm_head.weight.t()) / SOFTCAP)
+    targets = labels[:, 1:]
+    expected = torch.log_softmax(z, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_temperature_divides_the_transformed_logits():
+    model = make_model("gemma2")
+    ids, labels, attention = make_batch()
+    ours = fx.causal_lm_logprobs(model, ids, labels, attention, temperature=0.7)
+    _, logits = logits_token_stats(model, ids, labels, attention)
+    targets = labels[:, 1:]
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(ours, expected * (targets != -100), atol=2e-5, rtol=1e-5)
+
+
+def test_hidden_states_forward_keeps_the_model_forward():
+    model = make_model("llama")
+    ids, labels, attention = make_batch()
+    before = model(input_ids=ids, attention_mask=attention).logits
+    fx.add_hidden_states_forward(model)
+    fx.add_hidden_states_forward(model)  # idempotent
+    after = model(input_ids=ids, attention_mask=attention).logits
+    hidden = model(input_ids=ids, attention_mask=attention, fastdpo_hidden_states=True).last_hidden_state
+    assert torch.equal(before, after)
+    torch.testing.assert_close(hidden, model.model(input_ids=ids, attention_mask=attention).last_hidden_state)
+
+
+# --- PEFT ------------------------------------------------------------------------------------------------------
+
+def make_lora(kind="llama"):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model(kind), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  lora_dropout=0.0))
+    with torch.no_grad():  # LoRA's B starts at 0: give the adapter an effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_peft_model_and_disabled_adapter_match_logits():
+    model = make_lora()
+    ids, labels, attention = make_batch()
+    ours = fx.causal_lm_logprobs(model, ids, labels, attention)
+    theirs = logits_token_stats(model, ids, labels, attention)[0]["logp"]
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+    with model.disable_adapter():
+        ours_base = fx.causal_lm_logprobs(model, ids, labels, attention)
+        theirs_base = logits_token_stats(model, ids, labels, attention)[0]["logp"]
+    torch.testing.assert_close(ours_base, theirs_base, atol=2e-5, rtol=1e-5)
+    assert (ours - ours_base).abs().max() > 1e-2, "the adapter should change the log-probs"
+
+
+def test_dpo_loss_with_disabled_adapter_reference():
+    model = make_lora()
+    ids, labels, attention = make_batch()
+    out = fx.causal_lm_dpo_loss(model, ids, labels, attention, ref_model=fx.DISABLE_ADAPTER, beta=0.2)
+    out.loss.backward()
+    policy = logits_token_stats(model, ids, labels, attention)[0]["logp"].sum(-1).detach()
+    with model.disable_adapter():
+        ref = logits_token_stats(model, ids, labels, attention)[0]["logp"].sum(-1)
+    B = ids.shape[0] // 2
+    delta = (policy[:B] - policy[B:]) - (ref[:B] - ref[B:])
+    torch.testing.assert_close(out.loss, -torch.nn.functional.logsigmoid(0.2 * delta).mean(), atol=1e-5, rtol=1e-5)
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    assert {"entropy", "mean_token_accuracy", "rewards/margins"} <= set(out.metrics)
+
+
+# --- a plain PyTorch loop --------------------------------------------------------------------------------------
+
+def _train(kind, use_fastdpo, steps=4):
+    policy = make_model(kind).train()
+    reference = copy.deepcopy(policy).eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        ids, labels, attention = make_batch(seed=10 + step)
+        if use_fastdpo:
+            out = fx.causal_lm_dpo_loss(policy, ids, labels, attention, ref_model=reference, beta=0.5)
+        else:
+            # The naive reference: full logits from the same backbone hidden states and head transform.
+            head = fx.lm_head_spec(policy)
+            hidden = fx.backbone_hidden_states(policy, ids, attention)[:, :-1]
+            with torch.no_grad():
+                ref_hidden = fx.backbone_hidden_states(reference, ids, attention)[:, :-1]
+            out = reference_dpo_loss(hidden, head.weight, labels[:, 1:], ref_hidden=ref_hidden,
+                                     ref_weight=fx.lm_head_spec(reference).weight, beta=0.5, **head.options())
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    return losses, policy
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_plain_loop_matches_naive_reference(kind):
+    fast_losses, fast_model = _train(kind, True)
+    ref_losses, ref_model = _train(kind, False)
+    assert fast_losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+    initial = make_model(kind)
+    moved = max((p - q).abs().max().item() for p, q in zip(fast_model.parameters(), initial.parameters()))
+    assert moved > 1e-3, "the optimizer steps should have changed the weights"
+    for (name, p), q in zip(fast_model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, atol=5e-5, rtol=1e-4, msg=name)
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    model = make_model("llama")
+    ids, labels, attention = make_batch()
+    with pytest.raises(ValueError, match="labels"):
+        fx.causal_lm_logprobs(model, ids, labels[:, :-1], attention)
+    with pytest.raises(TypeError, match="input_ids"):
+        fx.causal_lm_logprobs(model, ids[0], labels, attention)
+    with pytest.raises(ValueError, match="even number"):
+        fx.causal_lm_dpo_loss(model, ids[:3], labels[:3], attention[:3], reference_free=True)
+    with pytest.raises(ValueError, match="exactly one reference"):
+        fx.causal_lm_dpo_loss(model, ids, labels, attention)
+    with pytest.raises(ValueError, match="exactly one reference"):
+        fx.causal_lm_dpo_loss(model, ids, labels, attention, ref_model=model, reference_free=True)
+    with pytest.raises(ValueError, match="ref_model"):
+        fx.causal_lm_dpo_loss(model, ids, labels, attention, ref_model="base")
+    with pytest.raises(TypeError, match="PEFT"):
+        fx.causal_lm_dpo_loss(model, ids, labels, attention, ref_model=fx.DISABLE_ADAPTER)
+    with pytest.raises(ValueError, match="ref_logps"):
+        fx.causal_lm_dpo_loss(model, ids, labels, attention, ref_logps=torch.zeros(3))
+    with pytest.raises(TypeError, match="backbone"):
+        fx.backbone_hidden_states(torch.nn.Linear(4, 4), ids)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        fx.to_fastdpo_transform(-1.0, 1.0)
+
+
+def test_prompt_learning_peft_is_refused():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=2))
+    ids, labels, attention = make_batch()
+    with pytest.raises(TypeError, match="prompt-learning"):
+        fx.causal_lm_logprobs(model, ids, labels, attention)
