@@ -256,8 +256,9 @@ class LossConfig:
             ``aot``/``aot_unpaired`` (the weights would no longer line up with their pairs).
         simpo_gamma: SimPO's target reward margin γ (``simpo_gamma`` as in TRL's CPOConfig).
         cpo_alpha: weight of CPO's NLL term (``cpo_alpha`` as in TRL's CPOConfig); ≥ 0.
-        extra_metrics: also report ``entropy`` (mean over all completion tokens) and ``mean_token_accuracy``
-            (fraction of chosen completion tokens that are the argmax), computed in the kernel.
+        extra_metrics: have the head compute, and the metrics report, ``entropy`` (mean over all completion
+            tokens) and ``mean_token_accuracy`` (fraction of chosen completion tokens that are the argmax). They are
+            also reported whenever the head computed its extras anyway (``use_weighting``, the integrations).
     """
 
     beta: float = 0.1
@@ -419,7 +420,7 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
     Args:
         stats: per-token tensors ``[2B, T]`` as produced by the fused head, 0 off the mask: ``logp``
             (differentiable), ``mean_logit``; ``log_sum_sq_probs`` with ``use_weighting``; ``entropy`` and
-            ``is_top1`` with ``extra_metrics``.
+            ``is_top1`` with ``extra_metrics`` (when present they are reported in any case).
         mask: ``[2B, T]`` bool, the completion tokens.
         config: the loss options.
         ref_token_logps: ``[2B, T]`` reference per-token log-probs (0 off the mask), or None.
@@ -489,10 +490,12 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
         "logits/chosen": _masked_mean(mean_logit[:B], cmask),
         "logits/rejected": _masked_mean(mean_logit[B:], rmask),
     }
-    if config.extra_metrics:
-        if stats.get("entropy") is None or stats.get("is_top1") is None:
-            raise ValueError("extra_metrics=True needs stats['entropy'] and stats['is_top1'] (compute the head with "
-                             "extras=True)")
+    have_extras = stats.get("entropy") is not None and stats.get("is_top1") is not None
+    if config.extra_metrics and not have_extras:
+        raise ValueError("extra_metrics=True needs stats['entropy'] and stats['is_top1'] (compute the head with "
+                         "extras=True)")
+    # Reported whenever the head computed them (they cost nothing more then), not only when asked.
+    if have_extras:
         metrics["entropy"] = _masked_mean(stats["entropy"], mask)
         metrics["mean_token_accuracy"] = _masked_mean(stats["is_top1"][:B], cmask)
     return DPOOutput(loss=loss, chosen_logps=pc, rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,

@@ -386,6 +386,18 @@ def test_extra_metrics(backend):
     assert out.loss.item() == plain.loss.item()
 
 
+def test_missing_head_extras_are_a_clear_error():
+    from fastdpo.losses import compute_dpo_loss
+
+    hidden, weight, labels, _, _ = _batch("torch")
+    stats = fastdpo.token_stats(hidden, weight, labels, backend="torch")
+    mask = labels != IGNORE
+    with pytest.raises(ValueError, match="log_sum_sq_probs"):
+        compute_dpo_loss(stats, mask, LossConfig(use_weighting=True), reference_free=True)
+    with pytest.raises(ValueError, match="extra_metrics=True needs"):
+        compute_dpo_loss(stats, mask, LossConfig(extra_metrics=True), reference_free=True)
+
+
 def test_trl_named_metrics():
     hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
     out = fastdpo.dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, beta=0.2,
