@@ -63,7 +63,13 @@ def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="we
 
 
 def label_range(name, labels, vocab, ignore_index):
-    """Labels must be in [0, vocab) or ``ignore_index``. Costs one device sync on GPU tensors."""
+    """Labels must be in [0, vocab) or ``ignore_index``.
+
+    On GPU tensors this is the one host synchronisation of a call; ``FASTDPO_CHECK_LABELS=0`` skips
+    it there (an out-of-range label then never matches a column and yields a log-prob of NaN or −inf).
+    """
+    if labels.device.type != "cpu" and os.environ.get("FASTDPO_CHECK_LABELS", "1") == "0":
+        return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if labels.numel() and bool(bad.any()):
         example = int(labels[bad].flatten()[0])
