@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["LossConfig", "DPOOutput", "compute_dpo_loss", "LOSS_TYPES", "TRL_LOSS_TYPES", "F_DIVERGENCE_TYPES",
-           "F_DIVERGENCE_LOSS_TYPES",
-           "REFERENCE_FREE_LOSS_TYPES"]
+           "F_DIVERGENCE_LOSS_TYPES", "REFERENCE_FREE_LOSS_TYPES"]
 
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
