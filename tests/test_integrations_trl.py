@@ -1,0 +1,299 @@
+"""fastdpo inside TRL 1.16: FastDPOTrainer and patch_trl() train exactly like the stock DPOTrainer.
+
+Tiny Llama and Gemma-2 (softcapped, tied head) built from configs, a word-level tokenizer built offline, a
+generated preference dataset; fp32 on CPU, a few optimizer steps. Wherever fastdpo's head must be used, TRL's
+own head is made to raise, so a silent fall-back to TRL fails the test.
+"""
+
+import copy
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from fastdpo.integrations import trl as ftrl  # noqa: E402
+from fastdpo.integrations.trl import FastDPOTrainer, patch_trl, unpatch_trl  # noqa: E402
+
+V = 96
+WORDS = [f"w{i}" for i in range(V - 3)]
+SOFTCAP = 2.0
+METRICS = ("loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy",
+           "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def make_tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")
+
+
+def make_dataset(n=8, seed=0):
+    """Prompt/chosen/rejected text of varied lengths, with a fresh fingerprint so that no run reuses another's
+    cached precomputed reference log-probs."""
+    g = torch.Generator().manual_seed(seed)
+
+    def words(k):
+        return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=g).tolist())
+
+    rows = {"prompt": [words(3 + i % 3) + " " for i in range(n)], "chosen": [words(2 + i % 4) for i in range(n)],
+            "rejected": [words(3 + (i + 1) % 3) for i in range(n)]}
+    return datasets.Dataset.from_dict(rows).map(lambda x: x, new_fingerprint=uuid.uuid4().hex)
+
+
+def make_model(kind, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=None)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=8,
+                                                                         final_logit_softcapping=SOFTCAP))
+    with torch.no_grad():  # peaked logits, so the softcap bends them
+        model.get_output_embeddings().weight.mul_(30)
+    return model
+
+
+def make_args(tmp_path, **overrides):
+    options = dict(output_dir=str(tmp_path / uuid.uuid4().hex), per_device_train_batch_size=4, max_steps=3,
+                   learning_rate=1e-2, report_to="none", logging_steps=1, save_strategy="no", seed=0, use_cpu=True,
+                   bf16=False, dataloader_num_workers=0, disable_tqdm=True, beta=0.1)
+    options.update(overrides)
+    return DPOConfig(**options)
+
+
+_ORIGINAL_FORWARD = ftrl._TRL_FUNCTION.forward
+_GUARD = {"on": False}
+
+
+@pytest.fixture
+def trl_head_forbidden(monkeypatch):
+    """Make TRL's own fused head raise: any use of it where fastdpo's should run fails the test."""
+
+    def guarded(*args, **kwargs):
+        if _GUARD["on"]:
+            raise AssertionError("TRL's own ChunkedLogProbFunction ran where fastdpo's head should")
+        return _ORIGINAL_FORWARD(*args, **kwargs)
+
+    monkeypatch.setattr(ftrl._TRL_FUNCTION, "forward", staticmethod(guarded))
+    _GUARD["on"] = True
+    yield
+    _GUARD["on"] = False
+    unpatch_trl()
+
+
+def train(trainer_cls, kind, tmp_path, *, ref="model", peft=False, **config):
+    """Train a few steps; returns the per-step logs and the final trainable parameters."""
+    model = make_model(kind)
+    kwargs = {}
+    if ref == "model":
+        kwargs["ref_model"] = copy.deepcopy(model)
+    args = make_args(tmp_path, precompute_ref_log_probs=(ref == "precompute"), **config)
+    if peft:
+        import peft as peft_lib
+
+        kwargs["peft_config"] = peft_lib.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    lora_dropout=0.0)
+    trainer = trainer_cls(model=model, args=args, train_dataset=make_dataset(), processing_class=make_tokenizer(),
+                          **kwargs)
+    if peft:
+        # LoRA starts as the identity: perturb B so that policy and reference differ from the first step.
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for name, p in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return logs, params
+
+
+_STOCK = {}
+
+
+def stock(kind, tmp_path, **kw):
+    """The stock DPOTrainer run with TRL's own head (memoized: several fastdpo variants compare against it)."""
+    key = (kind, repr(sorted(kw.items())))
+    if key not in _STOCK:
+        assert not ftrl.is_patched()
+        _STOCK[key] = train(DPOTrainer, kind, tmp_path, **kw)
+    return _STOCK[key]
+
+
+def assert_same_training(fast, reference):
+    (fast_logs, fast_params), (ref_logs, ref_params) = fast, reference
+    assert len(fast_logs) == len(ref_logs) == 3
+    for step, (a, b) in enumerate(zip(fast_logs, ref_logs)):
+        for name in METRICS:
+            assert a[name] == pytest.approx(b[name], rel=2e-4, abs=2e-5), f"step {step}: {name}"
+    assert fast_logs[-1]["loss"] != pytest.approx(fast_logs[0]["loss"]), "training should move the loss"
+    assert fast_params.keys() == ref_params.keys() and fast_params
+    for name in fast_params:
+        torch.testing.assert_close(fast_params[name], ref_params[name], atol=5e-5, rtol=1e-4, msg=name)
+
+
+SCENARIOS = [pytest.param("llama", {"ref": "model"}, id="llama-ref_model"),
+             pytest.param("gemma2", {"ref": "precompute"}, id="gemma2-precomputed"),
+             pytest.param("llama", {"ref": None, "peft": True}, id="llama-peft")]
+
+
+@pytest.mark.parametrize("kind, kw", SCENARIOS)
+def test_fast_trainer_matches_stock(kind, kw, tmp_path, trl_head_forbidden):
+    reference = stock_unforbidden(kind, tmp_path, **kw)
+    assert_same_training(train(FastDPOTrainer, kind, tmp_path, **kw), reference)
+
+
+@pytest.mark.parametrize("kind, kw", SCENARIOS[:2])
+def test_patched_stock_trainer_matches_stock(kind, kw, tmp_path, trl_head_forbidden):
+    reference = stock_unforbidden(kind, tmp_path, **kw)
+    with patch_trl():
+        assert ftrl.is_patched()
+        fast = train(DPOTrainer, kind, tmp_path, **kw)
+    assert not ftrl.is_patched()
+    assert_same_training(fast, reference)
+
+
+def stock_unforbidden(kind, tmp_path, **kw):
+    """The stock run, with TRL's head briefly allowed again (the fixture forbids it for the fastdpo run)."""
+    _GUARD["on"] = False
+    try:
+        return stock(kind, tmp_path, **kw)
+    finally:
+        _GUARD["on"] = True
+
+
+def test_trl_head_guard_is_live(tmp_path, trl_head_forbidden):
+    """Control: without the patch, the stock trainer reaches TRL's head, and the guard catches it."""
+    with pytest.raises(AssertionError, match="TRL's own ChunkedLogProbFunction"):
+        train(DPOTrainer, "llama", tmp_path, max_steps=1)
+
+
+def test_fast_trainer_with_loss_options_matches_stock(tmp_path, trl_head_forbidden):
+    """A DPOConfig loss mix (DPO + IPO, weighted) with LD-DPO's ld_alpha and WPO weighting, precomputed reference.
+
+    (TRL 1.16 itself fails on ``sft`` combined with ``use_weighting``: it scales an expanded tensor in place.)"""
+    kw = dict(ref="precompute", loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], ld_alpha=0.5,
+              use_weighting=True)
+    reference = stock_unforbidden("llama", tmp_path, **kw)
+    assert_same_training(train(FastDPOTrainer, "llama", tmp_path, **kw), reference)
+
+
+# --- the patched head on its own ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("softcap, logit_scale, temperature, use_bias",
+                         [(None, 1.0, 1.0, False), (3.0, 0.5, 0.7, True), (2.0, -1.5, 1.3, False)])
+def test_patched_function_matches_trl_function(softcap, logit_scale, temperature, use_bias):
+    """Every output and the gradients (log-prob and entropy terms) of fastdpo's drop-in equal TRL's."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 24, generator=g, requires_grad=True)
+    weight = (torch.randn(V, 24, generator=g) * 0.8).requires_grad_()
+    bias = torch.randn(V, generator=g).requires_grad_() if use_bias else None
+    targets = torch.randint(0, V, (13,), generator=g)
+    a, b = torch.randn(13, generator=g), torch.randn(13, generator=g)
+    results = []
+    for fn in (ftrl.FastChunkedLogProbFunction, ftrl._TRL_FUNCTION):
+        out = fn.apply(hidden, weight, bias, targets, temperature, 32, softcap, logit_scale,
+                       ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+        params = [t for t in (hidden, weight, bias) if t is not None]
+        grads = torch.autograd.grad((out[0] * a).sum() + (out[1] * b).sum(), params)
+        results.append((out, grads))
+    (fast_out, fast_grads), (trl_out, trl_grads) = results
+    for name, x, y in zip(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"), fast_out, trl_out):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=name)
+    assert torch.equal(fast_out[4], trl_out[4])
+    for x, y in zip(fast_grads, trl_grads):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_patched_function_skips_unrequested_outputs():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(5, 8, generator=g), torch.randn(V, 8, generator=g)
+    out = ftrl.FastChunkedLogProbFunction.apply(hidden, weight, None, torch.zeros(5, dtype=torch.long), 1.0, 32,
+                                                None, 1.0, ("log_probs",))
+    assert out[0].shape == (5,) and all(x is None for x in out[1:])
+
+
+def test_patch_and_unpatch_state():
+    import trl.kernels
+    import trl.trainer.utils as trl_utils
+
+    original = ftrl._TRL_FUNCTION
+    handle = patch_trl()
+    try:
+        assert ftrl.is_patched()
+        assert trl_utils._ChunkedLogProbFunction is ftrl.FastChunkedLogProbFunction
+        assert trl.kernels.ChunkedLogProbFunction is ftrl.FastChunkedLogProbFunction
+        with patch_trl(backend="torch"):  # nested: restores the outer patch on exit
+            assert ftrl._PatchState.backend == "torch"
+        assert ftrl.is_patched() and ftrl._PatchState.backend == "auto"
+    finally:
+        assert unpatch_trl() is True
+    assert trl_utils._ChunkedLogProbFunction is original and not ftrl.is_patched()
+    assert unpatch_trl() is False
+    with handle:  # a stale handle of a patch already undone leaves TRL unpatched
+        pass
+    assert trl_utils._ChunkedLogProbFunction is original
+    with pytest.raises(ValueError, match="backend"):
+        patch_trl(backend="cuda")
+    assert not ftrl.is_patched()
+
+
+# --- configuration and versions ----------------------------------------------------------------------------------
+
+def test_loss_config_mapping():
+    config = ftrl.loss_config_from_dpo_config(DPOConfig(output_dir="unused", beta=0.3, loss_type=["ipo", "sft"],
+                                                        loss_weights=[1.0, 0.2], report_to="none",
+                                                        use_cpu=True, bf16=False))
+    assert config.beta == 0.3 and config.loss_types == ("ipo", "sft") and config.weights == (1.0, 0.2)
+    assert ftrl.loss_config_from_dpo_config(None).loss_types == ("sigmoid",)
+
+
+def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
+    kwargs = dict(model=make_model("llama"), train_dataset=make_dataset(), processing_class=make_tokenizer())
+    with pytest.raises(ValueError, match="fastdpo_backend"):
+        FastDPOTrainer(args=make_args(tmp_path), fastdpo_backend="cuda", **kwargs)
+    # A DPOConfig loss option that fastdpo's LossConfig lacks is named in the error.
+    from dataclasses import make_dataclass
+
+    reduced = make_dataclass("LossConfig", [("beta", float, 0.1), ("loss_type", object, "sigmoid")], frozen=True)
+    monkeypatch.setattr(ftrl, "LossConfig", reduced)
+    with pytest.raises(ValueError, match=r"DPOConfig\.ld_alpha"):
+        FastDPOTrainer(args=make_args(tmp_path, ld_alpha=0.5), **kwargs)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="DPOConfig"):  # LossConfig's own checks, re-raised naming DPOConfig
+        FastDPOTrainer(args=make_args(tmp_path, loss_type=["robust"], label_smoothing=0.7), **kwargs)
+    vision = datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"], "images": [[]]})
+    with pytest.raises(ValueError, match="vision"):
+        FastDPOTrainer(args=make_args(tmp_path), **{**kwargs, "train_dataset": vision})
+    peft = pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="prompt-learning"):
+        FastDPOTrainer(args=make_args(tmp_path), peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                    num_virtual_tokens=2), **kwargs)
+
+
+def test_trl_version_range():
+    import trl
+
+    assert ftrl.check_trl_version() == trl.__version__
+    for bad in ("1.15.2", "1.17.0", "2.0.0"):
+        with pytest.raises(ImportError, match=re.escape(ftrl.TRL_SPECIFIER)):
+            ftrl.check_trl_version(bad)
+    ftrl.check_trl_version("1.16.9")
+    # The runtime check and the `fastdpo[trl]` extra state the same range.
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    extra = re.search(r"^trl = \[(.*?)\]", pyproject, re.S | re.M).group(1)
+    assert f'"trl{ftrl.TRL_SPECIFIER}"' in extra
