@@ -277,7 +277,7 @@ def exact_reference(inp: DPOInputs, dtype: torch.dtype | None = None) -> dict:
             lp = reference_sequence_logprobs(hi, w, inp.labels[i:i + 1], **kw)
             (lp * coef[i]).sum().backward()
             grad_h[i] = hi.grad[0]
-    return {"loss": float(loss), "grad_hidden": grad_h, "grad_weight": w.grad}
+    return {"loss": float(loss.detach()), "grad_hidden": grad_h, "grad_weight": w.grad}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

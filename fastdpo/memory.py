@@ -153,8 +153,9 @@ class PeakMeter:
     the RSS on CPU). ``peak_bytes`` is None when nothing could measure it.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", restore: bool = True):
         self.device = torch.device(device)
+        self.restore = restore  # put glibc back in its steady (timing) state afterwards
         self.peak_bytes: int | None = None
         self.baseline_bytes: int | None = None
         self.method = "cuda max_memory_allocated" if self.device.type == "cuda" else cpu_peak_method()
@@ -185,7 +186,8 @@ class PeakMeter:
         if self._hwm:
             hwm = _status_kib("VmHWM")
             self.peak_bytes = max(0, (hwm << 10) - self.baseline_bytes) if hwm is not None else None
-            _mallopt(_STEADY_MMAP)
+            if self.restore:
+                _mallopt(_STEADY_MMAP)
         elif self._sampler is not None:
             self._sampler.__exit__(*exc)
             peak = self._sampler.peak

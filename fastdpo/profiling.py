@@ -1,0 +1,481 @@
+"""``fastdpo profile``: the memory of one whole DPO training step of a transformers causal LM, naive head vs fastdpo.
+
+The model is built from a config (no download): a named family (``llama3``, ``qwen2.5``, ``gemma2``) or a
+``config.json``. On GPU a named family keeps its real sizes with ``--layers`` decoder layers (default 2); on CPU
+it is tiny (hidden 256, 4 heads) but keeps the family's real vocabulary, since the head is what is profiled.
+
+One step = reference forward (no grad), policy backbone forward, the loss (head forward + backward, naive or
+fastdpo), backbone backward, AdamW step. Reported per head: what the weights, gradients-to-be and optimizer state
+hold at the start of the step; the peak of the backbone's activations; the peak of the loss phase; the step's
+peak; and the largest number of pairs at ``--seq-len`` whose step fits ``--budget`` (found from two measured
+steps by a linear fit, then run to confirm). The memory timeline comes from torch's memory snapshot on GPU
+(also saved, for https://pytorch.org/memory_viz) and from the sampled RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import gc
+import json
+import os
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .memory import PeakMeter, RssSampler, current_rss
+
+__all__ = ["MODELS", "ProfileConfig", "ProfileReport", "BudgetError", "resolve_config", "build_model_config",
+           "run_profile", "write_outputs", "format_report", "cuda_timeline"]
+
+# Real sizes of each family's model of DESIGN §3 (GPU); the CPU variant keeps only the vocabulary.
+MODELS = {
+    "llama3": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
+                   max_position_embeddings=8192),
+    "qwen2.5": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                    num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0, tie_word_embeddings=False,
+                    max_position_embeddings=32768),
+    "gemma2": dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=256, vocab_size=256000, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0, tie_word_embeddings=True, max_position_embeddings=8192),
+}
+_CPU_TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+HEADS = ("naive", "fastdpo")
+
+
+class BudgetError(ValueError):
+    """Neither head fits one pair into the memory budget."""
+
+
+@dataclass
+class ProfileConfig:
+    model: str
+    model_config: dict
+    layers: int
+    device: str
+    dtype: str
+    seq_len: int
+    pairs: int
+    budget_gib: float
+    search: bool = True
+    max_pairs: int = 64
+
+
+def build_model_config(model: str, *, layers: int | None = None, cpu: bool = False) -> dict:
+    """The config dict of ``model`` (a family name or a path to a config.json), with ``layers`` decoder layers.
+
+    Raises ValueError naming ``--model`` for an unknown name, a missing or unreadable file, or a config without
+    a ``model_type`` that transformers knows.
+    """
+    if model in MODELS:
+        cfg = dict(MODELS[model])
+        if cpu:
+            cfg.update(_CPU_TINY)
+        cfg["num_hidden_layers"] = layers or 2
+        return cfg
+    if not (model.endswith(".json") or os.path.sep in model or os.path.exists(model)):
+        raise ValueError(f"unknown model {model!r}: choose from {', '.join(MODELS)} or give a path to a config.json")
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError as err:
+        raise ValueError(f"--model: cannot read {path!r}: {err.strerror or err}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model: {path!r} is not valid JSON: {err}") from err
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ValueError(f"--model: {path!r} has no \"model_type\" (a transformers config.json has one)")
+    from transformers import CONFIG_MAPPING
+
+    if cfg["model_type"] not in CONFIG_MAPPING:
+        raise ValueError(f"--model: model_type {cfg['model_type']!r} in {path!r} is unknown to transformers")
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    return cfg
+
+
+def resolve_config(model=None, *, layers=None, budget_gib=None, seq_len=None, pairs=None, device=None,
+                   search=True) -> ProfileConfig:
+    """Defaults for ``fastdpo profile``; ValueError naming the argument for anything invalid."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device here; use --device cpu")
+    on_gpu = device == "cuda"
+    model = model or "llama3"
+    cfg = build_model_config(model, layers=layers, cpu=not on_gpu)
+    if budget_gib is None:
+        budget_gib = torch.cuda.get_device_properties(0).total_memory / (1 << 30) if on_gpu else 2.0
+    if not budget_gib > 0:
+        raise ValueError(f"budget must be a positive number of GiB, got {budget_gib!r}")
+    return ProfileConfig(model=model, model_config=cfg, layers=int(cfg.get("num_hidden_layers", 0)), device=device,
+                         dtype="bf16" if on_gpu else "fp32", seq_len=seq_len or (512 if on_gpu else 64),
+                         pairs=pairs or 1, budget_gib=float(budget_gib), search=search,
+                         max_pairs=256 if on_gpu else 8)
+
+
+def _attention() -> str:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
+
+
+@dataclass
+class StepMemory:
+    """One measured step (bytes; on CPU the RSS above the RSS before the models were built)."""
+
+    head: str
+    pairs: int
+    seq_len: int
+    weights_optimizer: int
+    activations: int
+    loss_step: int
+    step_peak: int
+    total_peak: int
+    ms: float
+    loss: float
+
+
+@dataclass
+class ProfileReport:
+    config: ProfileConfig
+    attention: str
+    machine: str
+    memory_method: str
+    params: int
+    steps: list = field(default_factory=list)
+    largest: dict = field(default_factory=dict)  # head -> {"pairs", "tokens", "total_peak", "note"}
+    timelines: dict = field(default_factory=dict)  # head -> {"t": [...], "bytes": [...], "marks": [...]}
+    snapshots: dict = field(default_factory=dict)  # head -> raw torch memory snapshot (GPU)
+    date: str = ""
+
+    def step(self, head, pairs=None):
+        pairs = self.config.pairs if pairs is None else pairs
+        return next((s for s in self.steps if s.head == head and s.pairs == pairs), None)
+
+
+class _Harness:
+    """The policy, its frozen reference copy and AdamW, and one DPO step with either head."""
+
+    def __init__(self, config: ProfileConfig, attention: str):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.config = config
+        self.device = torch.device(config.device)
+        dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+        cfg = dict(config.model_config)
+        model_type = cfg.pop("model_type")
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+        torch.manual_seed(0)
+        self.policy = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention,
+                                                       dtype=dtype).to(self.device)
+        self.policy.train()
+        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-6)
+        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        self.vocab = text.vocab_size
+        self.softcap = getattr(text, "final_logit_softcapping", None)
+        self.params = sum(p.numel() for p in self.policy.parameters())
+
+    def _backbone(self, model):
+        return getattr(model, model.base_model_prefix)
+
+    def batch(self, pairs):
+        g = torch.Generator().manual_seed(pairs)
+        T = self.config.seq_len
+        ids = torch.randint(0, self.vocab, (2 * pairs, T + 1), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[:, : T // 4] = -100  # the prompt
+        return ids[:, :T].to(self.device), labels.to(self.device)
+
+    def step(self, head, pairs, mark=lambda label: None):
+        """One DPO training step; returns per-phase peaks (bytes above the phase's start) and the loss."""
+        from .functional import dpo_loss
+        from .reference import reference_dpo_loss
+
+        ids, labels = self.batch(pairs)
+        lm_head = self.policy.get_output_embeddings()
+        ref_head = self.reference.get_output_embeddings()
+        # One meter per phase, in sequence (nesting would reset the CPU high-water mark under the outer one);
+        # the step's peak is the highest phase peak measured from the step's start.
+        phases = {}
+
+        def phase(name):
+            mark(name)
+            phases[name] = PeakMeter(self.device, restore=False)
+            return phases[name]
+
+        with phase("reference forward"), torch.no_grad():
+            ref_hidden = self._backbone(self.reference)(input_ids=ids).last_hidden_state
+        with phase("policy forward"):
+            hidden = self._backbone(self.policy)(input_ids=ids).last_hidden_state
+        leaf = hidden.detach().requires_grad_()
+        with phase("loss"):
+            fn = dpo_loss if head == "fastdpo" else reference_dpo_loss
+            out = fn(leaf, lm_head.weight, labels, ref_hidden=ref_hidden, ref_weight=ref_head.weight,
+                     softcap=self.softcap, beta=0.1)
+            out.loss.backward()
+        loss_value = float(out.loss.detach())
+        del out
+        with phase("policy backward"):
+            hidden.backward(leaf.grad)
+        del hidden, leaf, ref_hidden
+        with phase("optimizer step"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        mark("end")
+        start = phases["reference forward"].baseline_bytes
+        unmeasured = any(m.peak_bytes is None or m.baseline_bytes is None for m in phases.values())
+        peaks = {
+            "step": None if unmeasured else max(m.baseline_bytes + m.peak_bytes - start for m in phases.values()),
+            "loss": phases["loss"].peak_bytes,
+            # What the backbone's forward holds at its high point (saved activations and transients).
+            "activations": phases["policy forward"].peak_bytes,
+        }
+        return peaks, loss_value
+
+
+def _held(device, baseline):
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) - baseline
+    rss = current_rss()
+    return None if rss is None else rss - baseline
+
+
+def cuda_timeline(snapshot: dict, baseline: int = 0, device: int = 0) -> dict:
+    """Allocated bytes over time from a ``torch.cuda.memory._snapshot()`` trace.
+
+    ``alloc`` adds its size, ``free_completed`` removes it; ``baseline`` is what was allocated when recording
+    began. Returns ``{"t": seconds from the first event, "bytes": [...]}``.
+    """
+    traces = snapshot.get("device_traces") or [[]]
+    trace = traces[device] if device < len(traces) else []
+    t, b = [], []
+    cur = baseline
+    t0 = None
+    for i, ev in enumerate(trace):
+        action = ev.get("action")
+        if action == "alloc":
+            cur += ev.get("size", 0)
+        elif action == "free_completed":
+            cur -= ev.get("size", 0)
+        else:
+            continue
+        stamp = ev.get("time_us", i)
+        t0 = stamp if t0 is None else t0
+        t.append((stamp - t0) / 1e6)
+        b.append(cur)
+    return {"t": t, "bytes": b, "t0_us": t0}
+
+
+def _run_head(h: _Harness, head, pairs, baseline, *, timeline=False):
+    """A measured step (after a warm-up that creates AdamW's state); optionally with its memory timeline."""
+    device = h.device
+    # Warm-up: AdamW allocates its state on the first step; the steady steps after it are the ones measured.
+    if not h.optimizer.state:
+        h.step(head, pairs)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    held = _held(device, baseline)
+    tl, snap = None, None
+    marks = []
+    t_start = time.perf_counter()
+    if timeline and device.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=200000)
+        peaks, loss = h.step(head, pairs, mark=lambda label: marks.append((time.time() * 1e6, label)))
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        tl = cuda_timeline(snap, baseline=held + baseline)
+        t0 = tl.pop("t0_us") or 0
+        tl["marks"] = [((us - t0) / 1e6, label) for us, label in marks]
+    elif timeline:
+        sampler = RssSampler(interval_s=2e-3)
+        with sampler:
+            peaks, loss = h.step(head, pairs, mark=sampler.mark)
+        tl = {"t": [s for s, _ in sampler.samples], "bytes": [b - baseline for _, b in sampler.samples],
+              "marks": sampler.marks}
+    else:
+        peaks, loss = h.step(head, pairs)
+    ms = (time.perf_counter() - t_start) * 1e3
+    step = StepMemory(head=head, pairs=pairs, seq_len=h.config.seq_len, weights_optimizer=held,
+                      activations=peaks["activations"] or 0, loss_step=peaks["loss"] or 0, step_peak=peaks["step"] or 0,
+                      total_peak=held + (peaks["step"] or 0), ms=ms, loss=loss)
+    return step, tl, snap
+
+
+def _fits(h, head, pairs, baseline, budget, steps):
+    try:
+        step, _, _ = _run_head(h, head, pairs, baseline)
+    except torch.cuda.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return False, None
+    steps.append(step)
+    return step.total_peak <= budget, step
+
+
+def _search(h, head, baseline, config, measured, steps, tick):
+    """The largest pairs at ``seq_len`` whose step fits the budget: linear fit of two steps, then confirmed."""
+    budget = config.budget_gib * (1 << 30)
+    pts = {}
+    for p in (1, 2):
+        s = measured.get(p)
+        if s is None:
+            ok, s = _fits(h, head, p, baseline, budget, steps)
+            tick()
+            if s is None:
+                return {"pairs": 0, "note": "out of memory at 1 pair"} if p == 1 else {"pairs": 1, "note": "OOM at 2"}
+        pts[p] = s
+        if p == 1 and s.total_peak > budget:
+            return {"pairs": 0, "total_peak": s.total_peak, "note": "1 pair does not fit"}
+    slope = max(pts[2].total_peak - pts[1].total_peak, 1)
+    guess = int(1 + (budget - pts[1].total_peak) // slope)
+    guess = max(1, min(guess, config.max_pairs))
+    best = pts[2] if pts[2].total_peak <= budget else pts[1]
+    tries = 0
+    while guess > best.pairs and tries < 4:
+        ok, s = _fits(h, head, guess, baseline, budget, steps)
+        tick()
+        tries += 1
+        if ok:
+            best = s
+            break
+        guess -= max(1, (guess - best.pairs) // 4)
+    capped = best.pairs >= config.max_pairs
+    return {"pairs": best.pairs, "tokens": 2 * best.pairs * config.seq_len, "total_peak": best.total_peak,
+            "note": f"capped at {config.max_pairs} pairs (the search's limit)" if capped else "measured"}
+
+
+def run_profile(config: ProfileConfig, *, progress=True) -> ProfileReport:
+    """Profile both heads; raises BudgetError when neither fits one pair into the budget."""
+    from tqdm.auto import tqdm
+
+    from .bench import machine_name
+
+    device = torch.device(config.device)
+    attention = _attention() if device.type == "cuda" else "sdpa"
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        # Pin glibc's allocator (as PeakMeter does) so that the RSS follows the live tensors throughout.
+        from .memory import _MEASURE_MMAP, _mallopt
+
+        _mallopt(_MEASURE_MMAP)
+        baseline = current_rss() or 0
+    h = _Harness(config, attention)
+    report = ProfileReport(config=config, attention=attention, machine=machine_name(config.device),
+                           memory_method=PeakMeter(device).method, params=h.params,
+                           date=_dt.datetime.now().isoformat(timespec="seconds"))
+    total = len(HEADS) * (1 + (3 if config.search else 0))
+    with tqdm(total=total, desc="fastdpo profile", unit="step", disable=not progress, leave=False) as bar:
+        for head in HEADS:
+            bar.set_postfix_str(f"{head} head, {config.pairs} pair(s)")
+            step, tl, snap = _run_head(h, head, config.pairs, baseline, timeline=True)
+            report.steps.append(step)
+            report.timelines[head] = tl
+            if snap is not None:
+                report.snapshots[head] = snap
+            bar.update()
+            if config.search:
+                bar.set_postfix_str(f"{head} head, largest batch in {config.budget_gib:g} GiB")
+                report.largest[head] = _search(h, head, baseline, config, {config.pairs: step}, report.steps,
+                                               bar.update)
+    if config.search and all(report.largest[k]["pairs"] == 0 for k in HEADS):
+        held = report.step("fastdpo").weights_optimizer / (1 << 30)
+        need = min(report.largest[k].get("total_peak", 0) for k in HEADS) / (1 << 30)
+        raise BudgetError(f"--budget {config.budget_gib:g} GiB: nothing fits; one pair of {config.seq_len} tokens "
+                          f"needs {need:.2f} GiB with fastdpo's head (weights, gradients and optimizer state alone "
+                          f"hold {held:.2f} GiB)")
+    return report
+
+
+def _gib(b):
+    return f"{b / (1 << 30):.3f}" if b is not None else "-"
+
+
+def format_report(report: ProfileReport, paths: dict | None = None) -> str:
+    c = report.config
+    lines = [f"model {c.model}: {c.layers} layers, {report.params / 1e6:.1f}M parameters, "
+             f"vocab {c.model_config.get('vocab_size')}, {c.dtype}, attention: {report.attention}"
+             + (" (flash-attn not installed)" if report.attention == "sdpa" and c.device == "cuda" else ""),
+             f"step: {c.pairs} pair(s) x {c.seq_len} tokens; AdamW; reference model = frozen copy",
+             f"device: {report.machine}",
+             f"memory: {report.memory_method}", "",
+             "GiB                          " + "".join(f"{h:>12}" for h in HEADS)]
+    rows = [("weights + optimizer", "weights_optimizer"), ("activations (peak)", "activations"),
+            ("loss step (peak)", "loss_step"), ("step peak above start", "step_peak"), ("total peak", "total_peak")]
+    for name, attr in rows:
+        lines.append(f"{name:<29}" + "".join(f"{_gib(getattr(report.step(h), attr)):>12}" for h in HEADS))
+    lines.append(f"{'step time (ms)':<29}" + "".join(f"{report.step(h).ms:>12.0f}" for h in HEADS))
+    if report.largest:
+        lines.append("")
+        lines.append(f"largest batch within {c.budget_gib:g} GiB at {c.seq_len} tokens per sequence:")
+        for head in HEADS:
+            r = report.largest[head]
+            if r["pairs"] == 0:
+                lines.append(f"  {head:>8}: nothing fits ({r['note']})")
+            else:
+                lines.append(f"  {head:>8}: {r['pairs']} pairs x {c.seq_len} = {r['tokens']} tokens, total peak "
+                             f"{_gib(r['total_peak'])} GiB ({r['note']})")
+    n, f = report.step("naive"), report.step("fastdpo")
+    lines.append("")
+    lines.append(f"loss step: fastdpo {_gib(f.loss_step)} GiB vs naive {_gib(n.loss_step)} GiB; step peak saved: "
+                 f"{_gib(n.total_peak - f.total_peak)} GiB")
+    if paths:
+        lines.append(f"chart: {paths.get('png', 'not written (matplotlib not installed)')}")
+        lines.append(f"results: {paths['json']}" + (f"; memory snapshots: {', '.join(paths['snapshots'])}"
+                                                     if paths.get("snapshots") else ""))
+    return "\n".join(lines)
+
+
+def write_outputs(report: ProfileReport, out_dir: str) -> dict:
+    """``profile.json``, ``timeline.png`` and, on GPU, ``memory_snapshot_<head>.pickle``."""
+    paths = {"json": os.path.join(out_dir, "profile.json")}
+    d = {"config": asdict(report.config), "attention": report.attention, "machine": report.machine,
+         "memory_method": report.memory_method, "params": report.params, "date": report.date,
+         "steps": [asdict(s) for s in report.steps], "largest": report.largest}
+    with open(paths["json"], "w") as f:
+        json.dump(d, f, indent=2)
+    snaps = []
+    for head, snap in report.snapshots.items():
+        p = os.path.join(out_dir, f"memory_snapshot_{head}.pickle")
+        with open(p, "wb") as f:
+            pickle.dump(snap, f)
+        snaps.append(p)
+    if snaps:
+        paths["snapshots"] = snaps
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return paths
+    fig, axes = plt.subplots(1, len(HEADS), figsize=(12, 4), sharey=True)
+    for ax, head in zip(axes, HEADS):
+        tl = report.timelines.get(head) or {"t": [], "bytes": [], "marks": []}
+        ax.plot(tl["t"], [b / (1 << 30) for b in tl["bytes"]], color="tab:green" if head == "fastdpo" else "tab:gray")
+        for t, label in tl.get("marks", []):
+            ax.axvline(t, color="k", lw=0.5, ls=":")
+            ax.text(t, ax.get_ylim()[1] * 0.98, label, rotation=90, fontsize=7, va="top")
+        ax.set_title(f"{head} head: total peak {_gib(report.step(head).total_peak)} GiB", fontsize=9)
+        ax.set_xlabel("seconds into the step")
+    axes[0].set_ylabel("memory held (GiB)" if report.config.device == "cuda" else "RSS above start (GiB)")
+    c = report.config
+    fig.suptitle(f"One DPO training step, {c.model} ({c.layers} layers), {c.pairs} pair(s) x {c.seq_len}, "
+                 f"{report.machine}", fontsize=9)
+    fig.tight_layout()
+    paths["png"] = os.path.join(out_dir, "timeline.png")
+    fig.savefig(paths["png"], dpi=110)
+    plt.close(fig)
+    return paths
