@@ -18,6 +18,7 @@ datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
+from conftest import backend_params  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from fastdpo.integrations import trl as ftrl  # noqa: E402
@@ -194,9 +195,10 @@ def test_fast_trainer_with_loss_options_matches_stock(tmp_path, trl_head_forbidd
 
 # --- the patched head on its own ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("softcap, logit_scale, temperature, use_bias",
                          [(None, 1.0, 1.0, False), (3.0, 0.5, 0.7, True), (2.0, -1.5, 1.3, False)])
-def test_patched_function_matches_trl_function(softcap, logit_scale, temperature, use_bias):
+def test_patched_function_matches_trl_function(softcap, logit_scale, temperature, use_bias, backend):
     """Every output and the gradients (log-prob and entropy terms) of fastdpo's drop-in equal TRL's."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(13, 24, generator=g, requires_grad=True)
@@ -204,13 +206,14 @@ def test_patched_function_matches_trl_function(softcap, logit_scale, temperature
     bias = torch.randn(V, generator=g).requires_grad_() if use_bias else None
     targets = torch.randint(0, V, (13,), generator=g)
     a, b = torch.randn(13, generator=g), torch.randn(13, generator=g)
-    results = []
-    for fn in (ftrl.FastChunkedLogProbFunction, ftrl._TRL_FUNCTION):
-        out = fn.apply(hidden, weight, bias, targets, temperature, 32, softcap, logit_scale,
-                       ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
-        params = [t for t in (hidden, weight, bias) if t is not None]
-        grads = torch.autograd.grad((out[0] * a).sum() + (out[1] * b).sum(), params)
-        results.append((out, grads))
+    with patch_trl(backend=backend):  # the drop-in reads its backend from the patch state
+        results = []
+        for fn in (ftrl.FastChunkedLogProbFunction, ftrl._TRL_FUNCTION):
+            out = fn.apply(hidden, weight, bias, targets, temperature, 32, softcap, logit_scale,
+                           ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+            params = [t for t in (hidden, weight, bias) if t is not None]
+            grads = torch.autograd.grad((out[0] * a).sum() + (out[1] * b).sum(), params)
+            results.append((out, grads))
     (fast_out, fast_grads), (trl_out, trl_grads) = results
     for name, x, y in zip(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"), fast_out, trl_out):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=name)
