@@ -300,3 +300,24 @@ def test_trl_version_range():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     extra = re.search(r"^trl = \[(.*?)\]", pyproject, re.S | re.M).group(1)
     assert f'"trl{ftrl.TRL_SPECIFIER}"' in extra
+
+
+def test_patched_function_under_autocast_computes_in_the_autocast_dtype():
+    """Like TRL's head, the drop-in computes in the autocast dtype; both agree to bf16 precision."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(V, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (9,), generator=g)
+    results = []
+    with patch_trl(backend="torch"):
+        for fn in (ftrl.FastChunkedLogProbFunction, ftrl._TRL_FUNCTION):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logp = fn.apply(hidden, weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))[0]
+            results.append((logp, torch.autograd.grad(logp.sum(), [hidden, weight])))
+    (fast, fast_grads), (theirs, their_grads) = results
+    assert fast.dtype == torch.float32 and fast_grads[1].dtype == torch.float32
+    exact = torch.log_softmax(hidden.detach() @ weight.detach().t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert (fast - exact).abs().max() > 1e-4, "bf16 inputs should differ from the fp32 result"
+    torch.testing.assert_close(fast, theirs, atol=5e-2, rtol=2e-2)
+    for x, y in zip(fast_grads, their_grads):
+        torch.testing.assert_close(x, y, atol=5e-2, rtol=5e-2)

@@ -176,7 +176,9 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
                            extras=any(name in outputs for name in _FASTDPO_EXTRAS))
         h, w = hidden.to(dtype), weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
-        out, saved = _backend_module(opts).forward(h, w, b, targets, opts)
+        # The inputs now carry the compute dtype; autocast must not recast the chunked matmuls inside.
+        with torch.autocast(device.type, enabled=False):
+            out, saved = _backend_module(opts).forward(h, w, b, targets, opts)
         ctx.opts, ctx.saved, ctx.dtype = opts, saved, dtype
         ctx.save_for_backward(hidden, weight, bias, targets)
         entropy = out["entropy"].float() if "entropy" in outputs else None
@@ -196,7 +198,7 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
         grads = [None, None, None]
         # Under DeepSpeed ZeRO-3 the lm-head is partitioned outside its module's forward: gather it again, as
         # TRL's own backward does.
-        with _trl_utils.maybe_gather_lm_head_ctx(weight, bias):
+        with _trl_utils.maybe_gather_lm_head_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
             b = bias.to(ctx.dtype) if bias is not None else None
             if grad_logp is not None:
