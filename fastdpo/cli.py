@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_positive_int, default=None, help="decoder layers (default 2)")
     p.add_argument("--budget", type=_positive_float, default=None,
                    help="memory budget in GiB for the largest-batch search (default: the GPU's memory, or 2 on CPU)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence (default 512 GPU, 64 CPU)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence (default 512 GPU, 256 CPU)")
     p.add_argument("--pairs", type=_positive_int, default=None, help="pairs in the profiled step (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-search", action="store_true", help="skip the largest-batch search")

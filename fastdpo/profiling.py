@@ -114,9 +114,9 @@ def resolve_config(model=None, *, layers=None, budget_gib=None, seq_len=None, pa
     if not budget_gib > 0:
         raise ValueError(f"budget must be a positive number of GiB, got {budget_gib!r}")
     return ProfileConfig(model=model, model_config=cfg, layers=int(cfg.get("num_hidden_layers", 0)), device=device,
-                         dtype="bf16" if on_gpu else "fp32", seq_len=seq_len or (512 if on_gpu else 64),
+                         dtype="bf16" if on_gpu else "fp32", seq_len=seq_len or (512 if on_gpu else 256),
                          pairs=pairs or 1, budget_gib=float(budget_gib), search=search,
-                         max_pairs=256 if on_gpu else 8)
+                         max_pairs=256 if on_gpu else 4)
 
 
 def _attention() -> str:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Download, into .wheels/, the wheels that benchmarks/gpu_compare.py needs on a GPU machine that has torch and
+# triton but no network: TRL 1.16, Liger-Kernel 0.8.5, Cut Cross-Entropy 25.1.1, and transformers with its
+# dependencies (TRL's ChunkedLogProbFunction imports transformers.utils). torch, triton and the CUDA libraries
+# are left out: the device already has them, and they are gigabytes.
+#
+#   bash benchmarks/fetch_wheels.sh                    # wheels for this machine's Python
+#   PY_VERSION=3.12 bash benchmarks/fetch_wheels.sh    # wheels for another Python (the device's `python -V`)
+#
+# Then on the device: pip install --no-deps .wheels/*.whl && pip install --no-deps -e . && python benchmarks/gpu_compare.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+PY_VERSION=${PY_VERSION:-$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}
+# What the packages below need besides torch and triton, resolved for the target Python.
+PINS=(trl==1.16.0 transformers==5.23.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1)
+TARGET=(--only-binary=:all: --python-version "$PY_VERSION" --implementation cp
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+        --platform linux_x86_64)
+mkdir -p .wheels
+report=$(mktemp)
+scratch=$(mktemp -d)
+trap 'rm -rf "$report" "$scratch"' EXIT
+# Resolve transformers' dependency closure (TRL itself goes in without its trainer dependencies: datasets,
+# accelerate and pyarrow are not on the path gpu_compare.py uses).
+$PY -m pip install --quiet --dry-run --ignore-installed --report "$report" --target "$scratch" "${TARGET[@]}" \
+    transformers==5.23.0
+mapfile -t deps < <($PY - "$report" <<'PYEOF'
+import json, sys
+skip = ("torch", "triton", "nvidia-", "cuda-", "pip", "setuptools", "wheel")
+for item in json.load(open(sys.argv[1]))["install"]:
+    meta = item["metadata"]
+    name = meta["name"].lower()
+    if not name.startswith(skip):
+        print(f"{name}=={meta['version']}")
+PYEOF
+)
+$PY -m pip download --quiet --no-deps -d .wheels "${TARGET[@]}" "${PINS[@]}" "${deps[@]}"
+echo "wheels for Python $PY_VERSION in .wheels/:"
+ls .wheels
