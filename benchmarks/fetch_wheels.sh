@@ -27,7 +27,9 @@ $PY -m pip install --quiet --dry-run --ignore-installed --report "$report" --tar
     transformers==5.23.0
 mapfile -t deps < <($PY - "$report" <<'PYEOF'
 import json, sys
-skip = ("torch", "triton", "nvidia-", "cuda-", "pip", "setuptools", "wheel")
+# torch brings these itself; replacing its copies could only break it.
+skip = ("torch", "triton", "nvidia-", "cuda-", "pip", "setuptools", "wheel", "filelock", "typing-extensions",
+        "typing_extensions", "fsspec")
 for item in json.load(open(sys.argv[1]))["install"]:
     meta = item["metadata"]
     name = meta["name"].lower()
