@@ -8,36 +8,4 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-
-from fastdpo import _validate  # noqa: E402
-
-BACKENDS = ["torch", "triton"]
-
-
-def backend_params():
-    """``backend`` values that can run here: torch always, triton on CUDA or through the interpreter."""
-    return [b if b == "torch" or torch.cuda.is_available() or _validate.interpreting()
-            else pytest.param(b, marks=pytest.mark.skip(reason="no CUDA and no TRITON_INTERPRET"))
-            for b in BACKENDS]
-
-
-def make_batch(pairs=2, T=9, H=19, V=53, *, dtype=torch.float32, seed=0, prompt=3, pad=2, logit_std=3.0,
-               device="cpu"):
-    """A random DPO batch at odd shapes: ``[2B, T, H]`` hidden, ``[V, H]`` weight, ``[2B, T]`` labels with
-    a prompt (first ``prompt`` tokens) and right padding (last ``pad`` tokens of every other row) ignored."""
-    g = torch.Generator().manual_seed(seed)
-    rows = 2 * pairs
-    hidden = torch.randn(rows, T, H, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (logit_std / H ** 0.5)
-    labels = torch.randint(0, V, (rows, T), generator=g)
-    labels[:, :prompt] = -100
-    labels[1::2, T - pad:] = -100
-    return hidden.to(device, dtype), weight.to(device, dtype), labels.to(device)
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b| (0 when both vanish)."""
-    a, b = a.double(), b.double()
-    denom = b.abs().max().clamp(min=1e-30)
-    return ((a - b).abs().max() / denom).item()
+# Shared helpers live in tests/fdtest.py (a unique module name: benchmarks/ has a conftest too).

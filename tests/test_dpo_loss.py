@@ -5,7 +5,7 @@ import torch
 
 import fastdpo
 from fastdpo.reference import reference_dpo_loss
-from conftest import backend_params, make_batch, rel_err
+from fdtest import backend_params, make_batch, rel_err
 
 METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected", "logits/chosen", "logits/rejected"]

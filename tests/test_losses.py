@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fastdpo
 from fastdpo import LossConfig
 from fastdpo.losses import LOSS_TYPES, TRL_LOSS_TYPES
-from conftest import backend_params, make_batch, rel_err
+from fdtest import backend_params, make_batch, rel_err
 
 IGNORE = -100
 # Options that make each loss type do something worth checking (non-zero smoothing, a margin, ...).

@@ -7,7 +7,7 @@ import fastdpo
 from fastdpo import _validate
 from fastdpo.kernels.config import KernelConfig, use_config
 from fastdpo.reference import reference_token_stats
-from conftest import backend_params, make_batch, rel_err
+from fdtest import backend_params, make_batch, rel_err
 
 HEADS = [
     dict(),
