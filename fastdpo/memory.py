@@ -8,7 +8,8 @@ the meter reads what the operating system charges the process. On Linux it reset
 (``/proc/self/clear_refs``, value 5) before the region and reads ``VmHWM`` after it: an exact high-water mark,
 not a sample. For the RSS to follow the live tensors, glibc must hand freed blocks back to the system, so
 during a measurement the meter pins glibc's mmap threshold low with ``mallopt`` (otherwise a freed 16 MiB block
-stays resident in the heap and the next allocation reuses it unseen). Where that is not possible the meter
+stays resident in the heap and the next allocation reuses it unseen) and first hands free heap pages back
+(``malloc_trim``). Where that is not possible the meter
 falls back to sampling the RSS from a thread every millisecond, which can miss short peaks; ``method`` says
 which one ran.
 """
@@ -58,6 +59,13 @@ def _mallopt(mmap_threshold: int) -> bool:
     # Setting either value also switches off glibc's dynamic threshold adjustment.
     return bool(lib.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(lib.mallopt(_M_TRIM_THRESHOLD,
                                                                                     2 * mmap_threshold))
+
+
+def _trim():
+    """Give free heap pages back to the system: a freed block still resident would be reused unseen."""
+    lib = _glibc()
+    if lib is not None and hasattr(lib, "malloc_trim"):
+        lib.malloc_trim(0)
 
 
 def _status_kib(field: str) -> int | None:
@@ -170,6 +178,7 @@ class PeakMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         self._hwm = self.method.startswith("peak RSS") and _mallopt(_MEASURE_MMAP)
+        _trim()
         self.baseline_bytes = current_rss()
         if self._hwm and _reset_hwm():
             return self
