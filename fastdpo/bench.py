@@ -49,8 +49,9 @@ SHAPES = {
     "qwen2.5-7b": Shape("qwen2.5-7b", 3584, 152064, 8, 512, "Qwen2.5-7B head, 8 pairs x 512"),
     "llama3.2-1b": Shape("llama3.2-1b", 2048, 128256, 4, 1024, "Llama-3.2-1B head, 4 pairs x 1024"),
     "mistral-7b": Shape("mistral-7b", 4096, 32768, 4, 1024, "Mistral-7B-v0.3 head, 4 pairs x 1024"),
-    # The CPU default: the head issue 2 uses for the CPU path, with a batch a 2-core machine runs in seconds.
-    "cpu-small": Shape("cpu-small", 512, 32000, 2, 128, "small head for a 2-core CPU"),
+    # The CPU default: a 32k vocabulary and 1024 tokens (what the memory at stake scales with), and a narrow H
+    # so that a 2-core machine runs every row in seconds.
+    "cpu-small": Shape("cpu-small", 128, 32000, 2, 256, "small head for a 2-core CPU"),
 }
 GPU_SHAPES = ("llama3-8b", "gemma2-2b", "qwen2.5-7b")
 # On CPU a named model shape keeps its H and V (the head is what matters) but runs this small batch unless
@@ -491,7 +492,7 @@ def write_chart(report: BenchReport, path: str) -> bool:
         return False
     rows = [r for r in report.rows if r.status == "ok"]
     unit, div = _mem_unit(report)
-    labels = [r.label.replace(" ", "\n", 1) for r in rows]
+    labels = [r.key + (f"\n{r.version}" if r.version and r.key not in ("fastdpo", "naive") else "") for r in rows]
     colors = ["tab:green" if r.key == "fastdpo" else "tab:gray" if r.key == "naive" else "tab:blue" for r in rows]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     med = [r.ms_median for r in rows]
