@@ -27,8 +27,8 @@ $PY -m pip install --quiet --dry-run --ignore-installed --report "$report" --tar
     transformers==5.23.0
 mapfile -t deps < <($PY - "$report" <<'PYEOF'
 import json, sys
-# torch brings these itself; replacing its copies could only break it.
-skip = ("torch", "triton", "nvidia-", "cuda-", "pip", "setuptools", "wheel", "filelock", "typing-extensions",
+# torch brings these itself (numpy too, on the device); replacing its copies could only break it.
+skip = ("torch", "triton", "nvidia-", "cuda-", "numpy", "pip", "setuptools", "wheel", "filelock", "typing-extensions",
         "typing_extensions", "fsspec")
 for item in json.load(open(sys.argv[1]))["install"]:
     meta = item["metadata"]
