@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .competitors import IMPLEMENTATIONS, DPOInputs, dpo_sigmoid, get_implementations, make_inputs
-from .memory import PeakMeter, steady_allocator
+from .memory import PeakMeter, resolve_device, steady_allocator
 
 __all__ = ["Shape", "SHAPES", "BenchConfig", "BenchRow", "BenchReport", "resolve_config", "exact_reference",
            "run_bench", "format_table", "write_outputs", "prepare_out_dir", "OutputDirError", "machine_name"]
@@ -101,12 +101,7 @@ def resolve_config(shape=None, *, hidden=None, vocab=None, pairs=None, seq_len=N
     Raises ValueError naming the argument for an unknown shape, device, dtype or implementation, or a
     non-positive size.
     """
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device here; use --device cpu")
+    device = resolve_device(device)
     on_gpu = device == "cuda"
     if shape is None:
         shape = "llama3-8b" if on_gpu else "cpu-small"

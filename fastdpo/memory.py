@@ -208,3 +208,14 @@ def steady_allocator():
     """Put glibc's allocator in the steady state used for timing runs on CPU (no-op elsewhere)."""
     if os.name == "posix":
         _mallopt(_STEADY_MMAP)
+
+
+def resolve_device(device) -> str:
+    """``"cpu"`` or ``"cuda"`` from a ``--device`` value (None or ``"auto"``: CUDA when torch sees one)."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device here; use --device cpu")
+    return device

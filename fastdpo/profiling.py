@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .memory import PeakMeter, RssSampler, current_rss
+from .memory import PeakMeter, RssSampler, current_rss, resolve_device
 
 __all__ = ["MODELS", "ProfileConfig", "ProfileReport", "BudgetError", "resolve_config", "build_model_config",
            "run_profile", "write_outputs", "format_report", "cuda_timeline"]
@@ -100,12 +100,7 @@ def build_model_config(model: str, *, layers: int | None = None, cpu: bool = Fal
 def resolve_config(model=None, *, layers=None, budget_gib=None, seq_len=None, pairs=None, device=None,
                    search=True) -> ProfileConfig:
     """Defaults for ``fastdpo profile``; ValueError naming the argument for anything invalid."""
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device here; use --device cpu")
+    device = resolve_device(device)
     on_gpu = device == "cuda"
     model = model or "llama3"
     cfg = build_model_config(model, layers=layers, cpu=not on_gpu)
