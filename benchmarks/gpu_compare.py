@@ -7,7 +7,7 @@ naive reference on the same inputs (logits with a std of about 4, the first 25% 
 targets of issue 2 are checked: fastdpo's correctness (loss error <= 1e-4, hidden-gradient relative error
 <= 5e-3), time <= 0.85x TRL's on every shape, peak <= 1.25 GiB at llama3-8b.
 
-Writes a markdown report to stdout and, when ``$OUT`` is set, to ``$OUT/gpu_compare.md`` (and ``.json``).
+Runs the correctness checks of ``gpu_checks.py`` first (``--skip-checks`` to skip them). Writes a markdown report to stdout and, when ``$OUT`` is set, to ``$OUT/gpu_compare.md`` (and ``.json``).
 Competitors that are not installed are skipped with a note. Exit status 1 when fastdpo fails or is wrong.
 
     pip install --no-deps .wheels/*.whl && pip install --no-deps -e . && python benchmarks/gpu_compare.py
@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy sizes (for a CPU smoke test of this script)")
+    p.add_argument("--skip-checks", action="store_true",
+                   help="skip the correctness checks of gpu_checks.py that run before the timings")
     args = p.parse_args(argv)
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in args.shapes:
@@ -138,7 +140,7 @@ def check_targets(reports: list) -> tuple[list, bool]:
     return lines, correct
 
 
-def markdown(reports: list, target_lines: list, args) -> str:
+def markdown(reports: list, target_lines: list, args, check_lines=()) -> str:
     """The whole report: set-up, one table per case, the targets."""
     first = reports[0]
     out = [f"# fastdpo GPU comparison ({first.date})", "",
@@ -148,6 +150,8 @@ def markdown(reports: list, target_lines: list, args) -> str:
            f"- inputs: random, logits std ~4, first 25% of each row ignored; error vs {first.truth}",
            "- versions: " + ", ".join(sorted({f"{r.label.split()[0]} {r.version}" for rep in reports
                                                for r in rep.rows if r.version})), ""]
+    if check_lines:
+        out += ["## Correctness checks (benchmarks/gpu_checks.py)", ""] + list(check_lines) + [""]
     for rep in reports:
         c = rep.config
         what = "policy fwd+bwd + reference fwd" if c.with_ref else "policy fwd+bwd, no reference"
@@ -164,9 +168,18 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    checks_ok, check_lines = True, []
+    if not args.skip_checks:
+        # gpu_checks.py sits beside this script, which also runs without being on sys.path.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gpu_checks import run_checks
+
+        checks_ok, check_lines = run_checks(args.device, tiny=args.tiny)
+        print("\n".join(check_lines), file=sys.stderr, flush=True)
     reports = [run_case(shape, case == "ref", args, dtype) for shape in args.shapes for case in args.cases]
     lines, correct = check_targets(reports)
-    text = markdown(reports, lines, args)
+    correct = correct and checks_ok
+    text = markdown(reports, lines, args, check_lines)
     print(text)
     out = os.environ.get("OUT")
     if out:

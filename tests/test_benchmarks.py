@@ -60,6 +60,7 @@ def test_gpu_compare_flow_on_cpu_writes_markdown(tmp_path, monkeypatch, capsys):
     assert "skipped: CCE's kernels run on CUDA only" in text
     assert "llama3-8b ref: loss err" in text and "PASS" in text and "time vs TRL: not measured" in text
     assert (tmp_path / "gpu_compare.json").exists()
+    assert "## Correctness checks (benchmarks/gpu_checks.py)" in text and "FAIL" not in text
 
 
 def test_gpu_compare_needs_cuda_unless_told_otherwise(capsys):
@@ -68,3 +69,26 @@ def test_gpu_compare_needs_cuda_unless_told_otherwise(capsys):
         pytest.skip("a CUDA device is present")
     assert gc.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_checks_pass_at_tiny_size_through_the_interpreter():
+    checks = _load("gpu_checks")
+    ok, lines = checks.run_checks("cpu", tiny=True)
+    assert ok, "\n".join(lines)
+    assert sum(line.startswith("- **") for line in lines) == len(checks.CHECKS)
+
+
+def test_gpu_checks_catch_a_wrong_kernel(monkeypatch):
+    """A kernel that drops part of the gradient must fail the checks, not pass them."""
+    checks = _load("gpu_checks")
+    from fastdpo import _triton_path
+
+    real = _triton_path.backward
+
+    def broken(*args, **kwargs):
+        gh, gw, gb = real(*args, **kwargs)
+        return gh, (gw * 0.999 if gw is not None else None), gb
+
+    monkeypatch.setattr(_triton_path, "backward", broken)
+    ok, lines = checks.run_checks("cpu", tiny=True)
+    assert not ok

@@ -117,8 +117,8 @@ def test_torch_backend_float64_is_exact(backend):
                  gh_block_k=16, vocab_chunk=17, min_programs=64),
 ], ids=["one-chunk-one-split", "many-chunks-many-splits"])
 def test_triton_tilings_agree(config):
-    if not (torch.cuda.is_available() or _validate.interpreting()):
-        pytest.skip("triton backend not runnable here")
+    if not _validate.interpreting():
+        pytest.skip("TRITON_INTERPRET is off")
     hidden, weight, bias, labels, kw = _inputs(torch.float32, HEADS[1], seed=5, T=11, H=23, V=67)
     upstream = torch.randn(labels.shape, dtype=torch.float64)
     ref, ref_g = _run(_reference, hidden, weight, bias, labels, upstream, kw, torch.float64)
