@@ -14,6 +14,11 @@ from .kernels import logprob_bwd, logprob_fwd
 from .kernels.config import default_config
 
 
+def _config(x: torch.Tensor):
+    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+    return default_config(x.dtype, capability)
+
+
 def _compact(targets: torch.Tensor, ignore_index: int):
     """``rows``: a permutation of ``0..N-1`` with the labelled rows first (in order); ``nv``: their count."""
     mask = targets != ignore_index
@@ -29,7 +34,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
     F = logprob_fwd
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
     stats = F.logprob_forward(hidden, weight, bias, rows, tgt, nv, softcap=opts.softcap, scale=opts.scale,
-                              extras=opts.extras, config=default_config())
+                              extras=opts.extras, config=_config(hidden))
     # Merge the vocabulary splits. Columns past nv were never written: keep them out with where().
     m_split, s_split = stats[F.STAT_MAX], stats[F.STAT_SUMEXP]
     m = m_split.max(0).values
@@ -64,7 +69,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), torch.zeros((), device=hidden.device))
     gh, gw, gb = logprob_bwd.logprob_backward(hidden, weight, bias, rows, tgt, nv, lse, g.contiguous(),
                                               softcap=opts.softcap, scale=opts.scale, needs=needs,
-                                              config=default_config())
+                                              config=_config(hidden))
     return gh, gw, gb
 
 

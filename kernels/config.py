@@ -59,7 +59,13 @@ class KernelConfig:
             raise ValueError("vocab_chunk and min_programs must be >= 1")
 
 
+# Hopper (sm_90), 16-bit inputs. Tiles of 128x128 keep the forward at 255 registers a thread with no
+# spill (a few bytes with the extras); 128x256 spills hundreds of bytes (ptxas -v, sm_90a).
 GPU_DEFAULT = KernelConfig()
+# fp32 operands take FMA-based products with more live registers: smaller forward tiles and K steps.
+FP32_DEFAULT = replace(GPU_DEFAULT, fwd_block_m=64, fwd_block_k=32, gw_block_k=32, gh_block_k=32)
+# Ampere (sm_80) has no wgmma: the forward's epilogue fits its registers with half-width vocabulary tiles.
+AMPERE_DEFAULT = replace(GPU_DEFAULT, fwd_block_v=64)
 # The interpreter runs each program in numpy: small tiles keep the tests' odd shapes crossing
 # tile, split and chunk boundaries.
 INTERPRETER_DEFAULT = replace(
@@ -74,12 +80,24 @@ INTERPRETER_DEFAULT = replace(
 _override: list[KernelConfig] = []
 
 
-def default_config() -> KernelConfig:
+def default_config(dtype=None, capability=None) -> KernelConfig:
+    """The config for inputs of ``dtype`` on a GPU of compute ``capability`` (major, minor).
+
+    ``use_config`` overrides it; under the interpreter it is ``INTERPRETER_DEFAULT``.
+    """
     if _override:
         return _override[-1]
     from triton import knobs
 
-    return INTERPRETER_DEFAULT if knobs.runtime.interpret else GPU_DEFAULT
+    if knobs.runtime.interpret:
+        return INTERPRETER_DEFAULT
+    import torch
+
+    if dtype == torch.float32:
+        return FP32_DEFAULT
+    if capability is not None and capability[0] < 9:
+        return AMPERE_DEFAULT
+    return GPU_DEFAULT
 
 
 @contextlib.contextmanager
