@@ -1,6 +1,6 @@
-"""One ``[BLOCK_M tokens, BLOCK_V vocab]`` tile of transformed logits, accumulated in fp32.
-
-Shared by the forward and the backward kernels so both see bit-identical logits.
+"""Helpers shared by the forward and backward kernels: a block's labelled rows, and one
+``[BLOCK_M tokens, BLOCK_V vocab]`` tile of transformed logits accumulated in fp32 (one code path, so
+the forward and the backward's recompute see bit-identical logits).
 """
 
 import triton
@@ -40,3 +40,13 @@ def logit_tile(x_ptr, w_ptr, b_ptr, src_rows, row_mask, cols, col_mask, H, softc
         t = 2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0
         acc = softcap * t
     return acc * scale, t
+
+
+@triton.jit
+def block_rows(rows_ptr, row0, nv, BLOCK_M: tl.constexpr):
+    """Positions ``row0 .. row0+BLOCK_M`` of the compacted token list, which of them are labelled
+    (``< nv``), and their int64 row indices into the hidden states."""
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < nv
+    src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
+    return rows, row_mask, src

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
-from .logit_tile import logit_tile
+from .logit_tile import block_rows, logit_tile
 from .logprob_fwd import dot_in_fp32, input_precision
 
 
@@ -35,9 +35,7 @@ def _dlogits_kernel(
     row0 = pid_m * BLOCK_M
     if row0 >= nv:
         return
-    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < nv
-    src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
+    rows, row_mask, src = block_rows(rows_ptr, row0, nv, BLOCK_M)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
@@ -110,9 +108,7 @@ def _grad_hidden_kernel(
     row0 = pid_m * BLOCK_M
     if row0 >= nv:
         return
-    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < nv
-    src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
+    rows, row_mask, src = block_rows(rows_ptr, row0, nv, BLOCK_M)
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H).to(tl.int64)
     h_mask = hs < H
     acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)

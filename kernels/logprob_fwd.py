@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
-from .logit_tile import logit_tile
+from .logit_tile import block_rows, logit_tile
 
 # Rows of the stats record; the last three only with EXTRAS.
 STAT_MAX, STAT_SUMEXP, STAT_TARGET, STAT_SUM, STAT_XSUMEXP, STAT_SQSUMEXP, STAT_ARGMAX = range(7)
@@ -37,9 +37,7 @@ def _logprob_fwd_kernel(
     row0 = pid_m * BLOCK_M
     if row0 >= nv:
         return
-    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < nv
-    src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
+    rows, row_mask, src = block_rows(rows_ptr, row0, nv, BLOCK_M)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=0).to(tl.int64)
 
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
