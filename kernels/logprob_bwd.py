@@ -156,6 +156,8 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
     grad_x = torch.zeros((N, H), dtype=x.dtype, device=dev) if need_x else None
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
     grad_b = torch.empty((V,), dtype=bias.dtype, device=dev) if need_b else None
+    if N == 0:
+        return (grad_x, grad_w.zero_() if need_w else None, grad_b.zero_() if need_b else None)
     chunk = min(cfg.vocab_chunk, V)
     n_chunks = triton.cdiv(V, chunk)
     # Across several chunks the hidden gradient is summed in fp32; the output is that buffer for fp32.

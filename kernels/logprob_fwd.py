@@ -116,6 +116,8 @@ def logprob_forward(x, weight, bias, rows, targets, nv, *, softcap, scale, extra
     bm, bv = config.fwd_block_m, config.fwd_block_v
     n_tiles = triton.cdiv(V, bv)
     token_blocks = triton.cdiv(N, bm)
+    if token_blocks == 0:
+        return torch.empty((N_STATS_EXTRAS if extras else N_STATS, 1, 0), dtype=torch.float32, device=x.device)
     # Split the vocabulary until the grid fills the GPU; every split keeps at least one tile.
     splits = max(1, min(n_tiles, triton.cdiv(config.min_programs, token_blocks)))
     tiles_per_split = triton.cdiv(n_tiles, splits)

@@ -217,3 +217,31 @@ def test_mixed_dtypes_under_autocast_follow_the_autocast_dtype():
     torch.testing.assert_close(logp.double(), want, rtol=0, atol=1e-4)
     with pytest.raises(TypeError, match="one dtype"):
         fastdpo.fused_logprobs(hidden.bfloat16(), weight, labels)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("wanted", ["hidden", "weight", "bias", "weight+bias"])
+def test_only_the_requested_gradients(backend, wanted):
+    """A frozen lm-head (PEFT), frozen hidden states, or a bias alone: each gradient on its own is right."""
+    hidden, weight, bias, labels, kw = _inputs(torch.float32, dict(bias=True), seed=9)
+    h = hidden.float().requires_grad_("hidden" in wanted)
+    w = weight.float().requires_grad_("weight" in wanted)
+    b = bias.float().requires_grad_("bias" in wanted)
+    params = [t for t in (h, w, b) if t.requires_grad]
+    got = torch.autograd.grad(fastdpo.fused_logprobs(h, w, labels, bias=b, backend=backend).sum(), params)
+    hd, wd, bd = (t.detach().double().requires_grad_(t.requires_grad) for t in (h, w, b))
+    want = torch.autograd.grad(reference_token_stats(hd, wd, labels, bd)["logp"].sum(),
+                               [t for t in (hd, wd, bd) if t.requires_grad])
+    assert len(got) == len(want)
+    for a, c in zip(got, want):
+        assert rel_err(a, c) < 2e-5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_empty_and_tiny_vocab(backend):
+    hidden, weight, labels = make_batch(dtype=torch.float32, V=5)
+    got = fastdpo.fused_logprobs(hidden, weight, labels, backend=backend)
+    want = reference_token_stats(hidden.double(), weight.double(), labels)["logp"]
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+    empty = fastdpo.fused_logprobs(hidden[:0], weight, labels[:0], backend=backend)
+    assert empty.shape == (0, labels.shape[1])
