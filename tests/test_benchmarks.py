@@ -92,3 +92,13 @@ def test_gpu_checks_catch_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(_triton_path, "backward", broken)
     ok, lines = checks.run_checks("cpu", tiny=True)
     assert not ok
+
+
+def test_tune_flow_runs_through_the_interpreter(tmp_path, monkeypatch, capsys):
+    tune = _load("tune")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert tune.main(["--tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0"]) == 0
+    text = capsys.readouterr().out
+    for family in tune.FAMILIES:
+        assert f"## {family} " in text
+    assert "KernelConfig(" in text and (tmp_path / "tune.json").exists()
