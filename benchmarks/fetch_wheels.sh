@@ -7,7 +7,7 @@
 #   bash benchmarks/fetch_wheels.sh                    # wheels for this machine's Python
 #   PY_VERSION=3.12 bash benchmarks/fetch_wheels.sh    # wheels for another Python (the device's `python -V`)
 #
-# Then on the device: pip install --no-deps .wheels/*.whl && pip install --no-deps -e . && python benchmarks/gpu_compare.py
+# Then on the device: pip install --no-deps .wheels/*.whl && pip install --no-deps --no-build-isolation -e . && python benchmarks/gpu_compare.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,3 +40,6 @@ PYEOF
 $PY -m pip download --quiet --no-deps -d .wheels "${TARGET[@]}" "${PINS[@]}" "${deps[@]}"
 echo "wheels for Python $PY_VERSION in .wheels/:"
 ls .wheels
+# The device has no network, so the editable install of fastdpo builds without isolation; bring its build
+# backend too (kept apart in build/, installed only where the device lacks it).
+$PY -m pip download --quiet --no-deps -d .wheels/build "${TARGET[@]}" "setuptools>=68" wheel
