@@ -10,7 +10,7 @@ targets of issue 2 are checked: fastdpo's correctness (loss error <= 1e-4, hidde
 Runs the correctness checks of ``gpu_checks.py`` first (``--skip-checks`` to skip them). Writes a markdown report to stdout and, when ``$OUT`` is set, to ``$OUT/gpu_compare.md`` (and ``.json``).
 Competitors that are not installed are skipped with a note. Exit status 1 when fastdpo fails or is wrong.
 
-    pip install --no-deps .wheels/*.whl && pip install --no-deps --no-build-isolation -e . && python benchmarks/gpu_compare.py
+    python benchmarks/install_wheels.py && python benchmarks/gpu_compare.py
 
 ``--tiny --device cpu`` runs the same flow at toy sizes (the tests use it); nothing here touches CUDA before
 ``main`` runs.
