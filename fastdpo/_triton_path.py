@@ -6,7 +6,6 @@ stays on the device, where the kernels read it.
 
 from __future__ import annotations
 
-
 import torch
 
 from ._options import HeadOptions
