@@ -74,34 +74,46 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
     return out, (idx, lse)
 
 
-def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions, needs):
-    """Gradients for (hidden, weight, bias) given ``grad_logp [N]``; None where not needed."""
-    idx, lse = saved
+def chunked_backward(hidden, weight, bias, rows_all, dlogits, opts: HeadOptions, needs):
+    """Gradients for (hidden, weight, bias) of a sum of per-row functions of the transformed logits.
+
+    Walks ``rows_all`` in chunks; ``dlogits(z, start, rows)`` returns the function's gradient w.r.t. the
+    chunk's transformed logits ``z`` (it may reuse ``z``'s memory), which is taken back through the scale
+    and the softcap here. Returns the gradients in the compute dtype, None where not needed.
+    """
     need_h, need_w, need_b = needs
     cd = _compute_dtype(hidden.dtype)
     w, b = _cast(weight, bias, cd)
-    g_all = grad_logp.to(cd)
-    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_h = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
     step = _rows_per_chunk(weight.shape[0])
-    for s in range(0, idx.numel(), step):
-        rows = idx[s:s + step]
+    for s in range(0, rows_all.numel(), step):
+        rows = rows_all[s:s + step]
         x = hidden[rows].to(cd)
         z, t = _logits(x, w, b, opts)
-        g = g_all[rows].unsqueeze(1)
-        # d logp / d z = onehot(y) - softmax(z), then back through the scale and the softcap.
-        dz = torch.exp(z - lse[s:s + step].unsqueeze(1)).mul_(-g)
-        dz.scatter_add_(1, targets[rows].unsqueeze(1), g)
-        dz.mul_(opts.scale)
+        dz = dlogits(z, s, rows).mul_(opts.scale)
         if t is not None:
             dz.mul_(1 - t * t)
         if need_h:
-            grad_h[rows] = (dz @ w).to(hidden.dtype)
+            grad_h[rows] = dz @ w
         if need_w:
             grad_w.addmm_(dz.t(), x)
         if need_b:
             grad_b += dz.sum(0)
-    return (grad_h,
-            grad_w.to(weight.dtype) if need_w else None,
-            grad_b.to(bias.dtype) if need_b else None)
+    return grad_h, grad_w, grad_b
+
+
+def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions, needs):
+    """Gradients for (hidden, weight, bias) given ``grad_logp [N]``, in their dtypes; None where not needed."""
+    idx, lse = saved
+    g_all = grad_logp.to(_compute_dtype(hidden.dtype))
+
+    def dlogp(z, start, rows):
+        # d logp / d z = onehot(y) - softmax(z), times the upstream gradient.
+        g = g_all[rows].unsqueeze(1)
+        dz = torch.exp(z - lse[start:start + rows.numel()].unsqueeze(1)).mul_(-g)
+        return dz.scatter_add_(1, targets[rows].unsqueeze(1), g)
+
+    grads = chunked_backward(hidden, weight, bias, idx, dlogp, opts, needs)
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))

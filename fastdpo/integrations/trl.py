@@ -70,7 +70,7 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from .. import _validate, functional  # noqa: E402
 from .._autograd import _backend_module  # noqa: E402
 from .._options import BACKENDS, HeadOptions  # noqa: E402
-from .._torch_path import _compute_dtype, _logits, _rows_per_chunk  # noqa: E402
+from .._torch_path import _compute_dtype, chunked_backward  # noqa: E402
 from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
 from .transformers import (  # noqa: E402
     add_hidden_states_forward,
@@ -114,36 +114,17 @@ class _PatchState:
 def _entropy_backward(hidden, weight, bias, grad_entropy, opts: HeadOptions, needs):
     """Exact gradients of ``Σ_t g_t·entropy_t`` in PyTorch, chunked over tokens (no ``[N, V]`` tensor).
 
-    ``∂H/∂z_j = −p_j·(log p_j + H)``, then back through fastdpo's scale and softcap. Only rows with a
-    non-zero coefficient are projected.
+    ``∂H/∂z_j = −p_j·(log p_j + H)``. Only rows with a non-zero coefficient are projected.
     """
-    need_h, need_w, need_b = needs
-    cd = _compute_dtype(hidden.dtype)
-    w = weight.to(cd)
-    b = bias.to(cd) if bias is not None else None
-    g_all = grad_entropy.to(cd)
-    rows_all = (g_all != 0).nonzero().squeeze(1)
-    grad_h = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
-    step = _rows_per_chunk(weight.shape[0])
-    for s in range(0, rows_all.numel(), step):
-        rows = rows_all[s:s + step]
-        x = hidden[rows].to(cd)
-        z, t = _logits(x, w, b, opts)
+    g_all = grad_entropy.to(_compute_dtype(hidden.dtype))
+
+    def dentropy(z, start, rows):
         logsm = z - torch.logsumexp(z, dim=1, keepdim=True)
         p = logsm.exp()
         entropy = -(p * logsm).sum(1, keepdim=True)
-        dz = p.mul_(logsm.add_(entropy)).mul_(-g_all[rows].unsqueeze(1) * opts.scale)
-        if t is not None:
-            dz.mul_(1 - t * t)
-        if need_h:
-            grad_h[rows] = dz @ w
-        if need_w:
-            grad_w.addmm_(dz.t(), x)
-        if need_b:
-            grad_b += dz.sum(0)
-    return grad_h, grad_w, grad_b
+        return p.mul_(logsm.add_(entropy)).mul_(-g_all[rows].unsqueeze(1))
+
+    return chunked_backward(hidden, weight, bias, (g_all != 0).nonzero().squeeze(1), dentropy, opts, needs)
 
 
 class FastChunkedLogProbFunction(torch.autograd.Function):
