@@ -462,8 +462,7 @@ class FastDPOTrainer(DPOTrainer):
 
         correct = acc.gather_for_metrics((stats["is_top1"][:B] & mask[:B]).sum()).sum()
         chosen_tokens = acc.gather_for_metrics(mask[:B].sum()).sum()
-        log("mean_token_accuracy",
-                                (correct / chosen_tokens).item() if chosen_tokens > 0 else 0.0)
+        log("mean_token_accuracy", (correct / chosen_tokens).item() if chosen_tokens > 0 else 0.0)
 
         chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
         log("rewards/chosen", acc.gather(chosen_rewards).mean().item())
