@@ -245,3 +245,24 @@ def test_empty_and_tiny_vocab(backend):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
     empty = fastdpo.fused_logprobs(hidden[:0], weight, labels[:0], backend=backend)
     assert empty.shape == (0, labels.shape[1])
+
+
+def test_chunked_torch_backward_takes_any_per_row_function():
+    """The shared chunked backward (log-prob here, TRL's entropy in the integration) back through softcap
+    and scale: gradient of Σ_rows Σ_v c_row·z_v (a linear function of the transformed logits) vs autograd."""
+    from fastdpo import _torch_path
+    from fastdpo._options import HeadOptions
+
+    hidden, weight, bias, labels, _ = _inputs(torch.float64, dict(bias=True), seed=12)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    rows = torch.tensor([0, 3, 4, 9, 17, 20])
+    coeff = torch.randn(h2.shape[0], dtype=torch.float64)
+    opts = HeadOptions(softcap=3.0, scale=0.7)
+    got = _torch_path.chunked_backward(h2, weight, bias, rows,
+                                       lambda z, start, r: torch.ones_like(z) * coeff[r].unsqueeze(1),
+                                       opts, (True, True, True))
+    hd, wd, bd = (t.clone().requires_grad_() for t in (h2, weight, bias))
+    z = 0.7 * 3.0 * torch.tanh((hd[rows] @ wd.t() + bd) / 3.0)
+    want = torch.autograd.grad((z * coeff[rows].unsqueeze(1)).sum(), (hd, wd, bd))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
