@@ -11,6 +11,10 @@ EXTRA_OUTPUTS = ("entropy", "log_sum_sq_probs", "is_top1")
 
 
 def _backend_module(opts: HeadOptions):
+    if opts.memory != "lean":
+        from . import _fast
+
+        return _fast.backend_for(opts)
     if opts.backend == "triton":
         from . import _triton_path
 

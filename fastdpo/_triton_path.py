@@ -28,12 +28,13 @@ def _compact(targets: torch.Tensor, ignore_index: int):
     return rows, tgt, nv, valid
 
 
-def forward(hidden, weight, bias, targets, opts: HeadOptions):
+def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None):
+    """``launch`` replaces the forward kernel's launcher (same arguments and stats; fast mode's keeps tiles)."""
     N = hidden.shape[0]
     F = logprob_fwd
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
-    stats = F.logprob_forward(hidden, weight, bias, rows, tgt, nv, softcap=opts.softcap, scale=opts.scale,
-                              extras=opts.extras, config=_config(hidden))
+    stats = (launch or F.logprob_forward)(hidden, weight, bias, rows, tgt, nv, softcap=opts.softcap,
+                                          scale=opts.scale, extras=opts.extras, config=_config(hidden))
     # Merge the vocabulary splits. Columns past nv were never written: keep them out with where().
     m_split, s_split = stats[F.STAT_MAX], stats[F.STAT_SUMEXP]
     m = m_split.max(0).values

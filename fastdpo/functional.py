@@ -6,6 +6,7 @@ import torch
 
 from . import _validate as check
 from ._autograd import EXTRA_OUTPUTS, FusedLogprobFunction
+from ._fast import resolve_memory
 from ._options import HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
@@ -13,7 +14,8 @@ __all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
 
 
 def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
-                temperature=1.0, backend="auto", extras=False, check_labels=True, names=None) -> dict:
+                temperature=1.0, backend="auto", extras=False, check_labels=True, names=None,
+                memory="lean") -> dict:
     """Per-token statistics of the fused head, each shaped like ``targets`` and 0 where ignored.
 
     Returns a dict: ``logp`` (differentiable w.r.t. hidden, weight, bias), ``mean_logit`` and, with
@@ -32,8 +34,12 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     resolved = check.backend(backend, hidden.device, dtype)
     if check_labels:
         check.label_range(tn, targets, weight.shape[0], ignore_index)
+    memory = resolve_memory(memory)
+    if memory != "lean" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        memory = "lean"  # no backward will read what the forward would keep
     opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=scale,
-                       backend=resolved, extras=bool(extras))
+                       backend=resolved, extras=bool(extras), memory=memory)
     shape = targets.shape
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H).to(dtype)
@@ -48,7 +54,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
 
 
 def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
-                   temperature=1.0, backend="auto") -> torch.Tensor:
+                   temperature=1.0, backend="auto", memory="lean") -> torch.Tensor:
     """Per-token log-probabilities of the targets, without materializing the logits.
 
     ``z = hidden·weightᵀ + bias``; if ``softcap``: ``z = softcap·tanh(z/softcap)``;
@@ -65,17 +71,24 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
         temperature: divisor of the logits. Default 1.
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"`` (CUDA, or CPU with
             ``TRITON_INTERPRET=1``) or ``"torch"``.
+        memory: what the forward keeps for the backward. ``"lean"`` (default): nothing beyond ``O(tokens)``
+            statistics; the backward recomputes the logits (5 head-sized matmuls per DPO step with a
+            reference). ``"fast"``: every logit tile's ``exp(z − tile max)`` (in the inputs' dtype; the torch
+            backend keeps the fp32 logits) and the tile maxima, so the backward skips the recompute (4
+            matmuls), at about ``2·tokens·V`` bytes (``4·tokens·V`` on the torch backend). A float: a budget
+            in GiB; as many vocabulary chunks (token chunks on the torch backend) as fit are kept, the rest
+            recomputed. Ignored when no gradient is needed.
 
     Returns:
         fp32 (fp64 for fp64 inputs) log-probs shaped like ``targets``, 0 at ignored positions,
         differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
     """
     return token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
-                       logit_scale=logit_scale, temperature=temperature, backend=backend)["logp"]
+                       logit_scale=logit_scale, temperature=temperature, backend=backend, memory=memory)["logp"]
 
 
 def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=-100, softcap=None,
-                      logit_scale=1.0, temperature=1.0, backend="auto") -> torch.Tensor:
+                      logit_scale=1.0, temperature=1.0, backend="auto", memory="lean") -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens: ``π_s = Σ_t mask_st·logp_st``.
 
     Args:
@@ -92,7 +105,7 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     check.tensor("labels", labels, ndim=2)
     logp = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
-                       names={"targets": "labels"})["logp"]
+                       names={"targets": "labels"}, memory=memory)["logp"]
     total = logp.sum(-1)
     if average:
         total = total / (labels != ignore_index).sum(-1).clamp(min=1)
@@ -147,7 +160,7 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
 
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
              beta=0.1, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
-             backend="auto", config: LossConfig | None = None, **loss_options) -> DPOOutput:
+             backend="auto", memory="lean", config: LossConfig | None = None, **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
 
     ``π_s = Σ_t mask_st·logp_st`` for the policy, ``ρ_s`` the same for the reference;
@@ -167,6 +180,7 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         bias, ref_bias: optional ``[V]`` lm-head biases.
         ignore_index, softcap, logit_scale, temperature, backend: as in :func:`fused_logprobs`, applied
             to both heads.
+        memory: as in :func:`fused_logprobs`, for the policy's head (the reference head needs no backward).
         config: a :class:`LossConfig`; or give its fields (``loss_type``, ``average_log_prob``, ...) as
             keyword arguments.
 
@@ -183,7 +197,7 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
     head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature,
                 backend=backend)
     stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"},
-                        extras=config.needs_token_extras, **head)
+                        extras=config.needs_token_extras, memory=memory, **head)
     ref_token_logps = None
     if ref_hidden is not None:
         with torch.no_grad():

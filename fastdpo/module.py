@@ -19,16 +19,17 @@ class FusedLinearDPOLoss(nn.Module):
 
     Args:
         beta: the DPO temperature. Default 0.1.
-        ignore_index, softcap, logit_scale, temperature, backend: head options, see :func:`fastdpo.fused_logprobs`.
+        ignore_index, softcap, logit_scale, temperature, backend, memory: head options, see
+            :func:`fastdpo.fused_logprobs`.
         **loss_options: other fields of :class:`fastdpo.LossConfig` (``loss_type``, ...), checked here.
     """
 
     def __init__(self, beta=0.1, *, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
-                 backend="auto", **loss_options):
+                 backend="auto", memory="lean", **loss_options):
         super().__init__()
         self.config = LossConfig(beta=beta, **loss_options)
         self.head_options = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
-                                 temperature=temperature, backend=backend)
+                                 temperature=temperature, backend=backend, memory=memory)
 
     def forward(self, hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
                 reference_free=False, bias=None, ref_bias=None) -> DPOOutput:

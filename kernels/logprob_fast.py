@@ -1,0 +1,282 @@
+"""Fast mode (``memory="fast"`` or a GiB budget): the forward keeps, for the first ``V_keep`` vocabulary columns,
+each logit tile's ``e = exp(z − m_tile)`` in the inputs' dtype and ``m_tile`` (the tile's row max) in fp32, so
+that the backward gets ``p = e·exp(m_tile − lse)`` without recomputing the logits: one head-sized matmul
+fewer per step. ``e ∈ [0, 1]`` has the relative precision of its dtype (2⁻⁹ in bf16), which the gradient
+keeps; storing the logits themselves in bf16 would not (DESIGN §7).
+
+Layout: ``e [N, V_keep_padded]`` indexed by the position in the compacted token list (labelled rows first) and
+the vocabulary id, ``m_tile [N, ceil(V_keep / fwd_block_v)]``. The backward turns each kept chunk of ``e``
+into the logit gradient in place and hands that very buffer to the grad-weight and grad-hidden GEMMs of
+:mod:`.logprob_bwd`; chunks past ``V_keep`` are recomputed as in lean mode.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import KernelConfig
+from .logit_tile import block_rows, logit_tile
+from .logprob_bwd import _dlogits_kernel, _grad_hidden_kernel, _grad_weight_kernel
+from .logprob_fwd import N_STATS, N_STATS_EXTRAS, dot_in_fp32, input_precision
+
+_ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in range(4))
+_ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7))
+# Rows of e are padded to this many elements so that every row starts 16-byte aligned (and 128-byte for TMA).
+ROW_PAD = 64
+
+
+@triton.jit
+def _logprob_fwd_keep_kernel(
+    x_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, nv_ptr, stats_ptr, e_ptr, mt_ptr,
+    V, H, V_keep, tiles_per_split, softcap, scale,
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_stat, stride_split, stride_en, stride_mn,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXTRAS: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The lean forward's statistics (same record layout), each tile's sum taken relative to its own max, and
+    ``e``/``m_tile`` stored for the tiles below ``V_keep``."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    nv = tl.load(nv_ptr).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    if row0 >= nv:
+        return
+    rows, row_mask, src = block_rows(rows_ptr, row0, nv, BLOCK_M)
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    zt = tl.zeros((BLOCK_M,), tl.float32)
+    zsum = tl.zeros((BLOCK_M,), tl.float32)
+    sz = tl.zeros((BLOCK_M,), tl.float32)
+    s2 = tl.zeros((BLOCK_M,), tl.float32)
+    amax = tl.zeros((BLOCK_M,), tl.int64)
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for tile in range(t0, t1):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z, _ = logit_tile(x_ptr, w_ptr, b_ptr, src, row_mask, cols, col_mask, H, softcap, scale,
+                          stride_xn, stride_xh, stride_wv, stride_wh,
+                          HAS_BIAS, HAS_SOFTCAP, DOT_F32, INPUT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        z_valid = tl.where(col_mask[None, :], z, 0.0)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
+        # A tile whose logits are all -inf (a masking bias) keeps e = 0 instead of exp(-inf + inf) = NaN.
+        tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        e = tl.exp(z - tile_ref[:, None])
+        if tile * BLOCK_V < V_keep:
+            keep = row_mask[:, None] & (cols < V_keep)[None, :]
+            tl.store(e_ptr + rows[:, None] * stride_en + cols[None, :], e.to(e_ptr.dtype.element_ty), mask=keep)
+            tl.store(mt_ptr + rows * stride_mn + tile, tile_max, mask=row_mask)
+        m_new = tl.maximum(m, tile_max)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        beta = tl.exp(tile_ref - m_ref)
+        s = s * alpha + tl.sum(e, axis=1) * beta
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
+        zsum += tl.sum(z_valid, axis=1)
+        if EXTRAS:
+            sz = sz * alpha + tl.sum(e * z_valid, axis=1) * beta
+            s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1) * beta * beta
+            tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + tile * BLOCK_V
+            amax = tl.where(tile_max > m, tile_arg, amax)
+        m = m_new
+
+    base = stats_ptr + pid_s * stride_split + rows
+    tl.store(base + _ROW_MAX * stride_stat, m, mask=row_mask)
+    tl.store(base + _ROW_SUMEXP * stride_stat, s, mask=row_mask)
+    tl.store(base + _ROW_TARGET * stride_stat, zt, mask=row_mask)
+    tl.store(base + _ROW_SUM * stride_stat, zsum, mask=row_mask)
+    if EXTRAS:
+        tl.store(base + _ROW_XSUMEXP * stride_stat, sz, mask=row_mask)
+        tl.store(base + _ROW_SQSUMEXP * stride_stat, s2, mask=row_mask)
+        tl.store(base + _ROW_ARGMAX * stride_stat, amax.to(tl.float32), mask=row_mask)
+
+
+@triton.jit
+def _dlogits_from_kept_kernel(
+    e_ptr, mt_ptr, tgt_ptr, nv_ptr, lse_ptr, g_ptr, zt_ptr, dz_ptr,
+    v0, vc, softcap, scale,
+    stride_en, stride_mn, stride_dzn,
+    HAS_SOFTCAP: tl.constexpr, FWD_BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """``dZ = g·(onehot(y) − e·exp(m_tile − lse))·scale·(1 − tanh²)`` for one kept chunk, elementwise.
+
+    ``e_ptr``/``dz_ptr`` point at the chunk's first column; they may be the same buffer (each element is read
+    and then written by the same program). With a softcap, ``tanh`` comes from ``z = m_tile + log e`` (only
+    where ``e > 0``: elsewhere ``p`` is 0 and so is the term) and, at the target, from its exact logit ``zt``.
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    nv = tl.load(nv_ptr).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    if row0 >= nv:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < nv
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    local_mask = local < vc
+    cols = v0 + local
+    mask = row_mask[:, None] & local_mask[None, :]
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    e = tl.load(e_ptr + rows[:, None] * stride_en + local[None, :], mask=mask, other=0.0).to(tl.float32)
+    mt = tl.load(mt_ptr + rows[:, None] * stride_mn + (cols // FWD_BLOCK_V)[None, :], mask=mask, other=0.0)
+    p = e * tl.exp(mt - lse[:, None])
+    hit = cols[None, :] == tgt[:, None]
+    dz = g[:, None] * (hit.to(tl.float32) - p) * scale
+    if HAS_SOFTCAP:
+        zt = tl.load(zt_ptr + rows, mask=row_mask, other=0.0)
+        z = tl.where(hit, zt[:, None], mt + tl.log(tl.maximum(e, 1e-38)))
+        t = z / (softcap * scale)
+        dz = dz * tl.where(hit | (e > 0), 1.0 - t * t, 1.0)
+    tl.store(dz_ptr + rows[:, None] * stride_dzn + local[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass
+class Kept:
+    """What the fast forward keeps: ``e [N, >= V_keep]`` and ``m_tile [N, tiles]``; None once consumed."""
+
+    e: torch.Tensor | None
+    m_tile: torch.Tensor | None
+    v_keep: int
+    fwd_block_v: int
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.e is None else self.e.numel() * self.e.element_size() + self.m_tile.numel() * 4
+
+
+def kept_bytes(N: int, v_keep: int, dtype: torch.dtype, config: KernelConfig) -> int:
+    """Bytes :func:`allocate_kept` takes for ``v_keep`` columns of ``N`` rows."""
+    return N * (triton.cdiv(v_keep, ROW_PAD) * ROW_PAD * dtype.itemsize + triton.cdiv(v_keep, config.fwd_block_v) * 4)
+
+
+def keep_columns(N: int, V: int, dtype: torch.dtype, budget_bytes: float, config: KernelConfig) -> int:
+    """How many leading vocabulary columns to keep within ``budget_bytes``: all ``V``, or a multiple of the
+    backward's vocabulary chunk (a chunk is kept whole or recomputed whole)."""
+    if N == 0 or budget_bytes <= 0:
+        return 0
+    if budget_bytes >= kept_bytes(N, V, dtype, config):
+        return V
+    chunk = min(config.vocab_chunk, V)
+    cols = (min(V, int(budget_bytes // (N * dtype.itemsize))) // chunk) * chunk
+    while cols > 0 and kept_bytes(N, cols, dtype, config) > budget_bytes:
+        cols -= chunk
+    return cols
+
+
+def allocate_kept(N: int, v_keep: int, dtype: torch.dtype, device, config: KernelConfig) -> Kept:
+    width = triton.cdiv(v_keep, ROW_PAD) * ROW_PAD
+    tiles = triton.cdiv(v_keep, config.fwd_block_v)
+    return Kept(torch.empty((N, width), dtype=dtype, device=device),
+                torch.empty((N, tiles), dtype=torch.float32, device=device), v_keep, config.fwd_block_v)
+
+
+def logprob_forward_keep(x, weight, bias, rows, targets, nv, *, softcap, scale, extras, config: KernelConfig,
+                         kept: Kept):
+    """The forward of :func:`.logprob_fwd.logprob_forward` (same arguments, same ``stats``), also filling ``kept``."""
+    N, H = x.shape
+    V = weight.shape[0]
+    bm, bv = config.fwd_block_m, config.fwd_block_v
+    if bv != kept.fwd_block_v:
+        raise ValueError(f"kept tiles were laid out for fwd_block_v={kept.fwd_block_v}, config has {bv}")
+    n_tiles = triton.cdiv(V, bv)
+    token_blocks = triton.cdiv(N, bm)
+    n_stats = N_STATS_EXTRAS if extras else N_STATS
+    if token_blocks == 0:
+        return torch.empty((n_stats, 1, 0), dtype=torch.float32, device=x.device)
+    splits = max(1, min(n_tiles, triton.cdiv(config.min_programs, token_blocks)))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    stats = torch.empty((n_stats, splits, N), dtype=torch.float32, device=x.device)
+    _logprob_fwd_keep_kernel[(token_blocks, splits)](
+        x, weight, bias if bias is not None else weight, rows, targets, nv, stats, kept.e, kept.m_tile,
+        V, H, kept.v_keep, tiles_per_split, float(softcap or 1.0), float(scale),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stats.stride(0), stats.stride(1),
+        kept.e.stride(0), kept.m_tile.stride(0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, EXTRAS=bool(extras),
+        DOT_F32=dot_in_fp32(x), INPUT_PRECISION=input_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=config.fwd_block_k,
+        num_warps=config.fwd_warps, num_stages=config.fwd_stages,
+    )
+    return stats
+
+
+def logprob_backward_kept(x, weight, bias, rows, targets, nv, lse, grad, zt, kept: Kept, *, softcap, scale,
+                          needs, config: KernelConfig):
+    """The backward of :func:`.logprob_bwd.logprob_backward` (same arguments and results) where the chunks below
+    ``kept.v_keep`` come from ``kept`` (overwritten: it serves one backward) and the rest are recomputed.
+
+    ``zt [N]`` fp32: each entry's transformed target logit (read only with a softcap).
+    """
+    need_x, need_w, need_b = needs
+    N, H = x.shape
+    V = weight.shape[0]
+    dev = x.device
+    cfg = config
+    flags = dict(DOT_F32=dot_in_fp32(x), INPUT_PRECISION=input_precision(x.dtype))
+    grad_x = torch.zeros((N, H), dtype=x.dtype, device=dev) if need_x else None
+    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
+    grad_b = torch.empty((V,), dtype=bias.dtype, device=dev) if need_b else None
+    if N == 0:
+        return (grad_x, grad_w.zero_() if need_w else None, grad_b.zero_() if need_b else None)
+    chunk = min(cfg.vocab_chunk, V)
+    n_chunks = triton.cdiv(V, chunk)
+    acc = None
+    if need_x and n_chunks > 1:
+        acc = grad_x if x.dtype == torch.float32 else torch.empty((N, H), dtype=torch.float32, device=dev)
+    if kept.e.dtype != x.dtype:
+        raise ValueError(f"kept e must have the inputs' dtype {x.dtype} (the GEMMs read it in place), got {kept.e.dtype}")
+    # Only the recomputed chunks need the lean workspace.
+    work = torch.empty((N, chunk), dtype=x.dtype, device=dev) if kept.v_keep < V else None
+    for c in range(n_chunks):
+        v0 = c * chunk
+        vc = min(chunk, V - v0)
+        if v0 + vc <= kept.v_keep:
+            dz = e = kept.e[:, v0:]
+            grid = (triton.cdiv(N, cfg.dlogits_block_m), triton.cdiv(vc, cfg.dlogits_block_v))
+            _dlogits_from_kept_kernel[grid](
+                e, kept.m_tile, targets, nv, lse, grad, zt, dz,
+                v0, vc, float(softcap or 1.0), float(scale),
+                e.stride(0), kept.m_tile.stride(0), dz.stride(0),
+                HAS_SOFTCAP=softcap is not None, FWD_BLOCK_V=kept.fwd_block_v,
+                BLOCK_M=cfg.dlogits_block_m, BLOCK_V=cfg.dlogits_block_v,
+            )
+        else:
+            dz = work
+            _dlogits_kernel[(triton.cdiv(N, cfg.dlogits_block_m), triton.cdiv(vc, cfg.dlogits_block_v))](
+                x, weight, bias if bias is not None else weight, rows, targets, nv, lse, grad, dz,
+                H, v0, vc, float(softcap or 1.0), float(scale),
+                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **flags,
+                BLOCK_M=cfg.dlogits_block_m, BLOCK_V=cfg.dlogits_block_v, BLOCK_K=cfg.dlogits_block_k,
+                num_warps=cfg.dlogits_warps, num_stages=cfg.dlogits_stages,
+            )
+        if need_w or need_b:
+            gw = grad_w if need_w else dz
+            _grad_weight_kernel[(triton.cdiv(vc, cfg.gw_block_v), triton.cdiv(H, cfg.gw_block_h) if need_w else 1)](
+                dz, x, rows, nv, gw, grad_b if need_b else dz,
+                H if need_w else 0, v0, vc,
+                dz.stride(0), x.stride(0), x.stride(1), gw.stride(0), gw.stride(1),
+                HAS_BIAS=need_b, **flags,
+                BLOCK_V=cfg.gw_block_v, BLOCK_H=cfg.gw_block_h, BLOCK_K=cfg.gw_block_k,
+                num_warps=cfg.gw_warps, num_stages=cfg.gw_stages,
+            )
+        if need_x:
+            first, last = c == 0, c == n_chunks - 1
+            acc_buf = acc if acc is not None else grad_x
+            _grad_hidden_kernel[(triton.cdiv(N, cfg.gh_block_m), triton.cdiv(H, cfg.gh_block_h))](
+                dz, weight, rows, nv, acc_buf, grad_x,
+                H, v0, vc,
+                dz.stride(0), weight.stride(0), weight.stride(1), acc_buf.stride(0), grad_x.stride(0),
+                FIRST=first, LAST=last, **flags,
+                BLOCK_M=cfg.gh_block_m, BLOCK_H=cfg.gh_block_h, BLOCK_K=cfg.gh_block_k,
+                num_warps=cfg.gh_warps, num_stages=cfg.gh_stages,
+            )
+    return grad_x, grad_w, grad_b
