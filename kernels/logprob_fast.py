@@ -23,8 +23,8 @@ from .logprob_fwd import N_STATS, N_STATS_EXTRAS, dot_in_fp32, input_precision
 
 _ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in range(4))
 _ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7))
-# Rows of e are padded to this many elements so that every row starts 16-byte aligned (and 128-byte for TMA).
-ROW_PAD = 64
+# Rows of e are padded to this many elements so that every row starts 16-byte aligned (vector loads, TMA strides).
+ROW_PAD = 8
 
 
 @triton.jit
