@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from fastdpo import bench, cli, profiling
-from fastdpo.competitors import make_inputs
-from fastdpo.memory import PeakMeter
+from fastdpo.bench import cli, profiling, run
+from fastdpo.bench.competitors import make_inputs
+from fastdpo.bench.memory import PeakMeter
 from fastdpo.reference import reference_dpo_loss
 
 TINY_BENCH = ["bench", "--hidden", "16", "--vocab", "40", "--pairs", "1", "--seq-len", "8", "--repeats", "1",
@@ -31,11 +31,11 @@ def test_parser_reads_bench_options():
 
 
 def test_cpu_named_shape_keeps_head_and_shrinks_batch():
-    cfg = bench.resolve_config("llama3-8b", device="cpu")
-    assert (cfg.hidden, cfg.vocab, cfg.pairs, cfg.seq_len) == (4096, 128256, bench.CPU_NAMED_PAIRS,
-                                                                bench.CPU_NAMED_SEQ)
+    cfg = run.resolve_config("llama3-8b", device="cpu")
+    assert (cfg.hidden, cfg.vocab, cfg.pairs, cfg.seq_len) == (4096, 128256, run.CPU_NAMED_PAIRS,
+                                                                run.CPU_NAMED_SEQ)
     assert "on CPU" in cfg.note
-    cfg = bench.resolve_config(device="cpu", hidden=64, pairs=3)
+    cfg = run.resolve_config(device="cpu", hidden=64, pairs=3)
     assert (cfg.shape, cfg.hidden, cfg.pairs, cfg.dtype) == ("cpu-small (custom)", 64, 3, "fp32")
 
 
@@ -100,7 +100,7 @@ def test_bench_default_out_dir_is_fresh_and_named(capsys, tmp_path, monkeypatch)
     made = [p for p in os.listdir(tmp_path) if p.startswith("fastdpo-out-bench-")]
     assert len(made) == 1 and os.path.exists(tmp_path / made[0] / "results.csv")
     assert made[0] in capsys.readouterr().out
-    assert bench.prepare_out_dir(None, "bench") != made[0]
+    assert run.prepare_out_dir(None, "bench") != made[0]
 
 
 def test_peak_meter_sees_a_cpu_tensor():
@@ -114,7 +114,7 @@ def test_peak_meter_sees_a_cpu_tensor():
 
 def test_exact_reference_matches_the_whole_batch_reference():
     inp = make_inputs(2, 7, 12, 30, dtype=torch.float64, with_ref=True)
-    truth = bench.exact_reference(inp, torch.float64)
+    truth = run.exact_reference(inp, torch.float64)
     out = reference_dpo_loss(inp.hidden, inp.weight, inp.labels, ref_hidden=inp.ref_hidden,
                              ref_weight=inp.ref_weight, beta=inp.beta)
     out.loss.backward()

@@ -163,7 +163,7 @@ class FastDPO(Implementation):
         self.label = "fastdpo" if backend == "auto" else f"fastdpo[{backend}]"
 
     def unavailable_reason(self, device, dtype):
-        from . import _validate
+        from .. import _validate
 
         try:
             _validate.backend(self.backend, torch.device(device), dtype)
@@ -172,7 +172,7 @@ class FastDPO(Implementation):
         return None
 
     def loss(self, inp):
-        from .functional import dpo_loss
+        from ..functional import dpo_loss
 
         ref = dict(ref_hidden=inp.ref_hidden, ref_weight=inp.ref_weight) if inp.has_ref else dict(reference_free=True)
         return dpo_loss(inp.hidden, inp.weight, inp.labels, beta=inp.beta, ignore_index=inp.ignore_index,
@@ -185,7 +185,7 @@ class Naive(Implementation):
     dist = "fastdpo"
 
     def loss(self, inp):
-        from .reference import reference_dpo_loss
+        from ..reference import reference_dpo_loss
 
         ref = dict(ref_hidden=inp.ref_hidden, ref_weight=inp.ref_weight) if inp.has_ref else dict(reference_free=True)
         return reference_dpo_loss(inp.hidden, inp.weight, inp.labels, beta=inp.beta, ignore_index=inp.ignore_index,

@@ -192,8 +192,8 @@ class _Harness:
 
     def step(self, head, pairs, mark=lambda label: None):
         """One DPO training step; returns per-phase peaks (bytes above the phase's start) and the loss."""
-        from .functional import dpo_loss
-        from .reference import reference_dpo_loss
+        from ..functional import dpo_loss
+        from ..reference import reference_dpo_loss
 
         ids, labels = self.batch(pairs)
         lm_head = self.policy.get_output_embeddings()
@@ -353,7 +353,7 @@ def run_profile(config: ProfileConfig, *, progress=True) -> ProfileReport:
     """Profile both heads; raises BudgetError when neither fits one pair into the budget."""
     from tqdm.auto import tqdm
 
-    from .bench import machine_name
+    from .run import machine_name
 
     device = torch.device(config.device)
     attention = _attention() if device.type == "cuda" else "sdpa"

@@ -41,7 +41,7 @@ def _impl_list(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     # Only light imports here: `fastdpo --help` should not wait for torch's first CUDA query.
-    from .bench import DTYPES, SHAPES
+    from .run import DTYPES, SHAPES
     from .competitors import IMPLEMENTATIONS
     from .profiling import MODELS
 
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args, parser) -> int:
-    from . import bench
+    from . import run as bench
 
     try:
         config = bench.resolve_config(args.shape, hidden=args.hidden, vocab=args.vocab, pairs=args.pairs,
@@ -114,7 +114,7 @@ def _bench(args, parser) -> int:
 
 
 def _profile(args, parser) -> int:
-    from . import bench, profiling
+    from . import profiling, run as bench
 
     try:
         config = profiling.resolve_config(args.model, layers=args.layers, budget_gib=args.budget,

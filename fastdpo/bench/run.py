@@ -1,8 +1,8 @@
 """``fastdpo bench``: the DPO loss step, fastdpo against the naive reference and the competitors that can run.
 
-For each implementation (see :mod:`fastdpo.competitors`) on the same inputs: time of the loss step (policy
+For each implementation (see :mod:`fastdpo.bench.competitors`) on the same inputs: time of the loss step (policy
 forward + backward, reference forward) as median, min and max over repeats after warm-up; peak memory above
-what the inputs hold (:class:`fastdpo.memory.PeakMeter`); the loss and gradient errors against an exact run of
+what the inputs hold (:class:`fastdpo.bench.memory.PeakMeter`); the loss and gradient errors against an exact run of
 the naive reference in fp32 (GPU) or fp64 (CPU). Every figure comes from the run that prints it.
 
 The same functions drive ``benchmarks/gpu_compare.py``.
@@ -244,7 +244,7 @@ def exact_reference(inp: DPOInputs, dtype: torch.dtype | None = None) -> dict:
     again with gradient, back-propagating ``c_s``. The result equals ``reference_dpo_loss`` on the whole batch.
     Returns a dict of ``loss`` (a float), ``grad_hidden`` and ``grad_weight`` (tensors in ``dtype``).
     """
-    from .reference import reference_sequence_logprobs
+    from ..reference import reference_sequence_logprobs
 
     if dtype is None:
         dtype = torch.float32 if inp.hidden.device.type == "cuda" else torch.float64
