@@ -487,8 +487,8 @@ def summary(report: BenchReport, out_dir: str | None = None) -> str:
         lines.append(f"time: fastdpo {ours.ms_median:.1f} ms, naive {naive.ms_median:.1f} ms "
                      f"({naive.ms_median / ours.ms_median:.2f}x)")
     if ours and trl:
-        lines.append(f"vs TRL: {ours.ms_median / trl.ms_median:.2f}x its time; memory: "
-                     f"{compare_peaks(ours.peak_bytes, trl.peak_bytes)} (TRL peaks {format_bytes(trl.peak_bytes)})")
+        lines.append(f"vs TRL: {ours.ms_median / trl.ms_median:.2f}x its time; TRL peaks "
+                     f"{format_bytes(trl.peak_bytes)}: {compare_peaks(ours.peak_bytes, trl.peak_bytes)}")
     if out_dir:
         lines.append(f"results: {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.json')}")
         chart = os.path.join(out_dir, "bench.png")
