@@ -28,10 +28,10 @@ import sys
 
 import torch
 
-from fastdpo.bench import GPU_SHAPES, SHAPES, BenchConfig, BenchReport, BenchRow, exact_reference, format_table
-from fastdpo.bench import machine_name, measure
-from fastdpo.competitors import get_implementations, make_inputs
-from fastdpo.memory import PeakMeter
+from fastdpo.bench.competitors import get_implementations, make_inputs
+from fastdpo.bench.memory import PeakMeter
+from fastdpo.bench.run import GPU_SHAPES, SHAPES, BenchConfig, BenchReport, BenchRow, exact_reference, format_table
+from fastdpo.bench.run import machine_name, measure
 
 # Issue 10's targets (5: exactness in both modes; 2: lean; 3: fast).
 MAX_LOSS_ERR = 1e-4

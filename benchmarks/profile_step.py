@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from fastdpo.bench import SHAPES
-from fastdpo.competitors import get_implementations, make_inputs
+from fastdpo.bench.competitors import get_implementations, make_inputs
+from fastdpo.bench.run import SHAPES
 
 TINY = dict(hidden=32, vocab=96, pairs=2, seq_len=16)
 

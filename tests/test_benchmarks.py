@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fastdpo.competitors import IMPLEMENTATIONS
+from fastdpo.bench.competitors import IMPLEMENTATIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = ("device", "shape", "case", "impl", "extras", "ms", "peak_gib", "loss_err", "grad_h_rel_err")
