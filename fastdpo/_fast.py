@@ -10,7 +10,8 @@ reads (4 matmuls); a float is a budget in GiB: as many chunks as fit are kept, t
 - torch: the transformed logits of whole token chunks in fp32 (fp64 for fp64 inputs), ``4·Nv·V`` bytes; the
   backward reuses them, so its gradients equal lean mode's.
 
-What is kept serves one backward; a second one (``retain_graph=True``) recomputes, as lean mode does.
+What is kept is only read by the backward, so a second backward (``retain_graph=True``) reuses it; it is freed
+with the autograd graph.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class _TorchFast:
             else:
                 t = z / (opts.softcap * opts.scale) if opts.softcap is not None else None
             g = g_all[rows].unsqueeze(1)
-            # Out of place: a kept z may serve a second backward.
+            # Out of place: a kept z serves a second backward too.
             dz = torch.exp(z - lse[s:s + rows.numel()].unsqueeze(1)).mul_(-g)
             dz.scatter_add_(1, targets[rows].unsqueeze(1), g).mul_(opts.scale)
             if t is not None:
@@ -177,13 +178,10 @@ class _TritonFast:
         from .kernels import logprob_fast as K
 
         lean_saved, kept, zt = saved
-        if kept is None or kept.e is None:
+        if kept is None:
             return _triton_path.backward(hidden, weight, bias, targets, lean_saved, grad_logp, opts, needs)
         rows, tgt, nv, valid, lse = lean_saved
         g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), torch.zeros((), device=hidden.device))
-        grads = K.logprob_backward_kept(hidden, weight, bias, rows, tgt, nv, lse, g.contiguous(),
-                                        zt if zt is not None else lse, kept, softcap=opts.softcap,
-                                        scale=opts.scale, needs=needs, config=_triton_path._config(hidden))
-        # The kept tiles now hold logit gradients: release them, and let a second backward recompute.
-        kept.e = kept.m_tile = None
-        return grads
+        return K.logprob_backward_kept(hidden, weight, bias, rows, tgt, nv, lse, g.contiguous(),
+                                       zt if zt is not None else lse, kept, softcap=opts.softcap,
+                                       scale=opts.scale, needs=needs, config=_triton_path._config(hidden))

@@ -6,8 +6,9 @@ keeps; storing the logits themselves in bf16 would not (DESIGN §7).
 
 Layout: ``e [N, V_keep_padded]`` indexed by the position in the compacted token list (labelled rows first) and
 the vocabulary id, ``m_tile [N, ceil(V_keep / fwd_block_v)]``. The backward turns each kept chunk of ``e``
-into the logit gradient in place and hands that very buffer to the grad-weight and grad-hidden GEMMs of
-:mod:`.logprob_bwd`; chunks past ``V_keep`` are recomputed as in lean mode.
+into the logit gradient (an elementwise pass into lean mode's ``[N, vocab_chunk]`` workspace, which the
+grad-weight and grad-hidden GEMMs of :mod:`.logprob_bwd` read as in lean mode); chunks past ``V_keep`` are
+recomputed as in lean mode. ``e`` is only read, so a second backward finds it intact.
 """
 
 from dataclasses import dataclass
@@ -113,8 +114,7 @@ def _dlogits_from_kept_kernel(
 ):
     """``dZ = g·(onehot(y) − e·exp(m_tile − lse))·scale·(1 − tanh²)`` for one kept chunk, elementwise.
 
-    ``e_ptr``/``dz_ptr`` point at the chunk's first column; they may be the same buffer (each element is read
-    and then written by the same program). With a softcap, ``tanh`` comes from ``z = m_tile + log e`` (only
+    ``e_ptr`` points at the chunk's first column of ``e``, ``dz_ptr`` at the workspace. With a softcap, ``tanh`` comes from ``z = m_tile + log e`` (only
     where ``e > 0``: elsewhere ``p`` is 0 and so is the term) and, at the target, from its exact logit ``zt``.
     """
     pid_m = tl.program_id(0).to(tl.int64)
@@ -149,16 +149,12 @@ def _dlogits_from_kept_kernel(
 
 @dataclass
 class Kept:
-    """What the fast forward keeps: ``e [N, >= V_keep]`` and ``m_tile [N, tiles]``; None once consumed."""
+    """What the fast forward keeps: ``e [N, >= V_keep]`` in the inputs' dtype and ``m_tile [N, tiles]`` in fp32."""
 
-    e: torch.Tensor | None
-    m_tile: torch.Tensor | None
+    e: torch.Tensor
+    m_tile: torch.Tensor
     v_keep: int
     fwd_block_v: int
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.e is None else self.e.numel() * self.e.element_size() + self.m_tile.numel() * 4
 
 
 def kept_bytes(N: int, v_keep: int, dtype: torch.dtype, config: KernelConfig) -> int:
@@ -220,7 +216,7 @@ def logprob_forward_keep(x, weight, bias, rows, targets, nv, *, softcap, scale, 
 def logprob_backward_kept(x, weight, bias, rows, targets, nv, lse, grad, zt, kept: Kept, *, softcap, scale,
                           needs, config: KernelConfig):
     """The backward of :func:`.logprob_bwd.logprob_backward` (same arguments and results) where the chunks below
-    ``kept.v_keep`` come from ``kept`` (overwritten: it serves one backward) and the rest are recomputed.
+    ``kept.v_keep`` come from ``kept`` and the rest are recomputed.
 
     ``zt [N]`` fp32: each entry's transformed target logit (read only with a softcap).
     """
@@ -240,15 +236,12 @@ def logprob_backward_kept(x, weight, bias, rows, targets, nv, lse, grad, zt, kep
     acc = None
     if need_x and n_chunks > 1:
         acc = grad_x if x.dtype == torch.float32 else torch.empty((N, H), dtype=torch.float32, device=dev)
-    if kept.e.dtype != x.dtype:
-        raise ValueError(f"kept e must have the inputs' dtype {x.dtype} (the GEMMs read it in place), got {kept.e.dtype}")
-    # Only the recomputed chunks need the lean workspace.
-    work = torch.empty((N, chunk), dtype=x.dtype, device=dev) if kept.v_keep < V else None
+    dz = torch.empty((N, chunk), dtype=x.dtype, device=dev)
     for c in range(n_chunks):
         v0 = c * chunk
         vc = min(chunk, V - v0)
         if v0 + vc <= kept.v_keep:
-            dz = e = kept.e[:, v0:]
+            e = kept.e[:, v0:]
             grid = (triton.cdiv(N, cfg.kept_block_m), triton.cdiv(vc, cfg.kept_block_v))
             _dlogits_from_kept_kernel[grid](
                 e, kept.m_tile, targets, nv, lse, grad, zt, dz,
@@ -258,7 +251,6 @@ def logprob_backward_kept(x, weight, bias, rows, targets, nv, lse, grad, zt, kep
                 BLOCK_M=cfg.kept_block_m, BLOCK_V=cfg.kept_block_v, num_warps=cfg.kept_warps,
             )
         else:
-            dz = work
             _dlogits_kernel[(triton.cdiv(N, cfg.dlogits_block_m), triton.cdiv(vc, cfg.dlogits_block_v))](
                 x, weight, bias if bias is not None else weight, rows, targets, nv, lse, grad, dz,
                 H, v0, vc, float(softcap or 1.0), float(scale),

@@ -161,7 +161,7 @@ def test_fast_mode_skips_the_logit_recompute_on_torch():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_second_backward_recomputes(backend):
+def test_second_backward_gives_the_same_gradients(backend):
     hidden, weight, bias, labels, upstream = _batch(3)
     h = hidden.float().requires_grad_()
     w = weight.float().requires_grad_()
