@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
-from .logit_tile import block_rows, logit_tile
+from .logit_tile import block_rows, logit_tile, vocab_split
 from .logprob_bwd import _dlogits_kernel, _grad_hidden_kernel, _grad_weight_kernel
-from .logprob_fwd import N_STATS, N_STATS_EXTRAS, dot_in_fp32, input_precision
+from .logprob_fwd import N_STATS, N_STATS_EXTRAS, dot_in_fp32, input_precision, max_splits
 
 _ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in range(4))
 _ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7))
@@ -31,7 +31,7 @@ ROW_PAD = 8
 @triton.jit
 def _logprob_fwd_keep_kernel(
     x_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, nv_ptr, stats_ptr, e_ptr, mt_ptr,
-    V, H, V_keep, tiles_per_split, softcap, scale,
+    V, H, V_keep, min_programs, max_splits, softcap, scale,
     stride_xn, stride_xh, stride_wv, stride_wh, stride_stat, stride_split, stride_en, stride_mn,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXTRAS: tl.constexpr, DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -55,8 +55,7 @@ def _logprob_fwd_keep_kernel(
     s2 = tl.zeros((BLOCK_M,), tl.float32)
     amax = tl.zeros((BLOCK_M,), tl.int64)
     n_tiles = tl.cdiv(V, BLOCK_V)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    t0, t1 = vocab_split(nv, pid_s, n_tiles, min_programs, max_splits, BLOCK_M)
     for tile in range(t0, t1):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
@@ -196,13 +195,11 @@ def logprob_forward_keep(x, weight, bias, rows, targets, nv, *, softcap, scale, 
     n_stats = N_STATS_EXTRAS if extras else N_STATS
     if token_blocks == 0:
         return torch.empty((n_stats, 1, 0), dtype=torch.float32, device=x.device)
-    splits = max(1, min(n_tiles, triton.cdiv(config.min_programs, token_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
+    splits = max_splits(N, n_tiles, config)
     stats = torch.empty((n_stats, splits, N), dtype=torch.float32, device=x.device)
     _logprob_fwd_keep_kernel[(token_blocks, splits)](
         x, weight, bias if bias is not None else weight, rows, targets, nv, stats, kept.e, kept.m_tile,
-        V, H, kept.v_keep, tiles_per_split, float(softcap or 1.0), float(scale),
+        V, H, kept.v_keep, config.min_programs, splits, float(softcap or 1.0), float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stats.stride(0), stats.stride(1),
         kept.e.stride(0), kept.m_tile.stride(0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, EXTRAS=bool(extras),

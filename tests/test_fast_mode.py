@@ -225,3 +225,38 @@ def test_bad_memory_is_refused(bad):
         fastdpo.fused_logprobs(hidden, weight, labels, memory=bad)
     with pytest.raises(ValueError, match="memory must be"):
         fastdpo.dpo_loss(hidden[:2], weight, labels[:2], reference_free=True, memory=bad)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["lean", "fast"])
+@pytest.mark.parametrize("labelled", [16, 40, 64])
+def test_forward_splits_the_vocabulary_by_the_labelled_count(keep, labelled):
+    """The split count comes from nv on the device: cdiv(min_programs, cdiv(nv, BLOCK_M)) splits work, the others
+    write neutral records (max -inf, sums 0), and the merged statistics do not depend on the split."""
+    from fastdpo.kernels import logprob_fwd as F
+
+    cfg = INTERPRETER_DEFAULT  # BLOCK_M 16, BLOCK_V 16, min_programs 4
+    g = torch.Generator().manual_seed(7)
+    N, Hx, Vx = 64, 19, 150  # 10 vocabulary tiles
+    x = torch.randn(N, Hx, generator=g)
+    w = torch.randn(Vx, Hx, generator=g)
+    rows = torch.randperm(N, generator=g)
+    tgt = torch.randint(0, Vx, (N,), generator=g)
+    nv = torch.tensor([labelled], dtype=torch.int32)
+    kw = dict(softcap=None, scale=1.0, extras=True, config=cfg)
+    if keep:
+        kept = K.allocate_kept(N, Vx, x.dtype, x.device, cfg)
+        stats = K.logprob_forward_keep(x, w, None, rows, tgt, nv, kept=kept, **kw)
+    else:
+        stats = F.logprob_forward(x, w, None, rows, tgt, nv, **kw)
+    assert stats.shape[1] == F.max_splits(N, 10, cfg) == 4  # sized for N/8 = 8 labelled rows: 1 block x 4
+    used = min(4, -(-cfg.min_programs // -(-labelled // 16)))
+    per = -(-10 // used)
+    working = -(-10 // per)
+    m = stats[F.STAT_MAX, :, :labelled]
+    assert torch.isfinite(m[:working]).all()
+    assert (m[working:] == -math.inf).all() and (stats[F.STAT_SUMEXP, working:, :labelled] == 0).all()
+    z = x[rows[:labelled]] @ w.t()
+    lse = torch.logsumexp(z.double(), 1)
+    m_all = m.max(0).values
+    merged = m_all + torch.log((stats[F.STAT_SUMEXP, :, :labelled] * torch.exp(m - m_all)).sum(0))
+    torch.testing.assert_close(merged.double(), lse, rtol=0, atol=2e-5)
