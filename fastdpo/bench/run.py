@@ -491,6 +491,10 @@ def summary(report: BenchReport, out_dir: str | None = None) -> str:
     if ours and trl:
         lines.append(f"vs TRL: {ours.ms_median / trl.ms_median:.2f}x its time; TRL peaks "
                      f"{format_bytes(trl.peak_bytes)}: {compare_peaks(ours.peak_bytes, trl.peak_bytes)}")
+    fast = report.row("fastdpo-fast")
+    if fast and trl:
+        lines.append(f"fastdpo-fast (memory='fast') vs TRL: {fast.ms_median / trl.ms_median:.2f}x its time; "
+                     f"{compare_peaks(fast.peak_bytes, trl.peak_bytes)}")
     if out_dir:
         lines.append(f"results: {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.json')}")
         chart = os.path.join(out_dir, "bench.png")
