@@ -6,9 +6,9 @@ keeps; storing the logits themselves in bf16 would not (DESIGN §7).
 
 Layout: ``e [N, V_keep_padded]`` indexed by the position in the compacted token list (labelled rows first) and
 the vocabulary id, ``m_tile [N, ceil(V_keep / fwd_block_v)]``. The backward turns each kept chunk of ``e``
-into the logit gradient (an elementwise pass into lean mode's ``[N, vocab_chunk]`` workspace, which the
-grad-weight and grad-hidden GEMMs of :mod:`.logprob_bwd` read as in lean mode); chunks past ``V_keep`` are
-recomputed as in lean mode. ``e`` is only read, so a second backward finds it intact.
+into the logit gradient (an elementwise pass into lean mode's ``[N, vocab_chunk]`` workspace, through the hook of
+:func:`.logprob_bwd.logprob_backward`, whose grad-weight and grad-hidden GEMMs then run as in lean mode); chunks
+past ``V_keep`` are recomputed as in lean mode. ``e`` is only read, so a second backward finds it intact.
 """
 
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .config import KernelConfig
 from .logit_tile import block_rows, logit_tile, vocab_split
-from .logprob_bwd import _dlogits_kernel, _grad_hidden_kernel, _grad_weight_kernel
+from .logprob_bwd import logprob_backward
 from .logprob_fwd import N_STATS, N_STATS_EXTRAS, dot_in_fp32, input_precision, max_splits
 
 _ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in range(4))
@@ -213,68 +213,25 @@ def logprob_forward_keep(x, weight, bias, rows, targets, nv, *, softcap, scale, 
 def logprob_backward_kept(x, weight, bias, rows, targets, nv, lse, grad, zt, kept: Kept, *, softcap, scale,
                           needs, config: KernelConfig):
     """The backward of :func:`.logprob_bwd.logprob_backward` (same arguments and results) where the chunks below
-    ``kept.v_keep`` come from ``kept`` and the rest are recomputed.
+    ``kept.v_keep`` come from ``kept`` and the rest are recomputed: lean mode's chunk loop with a hook.
 
     ``zt [N]`` fp32: each entry's transformed target logit (read only with a softcap).
     """
-    need_x, need_w, need_b = needs
-    N, H = x.shape
-    V = weight.shape[0]
-    dev = x.device
     cfg = config
-    flags = dict(DOT_F32=dot_in_fp32(x), INPUT_PRECISION=input_precision(x.dtype))
-    grad_x = torch.zeros((N, H), dtype=x.dtype, device=dev) if need_x else None
-    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
-    grad_b = torch.empty((V,), dtype=bias.dtype, device=dev) if need_b else None
-    if N == 0:
-        return (grad_x, grad_w.zero_() if need_w else None, grad_b.zero_() if need_b else None)
-    chunk = min(cfg.vocab_chunk, V)
-    n_chunks = triton.cdiv(V, chunk)
-    acc = None
-    if need_x and n_chunks > 1:
-        acc = grad_x if x.dtype == torch.float32 else torch.empty((N, H), dtype=torch.float32, device=dev)
-    dz = torch.empty((N, chunk), dtype=x.dtype, device=dev)
-    for c in range(n_chunks):
-        v0 = c * chunk
-        vc = min(chunk, V - v0)
-        if v0 + vc <= kept.v_keep:
-            e = kept.e[:, v0:]
-            grid = (triton.cdiv(N, cfg.kept_block_m), triton.cdiv(vc, cfg.kept_block_v))
-            _dlogits_from_kept_kernel[grid](
-                e, kept.m_tile, targets, nv, lse, grad, zt, dz,
-                v0, vc, float(softcap or 1.0), float(scale),
-                e.stride(0), kept.m_tile.stride(0), dz.stride(0),
-                HAS_SOFTCAP=softcap is not None, FWD_BLOCK_V=kept.fwd_block_v,
-                BLOCK_M=cfg.kept_block_m, BLOCK_V=cfg.kept_block_v, num_warps=cfg.kept_warps,
-            )
-        else:
-            _dlogits_kernel[(triton.cdiv(N, cfg.dlogits_block_m), triton.cdiv(vc, cfg.dlogits_block_v))](
-                x, weight, bias if bias is not None else weight, rows, targets, nv, lse, grad, dz,
-                H, v0, vc, float(softcap or 1.0), float(scale),
-                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **flags,
-                BLOCK_M=cfg.dlogits_block_m, BLOCK_V=cfg.dlogits_block_v, BLOCK_K=cfg.dlogits_block_k,
-                num_warps=cfg.dlogits_warps, num_stages=cfg.dlogits_stages,
-            )
-        if need_w or need_b:
-            gw = grad_w if need_w else dz
-            _grad_weight_kernel[(triton.cdiv(vc, cfg.gw_block_v), triton.cdiv(H, cfg.gw_block_h) if need_w else 1)](
-                dz, x, rows, nv, gw, grad_b if need_b else dz,
-                H if need_w else 0, v0, vc,
-                dz.stride(0), x.stride(0), x.stride(1), gw.stride(0), gw.stride(1),
-                HAS_BIAS=need_b, **flags,
-                BLOCK_V=cfg.gw_block_v, BLOCK_H=cfg.gw_block_h, BLOCK_K=cfg.gw_block_k,
-                num_warps=cfg.gw_warps, num_stages=cfg.gw_stages,
-            )
-        if need_x:
-            first, last = c == 0, c == n_chunks - 1
-            acc_buf = acc if acc is not None else grad_x
-            _grad_hidden_kernel[(triton.cdiv(N, cfg.gh_block_m), triton.cdiv(H, cfg.gh_block_h))](
-                dz, weight, rows, nv, acc_buf, grad_x,
-                H, v0, vc,
-                dz.stride(0), weight.stride(0), weight.stride(1), acc_buf.stride(0), grad_x.stride(0),
-                FIRST=first, LAST=last, **flags,
-                BLOCK_M=cfg.gh_block_m, BLOCK_H=cfg.gh_block_h, BLOCK_K=cfg.gh_block_k,
-                num_warps=cfg.gh_warps, num_stages=cfg.gh_stages,
-            )
-    return grad_x, grad_w, grad_b
+
+    def from_kept(v0, vc, g, dz):
+        if v0 + vc > kept.v_keep:
+            return False
+        e = kept.e[:, v0:]
+        grid = (triton.cdiv(x.shape[0], cfg.kept_block_m), triton.cdiv(vc, cfg.kept_block_v))
+        _dlogits_from_kept_kernel[grid](
+            e, kept.m_tile, targets, nv, lse, g, zt, dz,
+            v0, vc, float(softcap or 1.0), float(scale),
+            e.stride(0), kept.m_tile.stride(0), dz.stride(0),
+            HAS_SOFTCAP=softcap is not None, FWD_BLOCK_V=kept.fwd_block_v,
+            BLOCK_M=cfg.kept_block_m, BLOCK_V=cfg.kept_block_v, num_warps=cfg.kept_warps,
+        )
+        return True
+
+    return logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, softcap=softcap, scale=scale,
+                            needs=needs, config=config, kept_chunk=from_kept)

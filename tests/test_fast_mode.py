@@ -116,8 +116,10 @@ def test_every_output_and_gradient_against_float64(backend, dtype, head, monkeyp
 def test_fast_mode_skips_the_logit_recompute_on_triton(monkeypatch):
     """With everything kept, the recompute kernel never runs; with part kept, it runs on the other chunks only."""
     hidden, weight, bias, labels, upstream = _batch(1)
+    from fastdpo.kernels import logprob_bwd
+
     launches = []
-    real = K._dlogits_kernel
+    real = logprob_bwd._dlogits_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -126,7 +128,7 @@ def test_fast_mode_skips_the_logit_recompute_on_triton(monkeypatch):
                 return real[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(K, "_dlogits_kernel", Spy())
+    monkeypatch.setattr(logprob_bwd, "_dlogits_kernel", Spy())
     _run(_ours, hidden, weight, bias, labels, upstream, {}, torch.float32, backend="triton", memory="fast")
     assert launches == []
     _run(_ours, hidden, weight, bias, labels, upstream, {}, torch.float32, backend="triton",
