@@ -14,7 +14,7 @@
 #   checks   correctness of the compiled kernels, lean and fast modes   -> $OUT/gpu_checks.md
 #   compare  llama3-8b: every implementation, ref/noref, extras off/on  -> $OUT/compare-llama3-8b.{json,md}
 #   profile  per-kernel time of one llama3-8b step (torch.profiler)     -> $OUT/profile.{md,json}
-#   compare  llama3-8b-1x512, gemma2-2b, qwen2.5-7b                     -> $OUT/compare-<shape>.{json,md}
+#   compare  llama3-8b-1x512, gemma2-2b, qwen2.5-7b (ref, no extras)    -> $OUT/compare-<shape>.{json,md}
 #   record   all rows in one file, a markdown table naming the card     -> $OUT/results.json, $OUT/RESULTS-run.md
 # Then, back on the session's machine: python3 benchmarks/record_results.py --from <files_at> (see README).
 #
@@ -89,14 +89,15 @@ else
   [ -s "$OUT/install.env" ] && . "$OUT/install.env"
 fi
 
-step cublas 60 "$PY" -u benchmarks/cublas_rate.py "${DEV[@]}"
-step checks 180 "$PY" -u benchmarks/gpu_checks.py "${DEV[@]}"
+step cublas 60 "$PY" -u benchmarks/cublas_rate.py ${DEV[@]+"${DEV[@]}"}
+step checks 180 "$PY" -u benchmarks/gpu_checks.py ${DEV[@]+"${DEV[@]}"}
 step compare-llama3-8b 170 "$PY" -u benchmarks/gpu_compare.py --skip-checks --shapes llama3-8b \
-  --name compare-llama3-8b "${COMPARE[@]}"
-step profile 90 "$PY" -u benchmarks/profile_step.py "${DEV[@]}"
+  --name compare-llama3-8b ${COMPARE[@]+"${COMPARE[@]}"}
+step profile 90 "$PY" -u benchmarks/profile_step.py ${DEV[@]+"${DEV[@]}"}
 for shape in $SHAPES_REST; do
-  step "compare-$shape" 120 "$PY" -u benchmarks/gpu_compare.py --skip-checks --shapes "$shape" \
-    --name "compare-$shape" --repeats 5 --warmup 2 "${COMPARE[@]}"
+  # Issue 10's targets at these shapes are with a reference head, like with like without the extras.
+  step "compare-$shape" 120 "$PY" -u benchmarks/gpu_compare.py --skip-checks --shapes "$shape" --cases ref \
+    --extras off --name "compare-$shape" --repeats 5 --warmup 2 ${COMPARE[@]+"${COMPARE[@]}"}
 done
 END=$((END + 15))  # the record step always gets its few seconds
 step record 15 "$PY" -u benchmarks/record_results.py --from "$OUT" --out "$OUT"
