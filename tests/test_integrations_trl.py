@@ -269,6 +269,13 @@ def test_loss_config_mapping():
 
 
 def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
+    """Each refusal names the option and comes before DPOTrainer.__init__ (made to fail here): the parent's set-up
+    (tokenizing, building the reference, precomputing its log-probs) is expensive and must not run first."""
+
+    def parent_must_not_run(*args, **kwargs):
+        raise AssertionError("DPOTrainer.__init__ ran before the configuration was refused")
+
+    monkeypatch.setattr(DPOTrainer, "__init__", parent_must_not_run)
     kwargs = dict(model=make_model("llama"), train_dataset=make_dataset(), processing_class=make_tokenizer())
     with pytest.raises(ValueError, match="fastdpo_backend"):
         FastDPOTrainer(args=make_args(tmp_path), fastdpo_backend="cuda", **kwargs)
@@ -276,12 +283,18 @@ def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
     from dataclasses import make_dataclass
 
     reduced = make_dataclass("LossConfig", [("beta", float, 0.1), ("loss_type", object, "sigmoid")], frozen=True)
-    monkeypatch.setattr(ftrl, "LossConfig", reduced)
-    with pytest.raises(ValueError, match=r"DPOConfig\.ld_alpha"):
-        FastDPOTrainer(args=make_args(tmp_path, ld_alpha=0.5), **kwargs)
-    monkeypatch.undo()
-    with pytest.raises(ValueError, match="DPOConfig"):  # LossConfig's own checks, re-raised naming DPOConfig
-        FastDPOTrainer(args=make_args(tmp_path, loss_type=["robust"], label_smoothing=0.7), **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(ftrl, "LossConfig", reduced)
+        with pytest.raises(ValueError, match=r"DPOConfig\.ld_alpha"):
+            FastDPOTrainer(args=make_args(tmp_path, ld_alpha=0.5), **kwargs)
+    # What TRL itself refuses, re-raised naming DPOConfig.
+    for bad in (dict(loss_type=["exo_pair"], label_smoothing=0.0),
+                dict(loss_type=["bco_pair"], f_divergence_type="js_divergence"),
+                dict(loss_type=["aot"], use_weighting=True)):
+        with pytest.raises(ValueError, match="DPOConfig"):
+            FastDPOTrainer(args=make_args(tmp_path, **bad), **kwargs)
+    with pytest.raises(ValueError, match="fsdp"):
+        FastDPOTrainer(args=make_args(tmp_path, fsdp=True), **kwargs)
     vision = datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"], "images": [[]]})
     with pytest.raises(ValueError, match="vision"):
         FastDPOTrainer(args=make_args(tmp_path), **{**kwargs, "train_dataset": vision})
@@ -289,6 +302,9 @@ def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="prompt-learning"):
         FastDPOTrainer(args=make_args(tmp_path), peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM",
                                                                                     num_virtual_tokens=2), **kwargs)
+    # Control: an accepted configuration does reach the parent.
+    with pytest.raises(AssertionError, match="DPOTrainer.__init__ ran"):
+        FastDPOTrainer(args=make_args(tmp_path), **kwargs)
 
 
 def test_trl_version_range():
