@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -462,7 +463,11 @@ class FastDPOTrainer(DPOTrainer):
         self._log_fastdpo_metrics(mode, out, stats, mask, inputs)
 
         if return_outputs:
-            # As TRL: `compute_metrics` wants logits, which the fused head never builds; recompute them.
+            # As TRL: `compute_metrics` wants logits, which the fused head never builds; recompute them, with TRL's
+            # deprecation warning.
+            warnings.warn("return_outputs=True (the logits it hands to compute_metrics) is deprecated in TRL 1.16 "
+                          "and will be removed in TRL 2.0: the fused head never builds the logits, so they are "
+                          "recomputed by an extra forward pass", FutureWarning, stacklevel=2)
             with torch.no_grad():
                 outputs = model(**model_kwargs)
             return loss, outputs
