@@ -321,9 +321,9 @@ class LossConfig:
         # What TRL 1.16's DPOTrainer refuses is refused here too; what it accepts is accepted, with a warning where
         # the value is ignored or outside its loss's meaningful range.
         if self.beta == 0:
-            raise ValueError(f"beta must be non-zero, got {self.beta!r}: every reward β·(π − ρ) would be 0, so the loss "
-                             f"is constant" + (f" and {sorted(used & _DIVIDE_BY_BETA_LOSS_TYPES)} divide by β"
-                                               if used & _DIVIDE_BY_BETA_LOSS_TYPES else ""))
+            divide = used & _DIVIDE_BY_BETA_LOSS_TYPES
+            raise ValueError(f"beta must be non-zero, got {self.beta!r}: every reward β·(π − ρ) would be 0, so the "
+                             f"loss is constant" + (f" and {sorted(divide)} divide by β" if divide else ""))
         if self.beta < 0:
             _warn(f"beta={self.beta!r} < 0 rewards the rejected completions over the chosen ones")
         _check_number("label_smoothing", self.label_smoothing)

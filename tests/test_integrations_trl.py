@@ -323,7 +323,7 @@ def test_bf16_runs_under_the_trainers_autocast(tmp_path, trl_head_forbidden):
     assert 0 < fast_err <= stock_err, (fast_err, stock_err)
 
 
-@pytest.mark.parametrize("kind, kw", SCENARIOS[:2])
+@pytest.mark.parametrize("kind, kw", SCENARIOS[:2] + [pytest.param("qwen3_moe", {"ref": "model"}, id="qwen3_moe")])
 def test_patched_stock_trainer_matches_stock(kind, kw, tmp_path, trl_head_forbidden):
     reference = stock_unforbidden(kind, tmp_path, **kw)
     with patch_trl():

@@ -205,7 +205,8 @@ def add_hidden_states_forward(model) -> None:
         if not fastdpo_hidden_states:
             return original_forward(*args, **kwargs)
         out = _backbone_outputs(self, *args, **kwargs)
-        return _HiddenStates(last_hidden_state=_last_hidden_state(out), router_logits=getattr(out, "router_logits", None))
+        return _HiddenStates(last_hidden_state=_last_hidden_state(out),
+                             router_logits=getattr(out, "router_logits", None))
 
     lm.forward = types.MethodType(forward, lm)
     lm._fastdpo_hidden_states_forward = True

@@ -384,7 +384,8 @@ class FastDPOTrainer(DPOTrainer):
                                            labels[:, 1:].to(head.weight.device), bias=head.bias, extras=extras,
                                            backend=self.fastdpo_backend, names={"targets": "labels"},
                                            **head.options())
-            aux = self._router_aux_loss(unwrapped, out.router_logits, kwargs.get("attention_mask")) if aux_loss else None
+            aux = (self._router_aux_loss(unwrapped, out.router_logits, kwargs.get("attention_mask")) if aux_loss
+                   else None)
         return stats, aux
 
     @staticmethod
