@@ -82,10 +82,17 @@ def _exo_pair(p, cfg):
     """EXO-pref (arXiv 2402.00856, eq. 16) with ε = ``label_smoothing``:
     ``σ(βΔ)·(log σ(βΔ) − log(1−ε)) + σ(−βΔ)·(log σ(−βΔ) − log ε)``."""
     x = cfg.beta * p.delta
-    # As tensors, so that an ε outside (0, 1), which TRL accepts, gives TRL's inf/NaN rather than a domain error.
-    eps = torch.tensor(cfg.label_smoothing, dtype=torch.float64)
-    return (torch.sigmoid(x) * (F.logsigmoid(x) - torch.log1p(-eps).item())
-            + torch.sigmoid(-x) * (F.logsigmoid(-x) - torch.log(eps).item()))
+    eps = cfg.label_smoothing
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - _log(1 - eps, math.log1p(-eps) if eps < 1 else None))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - _log(eps)))
+
+
+def _log(x, value=None):
+    """``log x`` as a Python float, −inf at 0 and NaN below (as torch gives them: ε outside (0, 1) is accepted, as
+    TRL accepts it), where ``math.log`` raises; ``value`` is an accurate form of it for ``x > 0``."""
+    if x > 0:
+        return math.log(x) if value is None else value
+    return -math.inf if x == 0 else math.nan
 
 
 def _nca_pair(p, cfg):

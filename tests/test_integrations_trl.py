@@ -504,3 +504,18 @@ def test_patched_function_under_autocast_computes_in_the_autocast_dtype():
     torch.testing.assert_close(fast, theirs, atol=5e-2, rtol=2e-2)
     for x, y in zip(fast_grads, their_grads):
         torch.testing.assert_close(x, y, atol=5e-2, rtol=5e-2)
+
+
+def test_trainer_logs_the_nll_term_and_orpo_metrics(tmp_path, trl_head_forbidden):
+    """With an ``sft`` term the trainer logs its value as ``nll_loss`` (at the first step, where the parameters are
+    the same, it is exactly what the term adds to the loss); with ``orpo`` also TRL's ORPOTrainer metrics."""
+    plain = train(FastDPOTrainer, "llama", tmp_path, max_steps=1)[0][0]
+    mixed = train(FastDPOTrainer, "llama", tmp_path, max_steps=1, loss_type=["sigmoid", "sft"])[0][0]
+    assert "nll_loss" not in plain and "log_odds_ratio" not in plain
+    assert mixed["nll_loss"] > 0
+    assert mixed["nll_loss"] == pytest.approx(mixed["loss"] - plain["loss"], rel=1e-5)
+    orpo = train(FastDPOTrainer, "llama", tmp_path, max_steps=1, loss_type=["orpo"], beta=0.5)[0][0]
+    assert orpo["nll_loss"] == pytest.approx(mixed["nll_loss"], rel=1e-6)
+    # ORPO's loss is NLL − β·log σ(log odds ratio): the logged pieces add up to it.
+    assert orpo["loss"] == pytest.approx(orpo["nll_loss"] - 0.5 * orpo["log_odds_ratio"], rel=1e-5)
+    assert orpo["log_odds_ratio"] < 0 and orpo["log_odds_chosen"] != 0
