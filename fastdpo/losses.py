@@ -263,8 +263,9 @@ class LossConfig:
     its loss's meaningful range (TRL ignores such values silently, or logs a warning).
 
     Attributes:
-        beta: temperature of the implicit reward ``β·(π − ρ)``; non-zero (β < 0 warns). For ``ipo`` it is IPO's τ,
-            for ``orpo`` the weight λ of the odds-ratio term (as in TRL's ORPOConfig).
+        beta: temperature of the implicit reward ``β·(π − ρ)``; non-zero (β < 0 warns; β = 0 is refused: the loss
+            would be constant, and ``ipo``/``sppo_hard`` divide by β). For ``ipo`` it is IPO's τ, for ``orpo`` the
+            weight λ of the odds-ratio term (as in TRL's ORPOConfig).
         loss_type: one name of ``LOSS_TYPES`` or a list of them (stored as a tuple). The loss is
             ``Σ_i loss_weights[i] · mean_b loss_i(b)``; see each type's formula in this module.
         loss_weights: one weight per loss type; default all 1.
@@ -272,7 +273,7 @@ class LossConfig:
             meaningful in [0, 0.5)), ``aot``, ``aot_unpaired``, ``cpo`` and ``simpo`` (conservative smoothing
             ``−(1−ε)·log σ(x) − ε·log σ(−x)`` as in TRL's CPOTrainer). Ignored, with a warning, by the other loss
             types (as TRL 1.16's DPOTrainer ignores it for ``sigmoid``, ``hinge``, ...).
-        discopop_tau: τ of ``discopop``; > 0.
+        discopop_tau: τ of ``discopop``; meaningful > 0 (others warn).
         f_divergence_type: ``reverse_kl`` (standard DPO), ``forward_kl`` (``f'(t) = 1 − 1/t``),
             ``js_divergence`` (``f'(t) = log(2t/(t+1))``) or ``alpha_divergence``
             (``f'(t) = (t^(α−1) − 1)/(α−1)``, exponent clamped at 80); anything but ``reverse_kl`` needs all loss
