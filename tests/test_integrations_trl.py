@@ -459,6 +459,8 @@ def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
             FastDPOTrainer(args=make_args(tmp_path, **bad), **kwargs)
     with pytest.raises(ValueError, match="fsdp"):
         FastDPOTrainer(args=make_args(tmp_path, fsdp=True), **kwargs)
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.5.*not a Mixture-of-Experts"):
+        FastDPOTrainer(args=make_args(tmp_path, router_aux_loss_coef=0.5), **kwargs)
     vision = datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"], "images": [[]]})
     with pytest.raises(ValueError, match="vision"):
         FastDPOTrainer(args=make_args(tmp_path), **{**kwargs, "train_dataset": vision})

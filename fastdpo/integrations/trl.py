@@ -349,7 +349,14 @@ class FastDPOTrainer(DPOTrainer):
             raise ValueError("peft_config: prompt-learning PEFT (prefix/prompt/p-tuning) is not supported by "
                              "FastDPOTrainer; use a LoRA-style adapter")
         if not isinstance(model, str):
-            unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+            lm = unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+            coef = getattr(args, "router_aux_loss_coef", None)
+            config = getattr(lm, "config", None)
+            # TRL refuses this too, but only after Trainer.__init__.
+            if coef and config is not None and not hasattr(config.get_text_config(), "output_router_logits"):
+                raise ValueError(f"router_aux_loss_coef={coef} is set but {type(lm).__name__} is not a "
+                                 f"Mixture-of-Experts model that returns router logits: there is no auxiliary loss "
+                                 f"to weight")
         super().__init__(model, ref_model, args, *pos, **kwargs)
 
     @staticmethod
