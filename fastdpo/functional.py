@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validate as check
@@ -26,6 +28,8 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     if softcap is not None:
         check.number("softcap", softcap, positive=True)
     scale = check.number("logit_scale", logit_scale) / check.number("temperature", temperature, positive=True)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     dtype = check.common_dtype(hidden, weight, hn, wn)
@@ -39,7 +43,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     h2 = hidden.reshape(-1, H).to(dtype)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    outs = FusedLogprobFunction.apply(h2, w, b, targets.reshape(-1), opts)
+    outs = FusedLogprobFunction.apply(h2, w, b, check.token_ids(targets).reshape(-1), opts)
     result = {"logp": outs[0].view(shape), "mean_logit": outs[1].view(shape)}
     if extras:
         for name, value in zip(EXTRA_OUTPUTS, outs[2:]):
@@ -102,7 +106,9 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
 def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
                       needs_reference=True):
     check.tensor("hidden", hidden)
+    check.tensor("weight", weight, ndim=2)
     check.tensor("labels", labels)
+    check.flag("reference_free", reference_free)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got shape {tuple(hidden.shape)}")
     if labels.dim() != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
@@ -143,10 +149,12 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
             raise ValueError(f"ref_logps must be [2B] = [{rows}] (chosen then rejected), got {tuple(ref_logps.shape)}")
         if not ref_logps.dtype.is_floating_point:
             raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")
+        if ref_logps.device != hidden.device:
+            raise ValueError(f"ref_logps must be on {hidden.device} (that of hidden), got {ref_logps.device}")
 
 
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
-             beta=0.1, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
+             beta=None, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
              backend="auto", config: LossConfig | None = None, **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
 
@@ -163,7 +171,8 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         reference_free: no reference model (``ρ = 0``). Exactly one of the three reference modes is required,
             except that loss types which never read the reference (simpo, cpo, orpo, sft, alone or mixed
             among themselves) accept none (``ρ = 0``); a reference given to them only enters the rewards metrics.
-        beta: the DPO temperature β. Default 0.1.
+        beta: the DPO temperature β. Default 0.1, or ``config.beta`` with a config; a ``beta`` that differs
+            from ``config.beta`` raises a ``ValueError`` (give it in one place).
         bias, ref_bias: optional ``[V]`` lm-head biases.
         ignore_index, softcap, logit_scale, temperature, backend: as in :func:`fused_logprobs`, applied
             to both heads.
@@ -175,9 +184,15 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         ``chosen_rewards``/``rejected_rewards`` ``β·(π − ρ)`` and ``metrics`` named as TRL logs them.
     """
     if config is None:
-        config = LossConfig(beta=beta, **loss_options)
+        config = LossConfig(beta=0.1 if beta is None else beta, **loss_options)
+    elif not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a fastdpo.LossConfig, got {type(config).__name__}")
     elif loss_options:
         raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
+    elif beta is not None and beta != config.beta:
+        raise ValueError(f"beta={beta!r} differs from config.beta={config.beta!r}: give beta in one place "
+                         f"(LossConfig(beta=...) or the beta keyword without a config)")
+    labels = check.token_ids(labels) if isinstance(labels, torch.Tensor) else labels
     _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
                       needs_reference=config.needs_reference)
     head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature,
