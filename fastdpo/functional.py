@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import _validate as check
-from ._autograd import EXTRA_OUTPUTS, FusedLogprobFunction
+from ._autograd import EXTRA_OUTPUTS, head
 from ._options import HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
@@ -34,7 +34,8 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     dtype = check.common_dtype(hidden, weight, hn, wn)
     resolved = check.backend(backend, hidden.device, dtype)
-    if check_labels:
+    # Under torch.compile the range check would be a data-dependent guard: it is skipped there.
+    if check_labels and not torch.compiler.is_compiling():
         check.label_range(tn, targets, weight.shape[0], ignore_index)
     opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=scale,
                        backend=resolved, extras=bool(extras))
@@ -43,7 +44,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     h2 = hidden.reshape(-1, H).to(dtype)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    outs = FusedLogprobFunction.apply(h2, w, b, check.token_ids(targets).reshape(-1), opts)
+    outs = head(h2, w, b, check.token_ids(targets).reshape(-1), opts)
     result = {"logp": outs[0].view(shape), "mean_logit": outs[1].view(shape)}
     if extras:
         for name, value in zip(EXTRA_OUTPUTS, outs[2:]):
