@@ -73,7 +73,11 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
 
     Returns:
         fp32 (fp64 for fp64 inputs) log-probs shaped like ``targets``, 0 at ignored positions,
-        differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
+        differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient (once: a backward
+        through these gradients, i.e. double backward, raises a ``RuntimeError``).
+
+    Under ``torch.compile`` the targets are not range-checked (the check would be a data-dependent guard); an
+    out-of-range target then yields a log-prob of NaN or −inf. Integer targets narrower than int32 are widened.
     """
     return token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend)["logp"]
