@@ -276,7 +276,7 @@ def test_torch_backend_across_vocabulary_and_token_chunks(head, monkeypatch):
     boundary that drops, doubles or misplaces a column or a row fails."""
     from fastdpo import _torch_path
 
-    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 7)
+    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 7, raising=False)
     monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", 3 * 7)
     hidden, weight, bias, labels, kw = _inputs(torch.float32, head, seed=13, V=45)
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -330,7 +330,7 @@ def test_minus_inf_logits_are_finite(backend, monkeypatch):
     ref = _masked_reference(h64, w64, b64, labels, scale)
     ref_g = torch.autograd.grad((ref["logp"] * upstream).sum(), (h64, w64, b64))
 
-    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16)
+    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16, raising=False)
     config = KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
                           dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16,
                           gh_block_h=16, gh_block_k=16, vocab_chunk=32, min_programs=9)
@@ -370,3 +370,41 @@ def test_fp16_backward_with_a_loss_scalers_gradient(backend):
     for got, want in zip(ours_g, ref_g):
         assert torch.isfinite(got).all()
         assert rel_err(got, want) < 5e-3
+
+
+# ---- issue 11 item 16: exact ties ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_exact_ties_take_the_first_index(backend, monkeypatch):
+    """Duplicate vocabulary rows tie bit for bit at the top: ``is_top1`` holds for the first of them only, for
+    ties inside one tile (20, 23) and across tiles, splits and chunks (5, 40)."""
+    from fastdpo import _torch_path
+
+    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16, raising=False)
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=19, V=53)
+    bias = torch.zeros(weight.shape[0])
+    for first, second in ((5, 40), (20, 23)):
+        weight[second] = weight[first]
+    labelled = labels != -100
+    rows, cols = labelled.nonzero(as_tuple=True)
+    # Each token's top pair: bias 50 on (5, 40) for even rows, on (20, 23) for odd rows.
+    targets = torch.tensor([5, 40, 20, 23])
+    pick = targets[(rows % 2) * 2 + (cols % 2)]
+    labels[rows, cols] = pick
+    even = (torch.arange(labels.shape[0]) % 2 == 0).unsqueeze(1)
+    tops = []
+    for top in ((5, 40), (20, 23)):
+        b = bias.clone()
+        b[list(top)] = 50.0
+        tops.append(b)
+    config = KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
+                          dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16,
+                          gh_block_h=16, gh_block_k=16, vocab_chunk=24, min_programs=64)
+    got = {}
+    with use_config(config):
+        for i, b in enumerate(tops):
+            got[i] = fastdpo.token_stats(hidden, weight, labels, bias=b, backend=backend, extras=True)["is_top1"]
+    is_top1 = torch.where(even, got[0], got[1])
+    want = labelled & ((labels == 5) | (labels == 20))
+    assert want.any() and (labelled & ~want).any()
+    assert torch.equal(is_top1, want)
