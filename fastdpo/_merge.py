@@ -34,7 +34,7 @@ def partial_stats(z: torch.Tensor, local_target: torch.Tensor, col0: int, extras
     """Write one piece's record for a chunk of tokens: ``z [rows, vc]`` are the piece's logits, ``local_target
     [rows]`` the target ids minus ``col0`` (the piece's first vocabulary id), ``out [k, rows]`` the record."""
     m = z.amax(1)
-    e = torch.exp(z - _finite_ref(m).unsqueeze(1))
+    e = (z - _finite_ref(m).unsqueeze(1)).exp_()
     out[MAX] = m
     out[SUMEXP] = e.sum(1)
     inside = (local_target >= 0) & (local_target < z.shape[1])
@@ -42,8 +42,9 @@ def partial_stats(z: torch.Tensor, local_target: torch.Tensor, col0: int, extras
     out[TARGET] = torch.where(inside, zt, torch.zeros_like(zt))
     out[SUM] = z.sum(1)
     if extras:
-        out[XSUMEXP] = torch.where(e > 0, e * z, torch.zeros_like(e)).sum(1)
-        out[SQSUMEXP] = (e * e).sum(1)
+        # A -inf logit becomes the lowest finite value, whose product with exp(-inf) = 0 is 0; NaN stays NaN.
+        out[XSUMEXP] = z.clamp(min=torch.finfo(z.dtype).min).mul_(e).sum(1)
+        out[SQSUMEXP] = e.square_().sum(1)
         out[ARGMAX] = (z.argmax(1) + col0).to(out.dtype)
 
 

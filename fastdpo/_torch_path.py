@@ -17,34 +17,43 @@ from ._options import HeadOptions
 
 # Elements of one [tokens, vocab chunk] logits tile (fp32: 16 MiB); a few such temporaries live at once.
 CHUNK_ELEMENTS = 1 << 22
-# Vocabulary rows of the weight upcast at once: 8192 x H=4096 in fp32 is 128 MiB, 1/8 of a 128k-token
-# bf16 head.
+# Vocabulary rows of the weight upcast at once: at most VOCAB_CHUNK (8192 x H=4096 in fp32 is 128 MiB, 1/8 of a
+# 128k-token bf16 head) and at most a sixteenth of the vocabulary, but not under MIN_VOCAB_CHUNK: the fp32 copies
+# of one chunk of a 16-bit weight and of its gradient then stay an eighth of the weight's bytes each, and a
+# logits tile (at most V·H/16 elements) as much, so that a bf16 step stays under 2x the weight above its inputs.
 VOCAB_CHUNK = 8192
+MIN_VOCAB_CHUNK = 256
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(columns: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(columns, 1))
+def _rows_per_chunk(columns: int, weight_elements: int | None = None) -> int:
+    """Token rows of one ``[rows, columns]`` logits tile: CHUNK_ELEMENTS, or V·H/16 for a smaller head (not under
+    64k elements, where the head is too small for its memory to matter)."""
+    elements = CHUNK_ELEMENTS
+    if weight_elements is not None:
+        elements = min(elements, max(1 << 16, weight_elements // 16))
+    return max(1, elements // max(columns, 1))
 
 
 def _vocab_chunks(vocab: int):
-    step = max(1, min(VOCAB_CHUNK, vocab))
+    step = max(1, min(VOCAB_CHUNK, max(MIN_VOCAB_CHUNK, -(-vocab // 16))))
     return [(v0, min(vocab, v0 + step)) for v0 in range(0, vocab, step)]
 
 
 def _logits(x, w, b, opts: HeadOptions):
-    """Transformed logits of one chunk, and tanh(z/softcap) when softcapping (for the backward)."""
+    """Transformed logits of one chunk, and tanh(z/softcap) when softcapping (for the backward); in place where
+    possible, so that few ``[rows, columns]`` tiles live at once."""
     z = x @ w.t()
     if b is not None:
-        z = z + b
+        z.add_(b)
     t = None
     if opts.softcap is not None:
-        t = torch.tanh(z / opts.softcap)
-        z = opts.softcap * t
-    return z * opts.scale, t
+        t = torch.tanh(z.div_(opts.softcap))
+        z = t * opts.softcap
+    return z.mul_(opts.scale), t
 
 
 def _cast(weight, bias, cd):
@@ -71,7 +80,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
                         device=hidden.device)
     for c, (v0, v1) in enumerate(chunks):
         w, b = _cast(weight[v0:v1], bias[v0:v1] if bias is not None else None, cd)
-        step = _rows_per_chunk(v1 - v0)
+        step = _rows_per_chunk(v1 - v0, weight.numel())
         for s in range(0, n, step):
             z, _ = _logits(hidden[idx[s:s + step]].to(cd), w, b, opts)
             _merge.partial_stats(z, tgt[s:s + step] - v0, v0, opts.extras, stats[:, c, s:s + step])
@@ -112,19 +121,19 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
         w, b = _cast(weight[v0:v1], bias[v0:v1] if bias is not None else None, cd)
         gw = torch.zeros((v1 - v0, H), dtype=cd, device=weight.device) if need_w else None
         gb = torch.zeros(v1 - v0, dtype=cd, device=weight.device) if need_b else None
-        step = _rows_per_chunk(v1 - v0)
+        step = _rows_per_chunk(v1 - v0, weight.numel())
         for s in range(0, n, step):
             e = s + step
             x = hidden[idx[s:e]].to(cd)
             z, t = _logits(x, w, b, opts)
             gs = g[s:e].unsqueeze(1)
-            dz = torch.exp(z - lse[s:e].unsqueeze(1)).mul_(-gs)
+            dz = z.sub_(lse[s:e].unsqueeze(1)).exp_().mul_(-gs)
             local = tgt[s:e] - v0
             inside = ((local >= 0) & (local < v1 - v0)).unsqueeze(1)
             dz.scatter_add_(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1), torch.where(inside, gs, 0))
             dz.mul_(opts.scale)
             if t is not None:
-                dz.mul_(1 - t * t)
+                dz.mul_(t.square_().neg_().add_(1))
             if need_h:
                 acc_h[s:e].addmm_(dz, w)
             if need_w:
