@@ -116,7 +116,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     g = grad_logp[idx].to(cd)
     acc_h = torch.zeros((n, H), dtype=cd, device=hidden.device) if need_h else None
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
-    grad_b = torch.empty_like(bias) if need_b else None
+    grad_b = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
     for v0, v1 in _vocab_chunks(V):
         w, b = _cast(weight[v0:v1], bias[v0:v1] if bias is not None else None, cd)
         gw = torch.zeros((v1 - v0, H), dtype=cd, device=weight.device) if need_w else None
