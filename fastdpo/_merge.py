@@ -48,8 +48,11 @@ def partial_stats(z: torch.Tensor, local_target: torch.Tensor, col0: int, extras
         out[ARGMAX] = (z.argmax(1) + col0).to(out.dtype)
 
 
-def merge(stats: torch.Tensor, vocab: int, extras: bool) -> dict:
+def merge(stats: torch.Tensor, vocab: int, extras: bool, targets: torch.Tensor) -> dict:
     """Per-token statistics from the partial records ``stats [k, pieces, n]`` of a ``vocab``-token head.
+
+    ``targets [n]`` are the tokens' target ids: one outside ``[0, vocab)`` (unchecked labels) matches no piece,
+    and its log-prob is NaN rather than a finite wrong value.
 
     Returns ``[n]`` tensors: ``lse`` (logsumexp), ``logp`` (target log-prob; NaN if any logit is NaN),
     ``mean_logit`` and, with ``extras``, ``entropy`` (``lse − Σ p·z``), ``log_sum_sq_probs``
@@ -64,6 +67,7 @@ def merge(stats: torch.Tensor, vocab: int, extras: bool) -> dict:
     zsum = stats[SUM].sum(0)
     logp = stats[TARGET].sum(0) - lse
     logp = torch.where(torch.isnan(zsum), zsum, logp)
+    logp = torch.where((targets < 0) | (targets >= vocab), torch.full_like(logp, float("nan")), logp)
     out = {"lse": lse, "logp": logp, "mean_logit": zsum / vocab}
     if extras:
         out["entropy"] = lse - (stats[XSUMEXP] * w).sum(0) / s

@@ -85,7 +85,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
             z, _ = _logits(hidden[idx[s:s + step]].to(cd), w, b, opts)
             _merge.partial_stats(z, tgt[s:s + step] - v0, v0, opts.extras, stats[:, c, s:s + step])
         del w, b
-    merged = _merge.merge(stats, V, opts.extras)
+    merged = _merge.merge(stats, V, opts.extras, tgt)
 
     def scatter(values, dtype=cd):
         return torch.zeros(N, dtype=dtype, device=hidden.device).index_copy_(0, idx, values.to(dtype))

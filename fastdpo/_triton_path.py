@@ -42,7 +42,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
     stats = logprob_fwd.logprob_forward(hidden, weight, bias, rows, tgt, nv, softcap=opts.softcap, scale=opts.scale,
                                         extras=opts.extras, config=_config(hidden))
     # Columns past nv were never written: where() keeps them (NaN or not) out of the outputs.
-    merged = _merge.merge(stats, weight.shape[0], opts.extras)
+    merged = _merge.merge(stats, weight.shape[0], opts.extras, tgt)
 
     def scatter(values):
         out = torch.zeros(N, dtype=values.dtype, device=hidden.device)
