@@ -20,8 +20,8 @@ class HeadOptions:
         scale: ``logit_scale / temperature``, applied after the softcap.
         backend: the resolved backend, ``"triton"`` or ``"torch"``.
         extras: also compute the entropy, ``log Σ_v p_v²`` and whether the target is the argmax.
-        memory: what the forward keeps for the backward (see :mod:`fastdpo._fast`): ``"lean"`` nothing (the
-            backward recomputes the logits), ``"fast"`` every vocabulary chunk, or a budget in GiB (float).
+        memory: what the forward may keep for the backward, in GiB (see :mod:`fastdpo._fast`): 0 nothing (lean:
+            the backward recomputes the logits), ``inf`` everything it needs (fast), else a budget.
     """
 
     ignore_index: int = -100
@@ -29,4 +29,4 @@ class HeadOptions:
     scale: float = 1.0
     backend: str = "torch"
     extras: bool = False
-    memory: str | float = "lean"
+    memory: float = 0.0

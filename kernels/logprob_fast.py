@@ -175,11 +175,16 @@ def keep_columns(N: int, V: int, dtype: torch.dtype, budget_bytes: float, config
     return cols
 
 
-def allocate_kept(N: int, v_keep: int, dtype: torch.dtype, device, config: KernelConfig) -> Kept:
+def kept_shapes(N: int, v_keep: int, dtype: torch.dtype, config: KernelConfig):
+    """``((shape, dtype) of e, (shape, dtype) of m_tile)`` for ``v_keep`` kept columns of ``N`` rows."""
     width = triton.cdiv(v_keep, ROW_PAD) * ROW_PAD
-    tiles = triton.cdiv(v_keep, config.fwd_block_v)
-    return Kept(torch.empty((N, width), dtype=dtype, device=device),
-                torch.empty((N, tiles), dtype=torch.float32, device=device), v_keep, config.fwd_block_v)
+    return ((N, width), dtype), ((N, triton.cdiv(v_keep, config.fwd_block_v)), torch.float32)
+
+
+def allocate_kept(N: int, v_keep: int, dtype: torch.dtype, device, config: KernelConfig) -> Kept:
+    (e_shape, e_dtype), (m_shape, m_dtype) = kept_shapes(N, v_keep, dtype, config)
+    return Kept(torch.empty(e_shape, dtype=e_dtype, device=device), torch.empty(m_shape, dtype=m_dtype, device=device),
+                v_keep, config.fwd_block_v)
 
 
 def logprob_forward_keep(x, weight, bias, rows, targets, nv, *, softcap, scale, extras, config: KernelConfig,
