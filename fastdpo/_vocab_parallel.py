@@ -119,6 +119,9 @@ def resolve(weight, bias, labels, vocab_parallel, *, weight_name="weight", bias_
         raise TypeError(f"{bias_name} is a DTensor but {weight_name} is not: pass both as DTensors or both plain")
     if not is_dt and vocab_parallel is None:
         return Resolved(weight, bias)
+    if not is_dt and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] != vocab_parallel.rows:
+        raise ValueError(f"{weight_name} must hold this rank's rows [{vocab_parallel.start}, {vocab_parallel.stop}) "
+                         f"of the vocabulary: expected [{vocab_parallel.rows}, H], got {tuple(weight.shape)}")
     dist = _require_distributed()
     if is_dt:
         vp = _dtensor_rows(weight, weight_name)
@@ -133,9 +136,6 @@ def resolve(weight, bias, labels, vocab_parallel, *, weight_name="weight", bias_
                              f"{vp.rows} (rows [{vp.start}, {vp.stop}) of torch.chunk's split)")
     else:
         vp = vocab_parallel
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] != vp.rows:
-            raise ValueError(f"{weight_name} must hold this rank's rows [{vp.start}, {vp.stop}) of the vocabulary: "
-                             f"expected [{vp.rows}, H], got {tuple(weight.shape)}")
     group = vp.group if vp.group is not None else dist.group.WORLD
     total = vp.vocab_size if vp.vocab_size is not None else _check_ranks(vp, labels, group)
     return Resolved(weight, bias, vp.start, total, _merge.group_name(group))
