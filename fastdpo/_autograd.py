@@ -89,9 +89,10 @@ def head_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optio
 @head_backward.register_fake
 def _head_backward_fake(grad_logp, hidden, weight, bias, targets, lse, ignore_index, softcap, scale, backend,
                         need_hidden, need_weight, need_bias, vocab_start=0, group=None):
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0),
-            torch.empty_like(bias) if need_bias and bias is not None else weight.new_empty(0))
+    # Both backends return contiguous gradients, whatever the inputs' strides.
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
+            bias.new_empty(bias.shape) if need_bias and bias is not None else weight.new_empty(0))
 
 
 def _forward_setup(ctx, inputs, output):

@@ -85,8 +85,11 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def merge(stats: torch.Tensor, vocab: int, extras: bool, group=None) -> dict:
+def merge(stats: torch.Tensor, vocab: int, extras: bool, targets: torch.Tensor, group=None) -> dict:
     """Per-token statistics from the partial records ``stats [k, pieces, n]`` of a ``vocab``-token head.
+
+    ``targets [n]`` are the tokens' target ids: one outside ``[0, vocab)`` (unchecked labels) matches no piece,
+    and its log-prob is NaN rather than a finite wrong value.
 
     Returns ``[n]`` tensors: ``lse`` (logsumexp), ``logp`` (target log-prob; NaN if any logit is NaN),
     ``mean_logit`` and, with ``extras``, ``entropy`` (``lse − Σ p·z``), ``log_sum_sq_probs``
@@ -128,6 +131,7 @@ def merge(stats: torch.Tensor, vocab: int, extras: bool, group=None) -> dict:
     lse = ref + torch.log(s)
     logp = target - lse
     logp = torch.where(torch.isnan(zsum), zsum, logp)
+    logp = torch.where((targets < 0) | (targets >= vocab), torch.full_like(logp, float("nan")), logp)
     out = {"lse": lse, "logp": logp, "mean_logit": zsum / vocab}
     if extras:
         out["entropy"] = lse - sums[3] / s

@@ -87,7 +87,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
             z, _ = _logits(hidden[idx[s:s + step]].to(cd), w, b, opts)
             _merge.partial_stats(z, tgt[s:s + step] - col0, col0, opts.extras, stats[:, c, s:s + step])
         del w, b
-    merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else V, opts.extras,
+    merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else V, opts.extras, tgt,
                           _merge.resolve_group(opts.group))
 
     def scatter(values, dtype=cd):
@@ -121,7 +121,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     g = grad_logp[idx].to(cd)
     acc_h = torch.zeros((n, H), dtype=cd, device=hidden.device) if need_h else None
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
-    grad_b = torch.empty_like(bias) if need_b else None
+    grad_b = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
     for v0, v1 in _vocab_chunks(V):
         w, b = _cast(weight[v0:v1], bias[v0:v1] if bias is not None else None, cd)
         gw = torch.zeros((v1 - v0, H), dtype=cd, device=weight.device) if need_w else None

@@ -48,7 +48,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
         stats[_merge.ARGMAX] += opts.vocab_start
     # Columns past nv were never written: where() keeps them (NaN or not) out of the outputs; across ranks
     # their garbage is reduced alike and dropped alike.
-    merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else weight.shape[0], opts.extras,
+    merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else weight.shape[0], opts.extras, tgt,
                           _merge.resolve_group(opts.group))
 
     def scatter(values):

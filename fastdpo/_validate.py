@@ -88,7 +88,7 @@ def label_range(name, labels, vocab, ignore_index):
     """Labels must be in [0, vocab) or ``ignore_index``.
 
     On GPU tensors this is the one host synchronisation of a call; ``FASTDPO_CHECK_LABELS=0`` skips
-    it there (an out-of-range label then never matches a column and yields a log-prob of NaN or −inf).
+    it there (an out-of-range label then yields a log-prob of NaN).
     """
     if labels.device.type != "cpu" and os.environ.get("FASTDPO_CHECK_LABELS", "1") == "0":
         return

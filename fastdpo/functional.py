@@ -39,6 +39,8 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
         raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check.flag("extras", extras)
+    check.flag("check_labels", check_labels)
     dtype = check.common_dtype(hidden, weight, hn, wn)
     resolved = check.backend(backend, hidden.device, dtype)
     # Under torch.compile the range check would be a data-dependent guard: it is skipped there.
@@ -91,7 +93,7 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
         through these gradients, i.e. double backward, raises a ``RuntimeError``).
 
     Under ``torch.compile`` the targets are not range-checked (the check would be a data-dependent guard); an
-    out-of-range target then yields a log-prob of NaN or −inf. Integer targets narrower than int32 are widened.
+    out-of-range target then yields a log-prob of NaN. Integer targets narrower than int32 are widened.
     """
     return token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
@@ -114,6 +116,7 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     """
     check.tensor("hidden", hidden, ndim=3)
     check.tensor("labels", labels, ndim=2)
+    check.flag("average", average)
     logp = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
                        names={"targets": "labels"}, vocab_parallel=vocab_parallel)["logp"]
@@ -121,6 +124,21 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     if average:
         total = total / (labels != ignore_index).sum(-1).clamp(min=1)
     return total
+
+
+def loss_config(beta, config, loss_options) -> LossConfig:
+    """The one :class:`LossConfig` of a call: ``config``, or one built from ``beta`` (default 0.1) and the keywords.
+    ``beta`` may come with a config only if it equals ``config.beta``; loss keywords never may."""
+    if config is None:
+        return LossConfig(beta=0.1 if beta is None else beta, **loss_options)
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a fastdpo.LossConfig, got {type(config).__name__}")
+    if loss_options:
+        raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
+    if beta is not None and beta != config.beta:
+        raise ValueError(f"beta={beta!r} differs from config.beta={config.beta!r}: give beta in one place "
+                         f"(LossConfig(beta=...) or the beta keyword without a config)")
+    return config
 
 
 def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
@@ -204,15 +222,7 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         :class:`DPOOutput` with ``loss``, ``chosen_logps``/``rejected_logps`` ``[B]``,
         ``chosen_rewards``/``rejected_rewards`` ``β·(π − ρ)`` and ``metrics`` named as TRL logs them.
     """
-    if config is None:
-        config = LossConfig(beta=0.1 if beta is None else beta, **loss_options)
-    elif not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a fastdpo.LossConfig, got {type(config).__name__}")
-    elif loss_options:
-        raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
-    elif beta is not None and beta != config.beta:
-        raise ValueError(f"beta={beta!r} differs from config.beta={config.beta!r}: give beta in one place "
-                         f"(LossConfig(beta=...) or the beta keyword without a config)")
+    config = loss_config(beta, config, loss_options)
     labels = check.token_ids(labels) if isinstance(labels, torch.Tensor) else labels
     _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
                       needs_reference=config.needs_reference)

@@ -32,6 +32,20 @@ def test_beta_that_differs_from_the_config_raises():
     assert abs(default.loss.item() - want.loss.item()) < 1e-5
 
 
+def test_module_takes_a_config_and_refuses_a_different_beta():
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    config = fastdpo.LossConfig(beta=0.4, loss_type="ipo")
+    module = fastdpo.FusedLinearDPOLoss(config=config, backend="torch")
+    want = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, config=config, backend="torch")
+    assert torch.equal(module(hidden, weight, labels, reference_free=True).loss, want.loss)
+    with pytest.raises(ValueError, match="beta=0.1 differs from config.beta=0.4"):
+        fastdpo.FusedLinearDPOLoss(0.1, config=config)
+    with pytest.raises(TypeError, match="config must be a fastdpo.LossConfig"):
+        fastdpo.FusedLinearDPOLoss(config={"beta": 0.4})
+    with pytest.raises(ValueError, match="not both"):
+        fastdpo.FusedLinearDPOLoss(config=config, loss_type="sigmoid")
+
+
 # ---- item 5: small integer label dtypes --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -83,6 +97,34 @@ def test_bad_input_gets_a_named_error(backend, overrides, error, words):
         overrides.setdefault("beta", None)
     with pytest.raises(error, match=words):
         _call(backend=backend, **overrides)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_flags_must_be_bools(backend):
+    """A string such as "False" is truthy: every on/off argument takes only a bool."""
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    with pytest.raises(TypeError, match="extras must be a bool"):
+        fastdpo.token_stats(hidden, weight, labels, extras="False", backend=backend)
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        fastdpo.token_stats(hidden, weight, labels, check_labels=0, backend=backend)
+    with pytest.raises(TypeError, match="average must be a bool"):
+        fastdpo.sequence_logprobs(hidden, weight, labels, average="no", backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_unchecked_out_of_range_target_gives_nan_not_a_finite_value(backend):
+    """With the range check off (as under torch.compile) a target outside [0, V) matches no column: its log-prob
+    must be NaN, not the finite −logsumexp, and the other tokens stay right."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=9)
+    V = weight.shape[0]
+    labels[0, 4], labels[1, 5] = V, -7
+    stats = fastdpo.token_stats(hidden, weight, labels, check_labels=False, backend=backend)
+    assert torch.isnan(stats["logp"][0, 4]) and torch.isnan(stats["logp"][1, 5])
+    good = labels.clone()
+    good[0, 4] = good[1, 5] = -100
+    want = reference_token_stats(hidden.double(), weight.double(), good)["logp"]
+    keep = good != -100
+    torch.testing.assert_close(stats["logp"][keep].double(), want[keep], rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", backend_params())
