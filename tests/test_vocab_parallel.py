@@ -120,7 +120,46 @@ def _with_label(labels, value):
     return bad
 
 
-def _worker(rank, world, port, out_dir):
+def _tiny_llama(path):
+    """A 2-layer Llama (vocabulary 53, untied head) saved at ``path``; 4 heads, 2 kv heads: TP=2 splits them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(21)
+    config = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.float64).save_pretrained(path)
+
+
+def _llama_batch():
+    g = torch.Generator().manual_seed(22)
+    ids = torch.randint(0, V, (4, 8), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, 6:] = -100
+    return ids, labels
+
+
+def _llama_dpo(model):
+    """causal_lm_dpo_loss with the model as its own reference, every metric; loss, metrics and gradients."""
+    from fastdpo.integrations.transformers import causal_lm_dpo_loss
+
+    ids, labels = _llama_batch()
+    out = causal_lm_dpo_loss(model, ids, labels, ref_model=model, backend="torch", beta=0.3, use_weighting=True)
+    out.loss.backward()
+    res = {"loss": out.loss.detach(), "chosen_logps": out.chosen_logps.detach()}
+    res.update({f"metric:{k}": v.detach() for k, v in out.metrics.items()})
+    for name, p in model.named_parameters():
+        grad = p.grad
+        if name == "lm_head.weight" and type(grad).__name__ == "DTensor":
+            res["lm_head_grad_is_dtensor"] = True
+            grad = grad.to_local()
+        elif type(grad).__name__ == "DTensor":
+            grad = grad.full_tensor()  # only to compare the backbone's gradients, not in the loss path
+        res[f"grad:{name}"] = grad
+    return res
+
+
+def _worker(rank, world, port, out_dir, llama_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     start, stop = SPLITS[world][rank]
@@ -185,6 +224,15 @@ def _worker(rank, world, port, out_dir):
             lambda: fastdpo.fused_logprobs(r["hidden"], r["weight"], _with_label(labels, V),
                                            backend="torch", vocab_parallel=vp), ValueError, f"[0, {V})"),
     }
+    if llama_path is not None:
+        # transformers' own tensor parallelism (tp_plan="auto": the lm-head is 'colwise', a DTensor sharded on
+        # dim 0) loaded on the gloo ranks; the head is never gathered.
+        from transformers import AutoModelForCausalLM
+
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+        model = AutoModelForCausalLM.from_pretrained(llama_path, tp_plan="auto", dtype=torch.float64)
+        res["llama_tp"] = _llama_dpo(model)
+        res["llama_tp"]["lm_head_placements"] = str(model.lm_head.weight.placements)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -200,8 +248,18 @@ def spawned(request):
     """What every rank of one spawned group saved, with its world size."""
     world = request.param
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
-        yield world, [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        llama_path = None
+        if world == 2:
+            llama_path = os.path.join(out_dir, "llama")
+            _tiny_llama(llama_path)
+        mp.spawn(_worker, args=(world, _free_port(), out_dir, llama_path), nprocs=world, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        reference = None
+        if llama_path is not None:
+            from transformers import AutoModelForCausalLM
+
+            reference = _llama_dpo(AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float64))
+        yield world, ranks, reference
 
 
 def _reference(kind, dtype=torch.float64, backend="torch"):
@@ -226,7 +284,7 @@ def _compare(got, ref, start, stop, tol):
 
 
 def test_torch_float64_matches_one_process(spawned):
-    world, ranks = spawned
+    world, ranks, _ = spawned
     dpo, stats = _reference("dpo"), _reference("stats")
     assert stats["is_top1"][0, 4] and not stats["is_top1"][0, 5] and stats["is_top1"][1, 3:6].all()
     assert dpo["metric:mean_token_accuracy"] > 0
@@ -238,14 +296,14 @@ def test_torch_float64_matches_one_process(spawned):
 
 
 def test_every_rank_returns_the_same(spawned):
-    world, ranks = spawned
+    world, ranks, _ = spawned
     for key in ("loss", "metric:entropy", "metric:mean_token_accuracy", "metric:logits/chosen", "grad:hidden"):
         for res in ranks[1:]:
             assert torch.equal(res["dpo_torch"][key], ranks[0]["dpo_torch"][key]), key
 
 
 def test_sequence_and_token_logprobs(spawned):
-    world, ranks = spawned
+    world, ranks, _ = spawned
     t, labels = _inputs()
     r = _leaves(t)
     seq = fastdpo.sequence_logprobs(r["hidden"], r["weight"], labels, bias=r["bias"], average=True, backend="torch")
@@ -260,7 +318,7 @@ def test_triton_interpreter_matches_float64(spawned):
     """fp32 kernels against the float64 reference: logits over H=19 products and sums over V=53 terms in fp32
     carry ~1e-6 relative error (the one-process Triton run shows the same), so 2e-5 is a bound that still fails
     on a missing rank's contribution or a wrong rescaling (errors of order 1)."""
-    world, ranks = spawned
+    world, ranks, _ = spawned
     dpo, stats = _reference("dpo"), _reference("stats")
     one_process = _reference("stats", torch.float32, "triton")
     _compare(one_process, stats, 0, V, 2e-5)
@@ -271,7 +329,7 @@ def test_triton_interpreter_matches_float64(spawned):
 
 
 def test_dtensor_weight(spawned):
-    world, ranks = spawned
+    world, ranks, _ = spawned
     dpo = _reference("dpo")
     per = -(-V // world)
     for rank, res in enumerate(ranks):
@@ -284,7 +342,7 @@ def test_dtensor_weight(spawned):
 def test_collectives(spawned):
     """Forward: one all-reduce (max) of the [n] maxima, one all-reduce (sum) of the packed [5 + world, n] sums;
     backward: one all-reduce (sum) of the [n, H] hidden gradient. Nothing else, no [N, V] or [V, H] tensor."""
-    world, ranks = spawned
+    world, ranks, _ = spawned
     _, labels = _inputs()
     n = int((labels != -100).sum())
     for res in ranks:
@@ -294,7 +352,7 @@ def test_collectives(spawned):
 
 
 def test_errors_on_every_rank(spawned):
-    world, ranks = spawned
+    world, ranks, _ = spawned
     for res in ranks:
         assert res["errors"] == {"labels_differ": True, "gap": True, "label_range": True}
 
@@ -322,3 +380,21 @@ def test_vocab_parallel_arguments():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         fastdpo.fused_logprobs(hidden, weight, labels, vocab_parallel=VocabParallel(0, V))
+
+
+def test_transformers_tp_plan(spawned):
+    """A Llama loaded with tp_plan="auto" on 2 gloo ranks: causal_lm_dpo_loss finds the DTensor lm-head
+    (Shard(0)) and gives the one-process loss, metrics and gradients (its rows of the head's, every backbone
+    parameter's)."""
+    world, ranks, reference = spawned
+    if reference is None:
+        pytest.skip("the tiny Llama's 4 attention heads split over 2 ranks only")
+    per = -(-V // world)
+    for rank, res in enumerate(ranks):
+        got = dict(res["llama_tp"])
+        assert got.pop("lm_head_placements") == "(Shard(dim=0),)"
+        assert got.pop("lm_head_grad_is_dtensor")
+        assert set(got) == set(reference)
+        _compare(got, {k: v for k, v in reference.items() if k != "grad:lm_head.weight"}, 0, V, 1e-12)
+        want = reference["grad:lm_head.weight"][rank * per:(rank + 1) * per]
+        assert rel_err(got["grad:lm_head.weight"], want) <= 1e-12
