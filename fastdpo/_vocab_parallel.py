@@ -108,7 +108,8 @@ def with_vocab_size(vocab_parallel, labels) -> VocabParallel:
     return dataclasses.replace(vp, vocab_size=_check_ranks(vp, labels, group))
 
 
-def resolve(weight, bias, labels, vocab_parallel, *, weight_name="weight", bias_name="bias") -> Resolved:
+def resolve(weight, bias, labels, vocab_parallel, *, weight_name="weight", bias_name="bias",
+            labels_name="labels") -> Resolved:
     """This rank's plain rows and the vocabulary-parallel options of one head (a plain head passes through)."""
     _checked_type(vocab_parallel)
     is_dt = _is_dtensor(weight)
@@ -122,6 +123,8 @@ def resolve(weight, bias, labels, vocab_parallel, *, weight_name="weight", bias_
     if not is_dt and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] != vocab_parallel.rows:
         raise ValueError(f"{weight_name} must hold this rank's rows [{vocab_parallel.start}, {vocab_parallel.stop}) "
                          f"of the vocabulary: expected [{vocab_parallel.rows}, H], got {tuple(weight.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
     dist = _require_distributed()
     if is_dt:
         vp = _dtensor_rows(weight, weight_name)

@@ -27,9 +27,8 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     """
     names = names or {}
     hn, wn, tn, bn = (names.get(k, k) for k in ("hidden", "weight", "targets", "bias"))
-    if isinstance(targets, torch.Tensor):
-        check.tensor(tn, targets)
-    vp = _vocab_parallel.resolve(weight, bias, targets, vocab_parallel, weight_name=wn, bias_name=bn)
+    vp = _vocab_parallel.resolve(weight, bias, targets, vocab_parallel, weight_name=wn, bias_name=bn,
+                                 labels_name=tn)
     weight, bias = vp.weight, vp.bias
     check.head(hidden, weight, targets, bias, hidden_name=hn, weight_name=wn, targets_name=tn, bias_name=bn)
     if softcap is not None:

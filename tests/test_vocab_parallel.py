@@ -188,7 +188,7 @@ def _worker(rank, world, port, out_dir, llama_path):
     res["dpo_triton"] = _dpo(_leaves(_rows(t32, start, stop)), labels, "triton", vocab_parallel=vp)
     res["stats_triton"] = _stats(_leaves(_rows(t32, start, stop)), labels, "triton", vocab_parallel=vp)
     # A DTensor weight and bias sharded on dim 0 over a 1-D mesh (transformers' colwise lm-head).
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
@@ -210,6 +210,13 @@ def _worker(rank, world, port, out_dir, llama_path):
     with _CountCollectives() as bwd:
         tok.sum().backward()
     res["collectives"] = {"forward": fwd.calls, "backward": bwd.calls}
+    r32 = _leaves(_rows(t32, start, stop))
+    with _CountCollectives() as fwd:
+        tok = fastdpo.token_stats(r32["hidden"], r32["weight"], labels, backend="triton", extras=True,
+                                  vocab_parallel=VocabParallel(start, stop, vocab_size=V))["logp"]
+    with _CountCollectives() as bwd:
+        tok.sum().backward()
+    res["collectives_triton"] = {"forward": fwd.calls, "backward": bwd.calls}
     # Errors that every rank raises alike.
     res["errors"] = {
         "labels_differ": _expect_error(
@@ -220,6 +227,12 @@ def _worker(rank, world, port, out_dir, llama_path):
                                            backend="torch",
                                            vocab_parallel=VocabParallel(start, stop - (start == 0))),
             ValueError, "must tile the vocabulary"),
+        "replicated_dtensor": _expect_error(
+            lambda: fastdpo.fused_logprobs(r["hidden"], distribute_tensor(t64["weight"], mesh, [Replicate()]),
+                                           labels, backend="torch"), ValueError, "sharded on dim 0"),
+        "dtensor_and_vocab_parallel": _expect_error(
+            lambda: fastdpo.fused_logprobs(r["hidden"], d["weight"], labels, backend="torch", vocab_parallel=vp),
+            ValueError, "do not pass vocab_parallel"),
         "label_range": _expect_error(
             lambda: fastdpo.fused_logprobs(r["hidden"], r["weight"], _with_label(labels, V),
                                            backend="torch", vocab_parallel=vp), ValueError, f"[0, {V})"),
@@ -349,12 +362,17 @@ def test_collectives(spawned):
         c = res["collectives"]
         assert c["forward"] == [("all_reduce", "MAX", (n,)), ("all_reduce", "SUM", (5 + world, n))]
         assert c["backward"] == [("all_reduce", "SUM", (n, H))]
+        # The Triton backend keeps the labelled count on the device: it reduces all N rows.
+        c, N = res["collectives_triton"], labels.numel()
+        assert c["forward"] == [("all_reduce", "MAX", (N,)), ("all_reduce", "SUM", (5 + world, N))]
+        assert c["backward"] == [("all_reduce", "SUM", (N, H))]
 
 
 def test_errors_on_every_rank(spawned):
     world, ranks, _ = spawned
     for res in ranks:
-        assert res["errors"] == {"labels_differ": True, "gap": True, "label_range": True}
+        assert res["errors"] == {"labels_differ": True, "gap": True, "label_range": True,
+                                 "replicated_dtensor": True, "dtensor_and_vocab_parallel": True}
 
 
 def test_vocab_parallel_arguments():
@@ -375,6 +393,8 @@ def test_vocab_parallel_arguments():
         fastdpo.fused_logprobs(hidden, weight, labels, vocab_parallel=(0, V))
     with pytest.raises(TypeError, match="vocab_parallel must be a fastdpo.VocabParallel"):
         fastdpo.FusedLinearDPOLoss(vocab_parallel=(0, V))
+    with pytest.raises(TypeError, match="targets must be a torch.Tensor"):
+        fastdpo.fused_logprobs(hidden, weight[:7], labels.tolist(), vocab_parallel=VocabParallel(3, 10))
     with pytest.raises(ValueError, match=r"weight must hold this rank's rows \[3, 10\)"):
         fastdpo.fused_logprobs(hidden, weight, labels, vocab_parallel=VocabParallel(3, 10))
     assert not dist.is_initialized()
