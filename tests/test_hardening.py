@@ -79,6 +79,8 @@ def _call(backend="torch", **overrides):
 
 @pytest.mark.parametrize("overrides, error, words", [
     (dict(weight=None), TypeError, "weight must be a torch.Tensor"),
+    (dict(weight=None, ref_hidden=torch.randn(4, 9, 19), ref_weight=torch.randn(53, 19), reference_free=False),
+     TypeError, "weight must be a torch.Tensor"),
     (dict(config={"beta": 0.1}), TypeError, "config must be a fastdpo.LossConfig"),
     (dict(config=fastdpo.LossConfig, beta=None), TypeError, "config must be a fastdpo.LossConfig"),
     (dict(reference_free="False"), TypeError, "reference_free must be a bool"),
