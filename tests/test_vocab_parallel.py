@@ -217,6 +217,16 @@ def _worker(rank, world, port, out_dir, llama_path):
     with _CountCollectives() as bwd:
         tok.sum().backward()
     res["collectives_triton"] = {"forward": fwd.calls, "backward": bwd.calls}
+    # No labelled token: no collective is needed, none may hang.
+    empty = {}
+    for backend, tt in (("torch", t64), ("triton", t32)):
+        r0 = _leaves(_rows(tt, start, stop))
+        tok = fastdpo.token_stats(r0["hidden"], r0["weight"], torch.full_like(labels, -100), backend=backend,
+                                  extras=True, vocab_parallel=vp)["logp"]
+        tok.sum().backward()
+        empty[backend] = (tok.abs().sum().item(), r0["hidden"].grad.abs().sum().item(),
+                          r0["weight"].grad.abs().sum().item())
+    res["no_labels"] = empty
     # Errors that every rank raises alike.
     res["errors"] = {
         "labels_differ": _expect_error(
@@ -366,6 +376,12 @@ def test_collectives(spawned):
         c, N = res["collectives_triton"], labels.numel()
         assert c["forward"] == [("all_reduce", "MAX", (N,)), ("all_reduce", "SUM", (5 + world, N))]
         assert c["backward"] == [("all_reduce", "SUM", (N, H))]
+
+
+def test_no_labelled_token(spawned):
+    world, ranks, _ = spawned
+    for res in ranks:
+        assert res["no_labels"] == {"torch": (0.0, 0.0, 0.0), "triton": (0.0, 0.0, 0.0)}
 
 
 def test_errors_on_every_rank(spawned):
