@@ -69,7 +69,7 @@ def test_head_ops_pass_opcheck(memory):
     hidden, weight, labels = make_batch(dtype=torch.float32, seed=5)
     h = hidden.reshape(-1, hidden.shape[-1]).requires_grad_()
     w = weight.clone().requires_grad_()
-    args = (h, w, None, labels.reshape(-1), -100, None, 1.0, "torch", True, memory)
+    args = (h, w, None, labels.reshape(-1), -100, None, 1.0, "torch", True, 0, -1, None, memory)
     torch.library.opcheck(torch.ops.fastdpo.head_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
