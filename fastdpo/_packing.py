@@ -62,6 +62,9 @@ def _check_offset_values(offsets, length, name):
         first, last = int(offsets[0]), int(offsets[-1])
         if first != 0:
             raise ValueError(f"{name} must start at 0 (offsets of the packed stream), got {name}[0] = {first}")
+        if last != length and int(offsets[1:].sum()) == length:
+            raise ValueError(f"{name} looks like sequence lengths (they sum to L = {length}); it must hold the offsets "
+                             f"[0, l0, l0+l1, ...] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))")
         if last != length:
             raise ValueError(f"{name} must end at the packed length L = {length} (the tokens of hidden/labels), got "
                              f"{name}[-1] = {last}")

@@ -1,0 +1,276 @@
+"""Packed (padding-free) DPO: the loss on ``cu_seqlens`` against the padded loss of the same sequences.
+
+A ragged batch is built padded (random lengths, an empty sequence, a sequence without completion tokens, a hole
+inside a completion), then packed by hand with a Python loop, independently of fastdpo's packing code. Every
+output of the packed call (loss, per-sequence log-probs, rewards, per-pair losses, every metric, every gradient)
+must equal the padded call's, for every loss type and option, on both backends.
+"""
+
+import re
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo import LossConfig
+from fastdpo.losses import LOSS_TYPES
+from fdtest import backend_params
+
+IGNORE = -100
+TYPE_OPTIONS = {
+    "sigmoid": {}, "hinge": {}, "ipo": {}, "exo_pair": {"label_smoothing": 1e-3}, "nca_pair": {},
+    "robust": {"label_smoothing": 0.1}, "bco_pair": {}, "sppo_hard": {}, "aot": {"label_smoothing": 0.05},
+    "aot_unpaired": {"label_smoothing": 0.05}, "apo_zero": {}, "apo_down": {}, "discopop": {"discopop_tau": 0.3},
+    "sft": {}, "sigmoid_norm": {}, "simpo": {"simpo_gamma": 0.3}, "cpo": {"cpo_alpha": 0.7}, "orpo": {},
+}
+# Options that change how the per-sequence sums are formed, each on a loss type that accepts it.
+OPTION_CASES = {
+    "average_log_prob": dict(loss_type="sigmoid", average_log_prob=True),
+    "ld_alpha": dict(loss_type=["sigmoid", "ipo", "sft"], ld_alpha=0.3),
+    "use_weighting": dict(loss_type=["sigmoid", "cpo"], use_weighting=True),
+    "extra_metrics": dict(loss_type=["sigmoid_norm", "orpo"], extra_metrics=True),
+    "f_divergence": dict(loss_type="sigmoid", f_divergence_type="js_divergence"),
+    "everything": dict(loss_type=["sigmoid", "ipo", "simpo", "bco_pair"], loss_weights=[0.5, 0.2, 1.0, 0.3],
+                       use_weighting=True, extra_metrics=True),
+}
+
+
+def ragged_batch(lengths, prompts, *, H=13, V=37, dtype=torch.float64, seed=0, bias=False):
+    """Padded ``[2B, T, H]`` policy/reference hidden states and ``[2B, T]`` labels of sequences of the given
+    lengths (prompt tokens ignored, one hole in the first completion), and the same sequences packed."""
+    g = torch.Generator().manual_seed(seed)
+    rows, T = len(lengths), max(lengths)
+    hidden = torch.randn(rows, T, H, generator=g, dtype=torch.float64)
+    ref_hidden = hidden + 0.3 * torch.randn(rows, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (3.0 / H ** 0.5)
+    ref_weight = weight * (1 + 0.2 * torch.randn(V, H, generator=g, dtype=torch.float64))
+    labels = torch.randint(0, V, (rows, T), generator=g)
+    for r, (n, p) in enumerate(zip(lengths, prompts)):
+        labels[r, :p] = IGNORE
+        labels[r, n:] = IGNORE
+    labels[0, prompts[0] + 1] = IGNORE
+    packed = {
+        "hidden": torch.cat([hidden[r, :n] for r, n in enumerate(lengths)]),
+        "ref_hidden": torch.cat([ref_hidden[r, :n] for r, n in enumerate(lengths)]),
+        "labels": torch.cat([labels[r, :n] for r, n in enumerate(lengths)]),
+        "cu_seqlens": torch.tensor([0] + [sum(lengths[:r + 1]) for r in range(rows)], dtype=torch.int32),
+    }
+    padded = {"hidden": hidden, "ref_hidden": ref_hidden, "labels": labels}
+    extra = {"weight": weight, "ref_weight": ref_weight}
+    if bias:
+        extra["bias"] = torch.randn(V, generator=g, dtype=torch.float64)
+    def cast(d):
+        return {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in d.items()}
+
+    return cast(padded), cast(packed), cast(extra), lengths
+
+
+# 3 pairs; sequence 4 (a rejected one) is empty, sequence 2 has no completion token, lengths differ in every pair.
+LENGTHS, PROMPTS = [9, 4, 3, 7, 0, 6], [3, 2, 3, 2, 0, 4]
+# The Triton interpreter is slow: 2 pairs, sequence 2 empty.
+SMALL_LENGTHS, SMALL_PROMPTS = [6, 3, 0, 5], [2, 1, 0, 3]
+
+
+def _case(backend):
+    if backend == "triton":
+        return dict(lengths=SMALL_LENGTHS, prompts=SMALL_PROMPTS, dtype=torch.float32, H=11, V=29)
+    return dict(lengths=LENGTHS, prompts=PROMPTS, dtype=torch.float64)
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-12
+
+
+def _close(a, b, dtype, what):
+    if torch.float32 in (a.dtype, b.dtype):  # metrics are reported in fp32 whatever the inputs
+        dtype = torch.float32
+    a, b = a.double(), b.double()
+    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+    err = (a - b).abs().max().item() if b.numel() else 0.0
+    assert torch.isfinite(a).all() and err <= _tol(dtype) * scale, f"{what}: packed differs from padded by {err}"
+
+
+def _run_both(backend, options, *, ref="hidden", case=None, bias=False):
+    """Run padded and packed dpo_loss; return their outputs and the gradients (packed ones scattered back)."""
+    case = case or _case(backend)
+    padded, packed, extra, lengths = ragged_batch(case["lengths"], case["prompts"], dtype=case["dtype"],
+                                                  H=case.get("H", 13), V=case.get("V", 37), bias=bias)
+    dtype = case["dtype"]
+    refs = {}
+    if ref == "hidden":
+        refs = dict(ref_weight=extra["ref_weight"])
+    elif ref == "logps":
+        refs = dict(ref_logps=torch.linspace(-9.0, -2.0, len(lengths), dtype=dtype))
+    elif ref == "free":
+        refs = dict(reference_free=True)
+    results = []
+    for layout, inputs in (("padded", padded), ("packed", packed)):
+        h = inputs["hidden"].clone().requires_grad_()
+        w = extra["weight"].clone().requires_grad_()
+        b = extra["bias"].clone().requires_grad_() if bias else None
+        kwargs = dict(refs, **options)
+        if ref == "hidden":
+            kwargs["ref_hidden"] = inputs["ref_hidden"]
+        if layout == "packed":
+            kwargs["cu_seqlens"] = inputs["cu_seqlens"]
+        out = fastdpo.dpo_loss(h, w, inputs["labels"], bias=b, backend=backend, **kwargs)
+        grads = torch.autograd.grad(out.loss, [t for t in (h, w, b) if t is not None])
+        results.append((out, grads))
+    (pad_out, pad_grads), (pack_out, pack_grads) = results
+    # The packed hidden gradient, put back into the padded layout (zeros on padding).
+    gh = torch.zeros_like(pad_grads[0])
+    offsets = packed["cu_seqlens"].tolist()
+    for r, n in enumerate(lengths):
+        gh[r, :n] = pack_grads[0][offsets[r]:offsets[r + 1]]
+    return pad_out, pack_out, pad_grads, (gh, *pack_grads[1:]), dtype
+
+
+def _assert_same(pad_out, pack_out, pad_grads, pack_grads, dtype):
+    for name in ("loss", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                 "chosen_rewards", "rejected_rewards", "losses"):
+        _close(getattr(pack_out, name), getattr(pad_out, name), dtype, name)
+    assert sorted(pack_out.metrics) == sorted(pad_out.metrics)
+    for name, value in pad_out.metrics.items():
+        _close(pack_out.metrics[name], value, dtype, f"metrics[{name!r}]")
+    assert pad_grads[0].abs().max() > 0, "a case whose gradient vanishes checks nothing"
+    for i, (a, b) in enumerate(zip(pack_grads, pad_grads)):
+        _close(a, b, dtype, f"gradient {i}")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_packed_equals_padded_torch(loss_type):
+    _assert_same(*_run_both("torch", dict(loss_type=loss_type, **TYPE_OPTIONS[loss_type])))
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+@pytest.mark.parametrize("ref", ["hidden", "logps", "free"])
+def test_every_option_packed_equals_padded_torch(case, ref):
+    _assert_same(*_run_both("torch", OPTION_CASES[case], ref=ref))
+
+
+def test_bias_softcap_and_scale_packed_equals_padded():
+    opts = dict(loss_type="sigmoid", extra_metrics=True, softcap=2.5, logit_scale=0.7, temperature=1.3)
+    _assert_same(*_run_both("torch", opts, bias=True))
+
+
+# On the Triton interpreter the loss types are covered as mixes, one kernel pass for many types (each type's own
+# formula is checked on the padded layout by tests/test_losses.py; here what matters is the per-sequence sums).
+TRITON_MIXES = {
+    "all_but_weighted": dict(loss_type=list(LOSS_TYPES), label_smoothing=0.1, extra_metrics=True),
+    "weighted": dict(loss_type=[t for t in LOSS_TYPES if t not in ("aot", "aot_unpaired")], label_smoothing=0.1,
+                     use_weighting=True),
+    "ld_alpha": dict(loss_type=["sigmoid", "ipo", "sigmoid_norm", "cpo", "sft"], ld_alpha=0.4),
+    "average_log_prob": dict(loss_type=["sigmoid", "simpo", "orpo"], average_log_prob=True),
+}
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if getattr(b, "values", (b,))[0] == "triton"])
+@pytest.mark.parametrize("mix", sorted(TRITON_MIXES))
+def test_loss_types_and_options_packed_equals_padded_triton(backend, mix):
+    _assert_same(*_run_both(backend, TRITON_MIXES[mix]))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_sequence_logprobs_packed(backend):
+    case = _case(backend)
+    padded, packed, extra, lengths = ragged_batch(case["lengths"], case["prompts"], dtype=case["dtype"],
+                                                  H=case.get("H", 13), V=case.get("V", 37))
+    for average in (False, True):
+        want = fastdpo.sequence_logprobs(padded["hidden"], extra["weight"], padded["labels"], average=average,
+                                         backend=backend)
+        for layout in ("flat", "batched"):
+            h, y = packed["hidden"], packed["labels"]
+            if layout == "batched":
+                h, y = h.unsqueeze(0), y.unsqueeze(0)
+            got = fastdpo.sequence_logprobs(h, extra["weight"], y, average=average, backend=backend,
+                                            cu_seqlens=packed["cu_seqlens"].long())
+            assert got.shape == (len(lengths),)
+            _close(got, want, case["dtype"], f"sequence_logprobs average={average} {layout}")
+    # An odd number of sequences is fine outside DPO.
+    n = lengths[0]
+    want = fastdpo.sequence_logprobs(padded["hidden"][:1], extra["weight"], padded["labels"][:1], backend=backend)
+    got = fastdpo.sequence_logprobs(packed["hidden"][:n], extra["weight"], packed["labels"][:n], backend=backend,
+                                    cu_seqlens=torch.tensor([0, n]))
+    _close(got, want, case["dtype"], "one sequence")
+
+
+def test_module_and_batched_layout():
+    padded, packed, extra, _ = ragged_batch(LENGTHS, PROMPTS)
+    loss_fn = fastdpo.FusedLinearDPOLoss(beta=0.2, loss_type="ipo")
+    want = loss_fn(padded["hidden"], extra["weight"], padded["labels"], ref_hidden=padded["ref_hidden"],
+                   ref_weight=extra["ref_weight"])
+    got = loss_fn(packed["hidden"].unsqueeze(0), extra["weight"], packed["labels"].unsqueeze(0),
+                  ref_hidden=packed["ref_hidden"].unsqueeze(0), ref_weight=extra["ref_weight"],
+                  cu_seqlens=packed["cu_seqlens"])
+    _close(got.loss, want.loss, torch.float64, "module loss")
+
+
+def test_segment_helpers_against_loops():
+    from fastdpo import _packing
+
+    offsets = torch.tensor([0, 0, 3, 4, 4, 9])
+    ids = _packing.segment_ids(offsets, 9)
+    assert ids.tolist() == [1, 1, 1, 2, 4, 4, 4, 4, 4]
+    x = torch.arange(1.0, 10.0)
+    seqs = _packing.Sequences(x, offsets)
+    assert seqs.sum(x).tolist() == [0.0, 6.0, 4.0, 0.0, 35.0]
+    assert seqs.cumsum(x).tolist() == [1.0, 3.0, 6.0, 4.0, 5.0, 11.0, 18.0, 26.0, 35.0]
+    assert seqs.per_token(torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0])).tolist() == [20.0] * 3 + [30.0] + [50.0] * 5
+    assert seqs.pairs == 2 and seqs.chosen(x).tolist() == [1.0, 2.0, 3.0, 0, 0, 0, 0, 0, 0]
+    assert seqs.rejected(x).tolist() == [0, 0, 0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+
+
+# --- bad cu_seqlens -----------------------------------------------------------------------------------------------
+
+def _bad_call(**overrides):
+    padded, packed, extra, _ = ragged_batch(LENGTHS, PROMPTS)
+    kwargs = dict(cu_seqlens=packed["cu_seqlens"], ref_hidden=packed["ref_hidden"], ref_weight=extra["ref_weight"])
+    hidden, labels = packed["hidden"], packed["labels"]
+    hidden = overrides.pop("hidden", hidden)
+    labels = overrides.pop("labels", labels)
+    kwargs.update(overrides)
+    return fastdpo.dpo_loss(hidden, extra["weight"], labels, **kwargs)
+
+
+L = sum(LENGTHS)
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    (dict(cu_seqlens=[0, 9, 13, 16, 23, 23, 29]), TypeError, "cu_seqlens must be a torch.Tensor"),
+    (dict(cu_seqlens=torch.tensor([0.0, 9, 13, 16, 23, 23, 29])), TypeError, "int32 or int64"),
+    (dict(cu_seqlens=torch.tensor([[0, 9, 13, 16, 23, 23, 29]])), ValueError, "1-D tensor"),
+    (dict(cu_seqlens=torch.tensor([0])), ValueError, "at least one sequence"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 13, 16, 23, L])), ValueError, "even number of sequences"),
+    (dict(cu_seqlens=torch.tensor([1, 9, 13, 16, 23, 23, L])), ValueError, "must start at 0"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 13, 16, 23, 23, L - 1])), ValueError, f"must end at the packed length L = {L}"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 13, 12, 23, 23, L])), ValueError, "non-decreasing"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 4, 3, 7, 0, 6])), ValueError, "looks like sequence lengths"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 13, 16, 23, 23, L], device="meta")), ValueError, "must be on the device"),
+    (dict(labels=torch.zeros(L - 1, dtype=torch.long)), ValueError, "labels must be packed like hidden"),
+    (dict(hidden=torch.zeros(2, L, 13, dtype=torch.float64)), ValueError, "[L, H] or [1, L, H]"),
+    (dict(ref_hidden=torch.zeros(L + 1, 13, dtype=torch.float64)), ValueError, "ref_hidden must be packed like"),
+    (dict(ref_hidden=None, ref_weight=None, ref_logps=torch.zeros(4, dtype=torch.float64)), ValueError,
+     "ref_logps must be [2B] = [6]"),
+])
+def test_bad_cu_seqlens_named(overrides, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        _bad_call(**overrides)
+
+
+def test_bad_cu_seqlens_in_sequence_logprobs():
+    _, packed, extra, _ = ragged_batch(LENGTHS, PROMPTS)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the packed length"):
+        fastdpo.sequence_logprobs(packed["hidden"], extra["weight"], packed["labels"],
+                                  cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match="cu_seqlens must hold int32 or int64"):
+        fastdpo.sequence_logprobs(packed["hidden"], extra["weight"], packed["labels"],
+                                  cu_seqlens=torch.tensor([0, L], dtype=torch.int16))
+
+
+def test_loss_config_is_shared_by_both_layouts():
+    padded, packed, extra, _ = ragged_batch(LENGTHS, PROMPTS)
+    config = LossConfig(beta=0.3, loss_type="hinge")
+    a = fastdpo.dpo_loss(padded["hidden"], extra["weight"], padded["labels"], reference_free=True, config=config)
+    b = fastdpo.dpo_loss(packed["hidden"], extra["weight"], packed["labels"], reference_free=True, config=config,
+                         cu_seqlens=packed["cu_seqlens"])
+    _close(b.loss, a.loss, torch.float64, "hinge")
