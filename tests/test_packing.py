@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastdpo
+import fastdpo.integrations.transformers  # noqa: F401  (fastdpo.integrations.transformers.causal_lm_dpo_loss)
 from fastdpo import LossConfig
 from fastdpo.losses import LOSS_TYPES
 from fdtest import backend_params
@@ -274,3 +275,162 @@ def test_loss_config_is_shared_by_both_layouts():
     b = fastdpo.dpo_loss(packed["hidden"], extra["weight"], packed["labels"], reference_free=True, config=config,
                          cu_seqlens=packed["cu_seqlens"])
     _close(b.loss, a.loss, torch.float64, "hinge")
+
+
+# --- transformers: causal_lm_dpo_loss(padding_free=True) -----------------------------------------------------------
+
+VOCAB = 96
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+
+def tiny_lm(kind, attn, seed=0):
+    """A float64 tiny causal LM; Gemma-2 with its final-logit softcap (and, under eager, its attention softcap:
+    sdpa cannot compute that one, so the sdpa variant turns it off)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**TINY)
+    else:
+        config = transformers.Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=2.0,
+                                           attn_logit_softcapping=50.0 if attn == "eager" else None)
+    config._attn_implementation = attn
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).double()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)  # peaked logits, so that Gemma-2's softcap bends them
+    return model
+
+
+def ragged_lm_batch(lengths, prompt=3, seed=0):
+    """Right-padded ``[2B, T]`` ids, unshifted labels (prompt and padding ignored) and attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    S, T = len(lengths), max(lengths)
+    ids = torch.randint(2, VOCAB, (S, T), generator=g)
+    attention = (torch.arange(T) < torch.tensor(lengths).unsqueeze(1)).long()
+    ids = ids.masked_fill(attention == 0, 0)
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :prompt] = -100
+    return ids, labels, attention
+
+
+LM_LENGTHS = [13, 5, 9, 4, 11, 13]  # 3 pairs, one full row per half, a pair whose chosen is shorter
+
+
+def _eager_attention_float64(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                             **kwargs):
+    """transformers' eager attention (with Gemma-2's attention softcap) with its softmax in the inputs' dtype:
+    the stock one computes it in float32 whatever the model's dtype."""
+    groups = module.num_key_value_groups
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = query @ key.transpose(2, 3) * (module.head_dim ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        weights = softcap * torch.tanh(weights / softcap)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+def _gemma_rms_norm_float64(self, x):
+    """Gemma-2's RMSNorm without its float32 upcast."""
+    return self._norm(x) * (1.0 + self.weight)
+
+
+# Stock eager attention computes its softmax in float32, Gemma-2's RMSNorm in float32 too, and their sums run over
+# rows (T padded, L packed) and token counts that differ between the layouts, so these agree to float32 rounding.
+# With those two ops kept in float64 ("eager64": Gemma-2's only CPU attention with gradients, since sdpa refuses its
+# attention softcap and flex attention has no CPU backward), and with sdpa, they agree to float64 rounding.
+@pytest.mark.parametrize("kind, attn, tol", [("llama", "sdpa", 1e-10), ("gemma2", "eager64", 1e-10),
+                                             ("llama", "eager", 1e-5), ("gemma2", "eager", 1e-5)])
+def test_causal_lm_dpo_loss_packed_equals_padded(kind, attn, tol, monkeypatch):
+    if attn == "eager64":
+        from transformers.models.gemma2 import modeling_gemma2
+
+        monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", _eager_attention_float64)
+        monkeypatch.setattr(modeling_gemma2.Gemma2RMSNorm, "forward", _gemma_rms_norm_float64)
+        attn = "eager"
+    ids, labels, attention = ragged_lm_batch(LM_LENGTHS)
+    reference = tiny_lm(kind, attn, seed=1)
+    results = []
+    for padding_free in (False, True):
+        policy = tiny_lm(kind, attn)
+        out = fastdpo.integrations.transformers.causal_lm_dpo_loss(
+            policy, ids, labels, attention, ref_model=reference, beta=0.3, padding_free=padding_free,
+            loss_type=["sigmoid", "sft"], ld_alpha=0.5)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in policy.named_parameters()}
+        results.append((out, grads))
+    (pad, pad_grads), (pack, pack_grads) = results
+    assert len(pad_grads) > 10 and all(g is not None for g in pad_grads.values())
+    for name in ("loss", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+        a, b = getattr(pack, name), getattr(pad, name)
+        assert (a - b).abs().max() <= tol * max(1.0, b.abs().max().item()), (name, a, b)
+    for name, value in pad.metrics.items():
+        assert abs(pack.metrics[name].item() - value.item()) <= max(tol, 1e-6) * max(1.0, abs(value.item())), name
+    for name, g in pad_grads.items():
+        err = (pack_grads[name] - g).abs().max().item()
+        assert err <= tol * max(1.0, g.abs().max().item()), (name, err)
+    assert pad.loss.item() > 0.1 and max(g.abs().max().item() for g in pad_grads.values()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_causal_lm_logprobs_packed_equals_padded(kind):
+    fx = pytest.importorskip("fastdpo.integrations.transformers")
+    model = tiny_lm(kind, "eager" if kind == "gemma2" else "sdpa")
+    ids, labels, attention = ragged_lm_batch([7, 12, 3, 12, 2])
+    padded = fx.causal_lm_token_stats(model, ids, labels, attention, extras=True)
+    packed = fx.causal_lm_token_stats(model, ids, labels, attention, extras=True, padding_free=True)
+    tol = 1e-5 if kind == "gemma2" else 1e-10
+    for name, value in padded.items():
+        assert packed[name].shape == value.shape == (5, 11)
+        value, got = value.double(), packed[name].double()
+        assert (got - value).abs().max() <= tol * max(1.0, value.abs().max().item()), name
+    logp = fx.causal_lm_logprobs(model, ids, labels, attention, padding_free=True)
+    assert torch.equal(logp, packed["logp"])
+    # Sequences never see each other: change one, the log-probs of the others do not move.
+    other = ids.clone()
+    other[0, :7] = torch.randint(2, VOCAB, (7,), generator=torch.Generator().manual_seed(9))
+    moved = fx.causal_lm_logprobs(model, other, labels, attention, padding_free=True)
+    assert torch.equal(moved[1:], logp[1:]) and not torch.equal(moved[0], logp[0])
+
+
+def test_pack_batch_layout():
+    fx = pytest.importorskip("fastdpo.integrations.transformers")
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [10, 11, 12, 13], [14, 0, 0, 0]])
+    attention = (ids != 0).long()
+    labels = ids.masked_fill(ids == 0, -100)
+    labels[:, 0] = -100
+    packed = fx.pack_batch(ids, labels, attention, token_type_ids=ids * 0 + 1, output_hidden_states=False)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]]
+    assert packed.targets.tolist() == [6, 7, -100, 9, -100, 11, 12, 13, -100, -100]
+    assert packed.cu_seqlens.tolist() == [0, 3, 5, 9, 10] and packed.cu_seqlens.dtype == torch.int32
+    assert packed.model_kwargs == {"token_type_ids": packed.model_kwargs["token_type_ids"],
+                                   "output_hidden_states": False}
+    assert packed.model_kwargs["token_type_ids"].shape == (1, 10)
+    back = packed.to_padded(torch.arange(1.0, 11.0))
+    assert back.tolist() == [[1, 2, 3], [4, 5, 0], [6, 7, 8], [10, 0, 0]]
+    with pytest.raises(ValueError, match="position_ids: padding_free=True computes its own"):
+        fx.pack_batch(ids, labels, attention, position_ids=torch.zeros_like(ids))
+
+
+def test_models_that_cannot_run_packed_are_refused():
+    transformers = pytest.importorskip("transformers")
+    fx = pytest.importorskip("fastdpo.integrations.transformers")
+    ids, labels, attention = ragged_lm_batch([5, 3, 4, 5])
+    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=16,
+                                                                   num_hidden_layers=1, state_size=4))
+    with pytest.raises(TypeError, match="takes no position_ids"):
+        fx.causal_lm_dpo_loss(mamba, ids, labels, attention, reference_free=True, padding_free=True)
+    llama = tiny_lm("llama", "sdpa")
+    llama.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(TypeError, match="carry state along the sequence"):
+        fx.causal_lm_logprobs(llama, ids, labels, attention, padding_free=True)
+    llama = tiny_lm("llama", "sdpa")
+    llama.config._attn_implementation = "my_custom_attention"
+    with pytest.raises(TypeError, match="attn_implementation='my_custom_attention'"):
+        fx.causal_lm_logprobs(llama, ids, labels, attention, padding_free=True)
+    with pytest.raises(ValueError, match="hidden_states"):
+        fx.causal_lm_token_stats(tiny_lm("llama", "sdpa"), ids, labels, attention, padding_free=True,
+                                 hidden_states=torch.zeros(4, 5, 32))
