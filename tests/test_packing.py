@@ -434,3 +434,37 @@ def test_models_that_cannot_run_packed_are_refused():
     with pytest.raises(ValueError, match="hidden_states"):
         fx.causal_lm_token_stats(tiny_lm("llama", "sdpa"), ids, labels, attention, padding_free=True,
                                  hidden_states=torch.zeros(4, 5, 32))
+
+
+# --- FastDPOTrainer(DPOConfig(padding_free=True)) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, kw", [pytest.param("llama", {"ref": "model"}, id="llama-ref_model"),
+                                      pytest.param("gemma2", {"ref": "precompute"}, id="gemma2-precomputed"),
+                                      pytest.param("llama", {"ref": None, "peft": True}, id="llama-peft")])
+def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkeypatch):
+    trl_tests = pytest.importorskip("test_integrations_trl")
+    from trl.trainer import dpo_trainer
+
+    from fastdpo.integrations import transformers as fx
+    from fastdpo.integrations.trl import FastDPOTrainer
+
+    padded = trl_tests.train(FastDPOTrainer, kind, tmp_path, **kw)
+    warnings, backbone_rows = [], []
+    monkeypatch.setattr(dpo_trainer.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+    run_backbone = fx._run_backbone
+
+    def spy(lm, *args, **kwargs):
+        backbone_rows.append((tuple(kwargs["input_ids"].shape), kwargs.get("attention_mask")))
+        return run_backbone(lm, *args, **kwargs)
+
+    monkeypatch.setattr(fx, "_run_backbone", spy)
+    packed = trl_tests.train(FastDPOTrainer, kind, tmp_path, padding_free=True, **kw)
+    assert not [w for w in warnings if "padding_free" in w], warnings
+    # Control: the stock trainer does warn (and pad), and the spy hears it.
+    dpo_trainer.DPOTrainer(model=trl_tests.make_model("llama"), ref_model=trl_tests.make_model("llama"),
+                           args=trl_tests.make_args(tmp_path, padding_free=True), train_dataset=trl_tests.make_dataset(),
+                           processing_class=trl_tests.make_tokenizer())
+    assert [w for w in warnings if "padding_free" in w]
+    # Every backbone pass (policy, reference or precompute) ran on one packed row, without an attention mask.
+    assert backbone_rows and all(shape[0] == 1 and mask is None for shape, mask in backbone_rows), backbone_rows
+    trl_tests.assert_same_training(packed, padded)

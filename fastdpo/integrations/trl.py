@@ -74,7 +74,9 @@ from .._torch_path import _compute_dtype, chunked_backward  # noqa: E402
 from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
 from .transformers import (  # noqa: E402
     add_hidden_states_forward,
+    check_packable,
     lm_head_spec,
+    pack_batch,
     to_fastdpo_transform,
     unwrap_causal_lm,
 )
@@ -315,6 +317,15 @@ class FastDPOTrainer(DPOTrainer):
     ``"ref"`` adapter), or the reference log-probs precomputed with ``precompute_ref_log_probs=True`` (also
     computed by fastdpo). Logs TRL's metrics under TRL's names.
 
+    ``DPOConfig(padding_free=True)`` trains padding-free, which TRL 1.16's own DPOTrainer no longer does (it warns
+    and pads): TRL's collator still pads the batch, then each step removes the padding and runs the policy's and
+    the reference's backbones (and the precompute pass) once on all sequences packed into one row, positions
+    restarting at each sequence (see :func:`fastdpo.integrations.transformers.pack_batch`); the loss sums over the
+    packed segments. Same losses and logged metrics as padded training (``num_tokens`` counts the real tokens in
+    both). The model must be able to run packed (:func:`~fastdpo.integrations.transformers.check_packable`);
+    ``flash_attention_2`` is the intended GPU attention. Unlike TRL's former padding-free mode, no
+    ``flash_attention_2`` is required: on CPU, eager and sdpa attention get a block-diagonal mask from transformers.
+
     Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction: loss options
     missing from :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT, the MoE router auxiliary
     loss, DeepSpeed ZeRO-3 and FSDP (they shard the lm-head that fastdpo reads directly).
@@ -346,7 +357,22 @@ class FastDPOTrainer(DPOTrainer):
                              "FastDPOTrainer; use a LoRA-style adapter")
         if not isinstance(model, str):
             unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
-        super().__init__(model, ref_model, args, *pos, **kwargs)
+        # TRL 1.16 warns that it cannot train padding-free and pads; fastdpo packs, so TRL must not see the flag.
+        # Set before DPOTrainer.__init__, whose precompute pass already packs.
+        self.fastdpo_padding_free = padding_free = bool(getattr(args, "padding_free", False))
+        if padding_free:
+            if not isinstance(model, str):
+                check_packable(model)
+            args.padding_free = False
+        try:
+            super().__init__(model, ref_model, args, *pos, **kwargs)
+        finally:
+            if padding_free:
+                args.padding_free = True
+        if padding_free:
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    check_packable(m)
         if self.aux_loss_enabled:
             raise ValueError("router_aux_loss_coef: the MoE router auxiliary loss is not supported by "
                              "FastDPOTrainer; set DPOConfig(router_aux_loss_coef=0.0) or use trl.DPOTrainer")
@@ -366,15 +392,37 @@ class FastDPOTrainer(DPOTrainer):
     # -- the fused head ------------------------------------------------------------------------------------------
 
     def _token_stats(self, model, model_kwargs, labels, *, extras):
-        """fastdpo's per-token stats ``[2B, T-1]`` of the shifted labels, from ``model``'s backbone."""
+        """fastdpo's per-token stats of the shifted labels from ``model``'s backbone, and the packed batch.
+
+        Padded: stats ``[2B, T-1]`` and None. ``padding_free``: stats ``[L]`` of the packed stream and its
+        :class:`~fastdpo.integrations.transformers.PackedBatch`.
+        """
         unwrapped = self.accelerator.unwrap_model(model)
         # Through `model(...)`, so that DDP / PEFT / accelerate wrappers see the forward.
         add_hidden_states_forward(unwrapped)
-        hidden = model(**model_kwargs, fastdpo_hidden_states=True).last_hidden_state
         head = lm_head_spec(unwrapped)
-        return functional.token_stats(hidden[:, :-1].to(head.weight.device), head.weight,
-                                      labels[:, 1:].to(head.weight.device), bias=head.bias, extras=extras,
-                                      backend=self.fastdpo_backend, names={"targets": "labels"}, **head.options())
+        packed = None
+        if self.fastdpo_padding_free:
+            check_packable(unwrapped)
+            kwargs = dict(model_kwargs)
+            packed = pack_batch(kwargs.pop("input_ids"), labels, kwargs.pop("attention_mask", None), **kwargs)
+            hidden = model(**packed.backbone_kwargs(), fastdpo_hidden_states=True).last_hidden_state[0]
+            targets = packed.targets
+        else:
+            hidden = model(**model_kwargs, fastdpo_hidden_states=True).last_hidden_state[:, :-1]
+            targets = labels[:, 1:]
+        stats = functional.token_stats(hidden.to(head.weight.device), head.weight, targets.to(head.weight.device),
+                                       bias=head.bias, extras=extras, backend=self.fastdpo_backend,
+                                       names={"targets": "labels"}, **head.options())
+        return stats, packed
+
+    @staticmethod
+    def _loss_layout(stats, labels, packed):
+        """The completion mask in the stats' layout, and the packed offsets (None when padded)."""
+        device = stats["logp"].device
+        if packed is None:
+            return labels[:, 1:].to(device) != -100, None
+        return packed.targets.to(device) != -100, packed.cu_seqlens.to(device)
 
     def _adapter_context(self):
         if self.ref_model is None and is_peft_model(self.model):
@@ -382,12 +430,12 @@ class FastDPOTrainer(DPOTrainer):
             return _trl_utils.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return nullcontext()
 
-    def _reference_sequence_logps(self, token_logps, mask):
+    def _reference_sequence_logps(self, token_logps, mask, cu_seqlens=None):
         """Reduce reference per-token log-probs exactly as :func:`compute_dpo_loss` reduces the policy's."""
         # WPO weights only scale the loss, and need head extras the reference pass does not compute.
         config = dataclasses.replace(self.fastdpo_config, use_weighting=False)
         stats = {"logp": token_logps, "mean_logit": torch.zeros_like(token_logps)}
-        out = compute_dpo_loss(stats, mask, config, reference_free=True)
+        out = compute_dpo_loss(stats, mask, config, reference_free=True, cu_seqlens=cu_seqlens)
         return out.chosen_logps.detach(), out.rejected_logps.detach()
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -403,16 +451,16 @@ class FastDPOTrainer(DPOTrainer):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._adapter_context(), self.accelerator.autocast()):
-            logp = self._token_stats(model, model_kwargs, labels, extras=False)["logp"]
-        return self._reference_sequence_logps(logp, labels[:, 1:].to(logp.device) != -100)
+            stats, packed = self._token_stats(model, model_kwargs, labels, extras=False)
+        return self._reference_sequence_logps(stats["logp"], *self._loss_layout(stats, labels, packed))
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        stats = self._token_stats(model, model_kwargs, labels, extras=True)
-        mask = labels[:, 1:].to(stats["logp"].device) != -100
+        stats, packed = self._token_stats(model, model_kwargs, labels, extras=True)
+        mask, cu_seqlens = self._loss_layout(stats, labels, packed)
 
         ref_token_logps = ref_logps = None
         if self.precompute_ref_logps:
@@ -421,10 +469,15 @@ class FastDPOTrainer(DPOTrainer):
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 if self.ref_model is None:
                     with self._adapter_context():
-                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False)["logp"]
+                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False)[0]["logp"]
                 else:
-                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False)["logp"]
-        out = compute_dpo_loss(stats, mask, self.fastdpo_config, ref_token_logps=ref_token_logps, ref_logps=ref_logps)
+                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False)[0]["logp"]
+        out = compute_dpo_loss(stats, mask, self.fastdpo_config, ref_token_logps=ref_token_logps, ref_logps=ref_logps,
+                               cu_seqlens=cu_seqlens)
+        if packed is not None:
+            # The metrics are logged from the padded layout, as TRL's; only their per-token inputs are unpacked.
+            stats = {k: packed.to_padded(stats[k].detach()) for k in ("entropy", "mean_logit", "is_top1")}
+            mask = packed.to_padded(mask)
         self._log_fastdpo_metrics(mode, out, stats, mask, inputs)
 
         if return_outputs:
