@@ -202,8 +202,8 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
             runner.step(layout)  # warm-up: AdamW creates its state, the allocator settles
             bar.update()
             runs, backbone_runs = [], []
+            gc.collect()
             for _ in range(repeats):
-                gc.collect()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t = time.perf_counter()

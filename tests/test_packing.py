@@ -221,6 +221,40 @@ def test_segment_helpers_against_loops():
     assert seqs.rejected(x).tolist() == [0, 0, 0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
 
 
+@pytest.mark.parametrize("options", [dict(loss_type=["sigmoid", "ipo", "sft", "simpo", "orpo"], use_weighting=True,
+                                          extra_metrics=True),
+                                     dict(loss_type=["sigmoid_norm", "cpo"], ld_alpha=0.5),
+                                     dict(loss_type=["aot", "bco_pair"], average_log_prob=True)])
+def test_packed_reductions_never_read_a_value(options):
+    """The loss on meta tensors, which hold no values: any host read (``.item()``, ``bool()``, a data-dependent
+    shape) would raise, so on a GPU the packed per-sequence sums, the loss and its backward never sync."""
+    from fastdpo.losses import compute_dpo_loss
+
+    L, meta = 23, torch.device("meta")
+    logp = torch.empty(L, device=meta, requires_grad=True)
+    stats = {"logp": logp, "mean_logit": torch.empty(L, device=meta), "entropy": torch.empty(L, device=meta),
+             "is_top1": torch.empty(L, dtype=torch.bool, device=meta),
+             "log_sum_sq_probs": torch.empty(L, device=meta)}
+    out = compute_dpo_loss(stats, torch.empty(L, dtype=torch.bool, device=meta), LossConfig(**options),
+                           ref_token_logps=torch.empty(L, device=meta),
+                           cu_seqlens=torch.empty(7, dtype=torch.int32, device=meta))
+    out.loss.backward()
+    assert out.chosen_logps.shape == (3,) and logp.grad.shape == (L,) and logp.grad.device == meta
+
+
+def test_offset_value_checks_skippable_off_cpu(monkeypatch):
+    from fastdpo import _packing
+
+    meta = torch.device("meta")
+    cu = torch.empty(5, dtype=torch.int64, device=meta)
+    with pytest.raises(Exception):  # the value checks read the offsets: impossible on meta tensors
+        _packing.check_cu_seqlens(cu, 10, meta, pairs=True)
+    monkeypatch.setenv("FASTDPO_CHECK_LABELS", "0")
+    assert _packing.check_cu_seqlens(cu, 10, meta, pairs=True).device == meta
+    with pytest.raises(ValueError, match="must start at 0"):  # CPU tensors are always checked
+        _packing.check_cu_seqlens(torch.tensor([1, 10]), 10, torch.device("cpu"))
+
+
 # --- bad cu_seqlens -----------------------------------------------------------------------------------------------
 
 def _bad_call(**overrides):
@@ -411,6 +445,12 @@ def test_pack_batch_layout():
     assert packed.model_kwargs["token_type_ids"].shape == (1, 10)
     back = packed.to_padded(torch.arange(1.0, 11.0))
     assert back.tolist() == [[1, 2, 3], [4, 5, 0], [6, 7, 8], [10, 0, 0]]
+    # Left padding packs to the same row, positions restarting at 0 all the same.
+    left = torch.stack([torch.cat([r[a == 0], r[a != 0]]) for r, a in zip(ids, attention)])
+    left_labels = torch.stack([torch.cat([r[a == 0], r[a != 0]]) for r, a in zip(labels, attention)])
+    again = fx.pack_batch(left, left_labels, (left != 0).long())
+    for name in ("input_ids", "position_ids", "targets", "cu_seqlens"):
+        assert torch.equal(getattr(again, name), getattr(packed, name)), name
     with pytest.raises(ValueError, match="position_ids: padding_free=True computes its own"):
         fx.pack_batch(ids, labels, attention, position_ids=torch.zeros_like(ids))
 
@@ -468,3 +508,30 @@ def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkey
     # Every backbone pass (policy, reference or precompute) ran on one packed row, without an attention mask.
     assert backbone_rows and all(shape[0] == 1 and mask is None for shape, mask in backbone_rows), backbone_rows
     trl_tests.assert_same_training(packed, padded)
+
+
+# --- fastdpo profile --padding-free -------------------------------------------------------------------------------
+
+def test_padding_free_profile_on_a_tiny_model(tmp_path):
+    pytest.importorskip("transformers")
+    import json
+
+    from fastdpo.padding_free_profile import format_padding_free, ragged_lengths, run_padding_free
+    from fastdpo.profiling import resolve_config
+
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(dict(TINY, model_type="llama")))
+    config = resolve_config(str(config_path), pairs=5, seq_len=40, device="cpu", search=False)
+    report = run_padding_free(config, repeats=1, progress=False)
+    lengths = ragged_lengths(5, 40)
+    assert report.lengths == lengths
+    seqs = [p + c for p, c in zip(lengths["prompt"], lengths["chosen"])]
+    seqs += [p + r for p, r in zip(lengths["prompt"], lengths["rejected"])]
+    assert max(seqs) <= 40 and len(set(seqs)) > 3, "a ragged batch"
+    pad, pack = report.steps["padded"], report.steps["packed"]
+    assert pad.backbone_tokens == 10 * max(seqs) and pack.backbone_tokens == sum(seqs) < pad.backbone_tokens
+    assert pad.labelled_tokens == pack.labelled_tokens == sum(lengths["chosen"]) + sum(lengths["rejected"])
+    assert pack.loss == pytest.approx(pad.loss, rel=1e-5)
+    assert pack.logps_chosen == pytest.approx(pad.logps_chosen, rel=1e-5) and pad.logps_chosen < -1
+    text = format_padding_free(report)
+    assert str(seqs) in text and "backbone tokens" in text and "packed/padded" in text
