@@ -391,21 +391,21 @@ class FastDPOTrainer(DPOTrainer):
 
     # -- the fused head ------------------------------------------------------------------------------------------
 
-    def _token_stats(self, model, model_kwargs, labels, *, extras):
+    def _token_stats(self, model, model_kwargs, labels, *, extras, packed=None):
         """fastdpo's per-token stats of the shifted labels from ``model``'s backbone, and the packed batch.
 
         Padded: stats ``[2B, T-1]`` and None. ``padding_free``: stats ``[L]`` of the packed stream and its
-        :class:`~fastdpo.integrations.transformers.PackedBatch`.
+        :class:`~fastdpo.integrations.transformers.PackedBatch` (``packed``, when the batch was packed already).
         """
         unwrapped = self.accelerator.unwrap_model(model)
         # Through `model(...)`, so that DDP / PEFT / accelerate wrappers see the forward.
         add_hidden_states_forward(unwrapped)
         head = lm_head_spec(unwrapped)
-        packed = None
         if self.fastdpo_padding_free:
             check_packable(unwrapped)
-            kwargs = dict(model_kwargs)
-            packed = pack_batch(kwargs.pop("input_ids"), labels, kwargs.pop("attention_mask", None), **kwargs)
+            if packed is None:
+                kwargs = dict(model_kwargs)
+                packed = pack_batch(kwargs.pop("input_ids"), labels, kwargs.pop("attention_mask", None), **kwargs)
             hidden = model(**packed.backbone_kwargs(), fastdpo_hidden_states=True).last_hidden_state[0]
             targets = packed.targets
         else:
@@ -469,9 +469,11 @@ class FastDPOTrainer(DPOTrainer):
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 if self.ref_model is None:
                     with self._adapter_context():
-                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False)[0]["logp"]
+                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False,
+                                                            packed=packed)[0]["logp"]
                 else:
-                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False)[0]["logp"]
+                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False,
+                                                        packed=packed)[0]["logp"]
         out = compute_dpo_loss(stats, mask, self.fastdpo_config, ref_token_logps=ref_token_logps, ref_logps=ref_logps,
                                cu_seqlens=cu_seqlens)
         if packed is not None:
