@@ -140,7 +140,7 @@ class Sequences:
         return values.unsqueeze(-1) if not self.packed else values[self.ids]
 
     def chosen(self, x: torch.Tensor) -> torch.Tensor:
-        """The tokens of the chosen sequences: rows ``:B`` when padded, the stream with the others zeroed when packed."""
+        """The tokens of the chosen sequences: rows ``:B`` padded; packed, the stream with the others zeroed."""
         B = self.pairs
         return x[:B] if not self.packed else torch.where(self._chosen, x, torch.zeros((), dtype=x.dtype,
                                                                                         device=x.device))

@@ -277,7 +277,8 @@ L = sum(LENGTHS)
     (dict(cu_seqlens=torch.tensor([0])), ValueError, "at least one sequence"),
     (dict(cu_seqlens=torch.tensor([0, 9, 13, 16, 23, L])), ValueError, "even number of sequences"),
     (dict(cu_seqlens=torch.tensor([1, 9, 13, 16, 23, 23, L])), ValueError, "must start at 0"),
-    (dict(cu_seqlens=torch.tensor([0, 9, 13, 16, 23, 23, L - 1])), ValueError, f"must end at the packed length L = {L}"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 13, 16, 23, 23, L - 1])), ValueError,
+     f"must end at the packed length L = {L}"),
     (dict(cu_seqlens=torch.tensor([0, 9, 13, 12, 23, 23, L])), ValueError, "non-decreasing"),
     (dict(cu_seqlens=torch.tensor([0, 9, 4, 3, 7, 0, 6])), ValueError, "looks like sequence lengths"),
     (dict(cu_seqlens=torch.tensor([0, 9, 13, 16, 23, 23, L], device="meta")), ValueError, "must be on the device"),
@@ -502,8 +503,8 @@ def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkey
     assert not [w for w in warnings if "padding_free" in w], warnings
     # Control: the stock trainer does warn (and pad), and the spy hears it.
     dpo_trainer.DPOTrainer(model=trl_tests.make_model("llama"), ref_model=trl_tests.make_model("llama"),
-                           args=trl_tests.make_args(tmp_path, padding_free=True), train_dataset=trl_tests.make_dataset(),
-                           processing_class=trl_tests.make_tokenizer())
+                           args=trl_tests.make_args(tmp_path, padding_free=True),
+                           train_dataset=trl_tests.make_dataset(), processing_class=trl_tests.make_tokenizer())
     assert [w for w in warnings if "padding_free" in w]
     # Every backbone pass (policy, reference or precompute) ran on one packed row, without an attention mask.
     assert backbone_rows and all(shape[0] == 1 and mask is None for shape, mask in backbone_rows), backbone_rows
