@@ -15,6 +15,9 @@ These models apply their scale *before* the softcap (``c·tanh(s·z/c)``) while 
 
 Works with a PEFT-wrapped model (LoRA-style adapters injected into the layers) and, for the reference,
 with the same model with its adapter disabled (``ref_model="disable_adapter"``).
+
+``padding_free=True`` removes the padding of a batch and runs the backbone once on its sequences packed into one
+row (:func:`pack_batch`, :func:`check_packable`); the loss then reduces over ``cu_seqlens`` segments.
 """
 
 from __future__ import annotations
