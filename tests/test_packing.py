@@ -513,26 +513,44 @@ def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkey
 
 # --- fastdpo profile --padding-free -------------------------------------------------------------------------------
 
-def test_padding_free_profile_on_a_tiny_model(tmp_path):
+def test_padding_free_profile_on_a_tiny_model(tmp_path, capsys):
     pytest.importorskip("transformers")
     import json
 
-    from fastdpo.padding_free_profile import format_padding_free, ragged_lengths, run_padding_free
-    from fastdpo.profiling import resolve_config
+    from fastdpo.bench import cli
+    from fastdpo.bench.padding_free import ragged_lengths
 
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(dict(TINY, model_type="llama")))
-    config = resolve_config(str(config_path), pairs=5, seq_len=40, device="cpu", search=False)
-    report = run_padding_free(config, repeats=1, progress=False)
+    out = tmp_path / "out"
+    argv = ["profile", "--padding-free", "--model", str(config_path), "--seq-len", "40", "--pairs", "5",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "padding_free.json").read_text())
     lengths = ragged_lengths(5, 40)
-    assert report.lengths == lengths
+    assert report["lengths"] == lengths
     seqs = [p + c for p, c in zip(lengths["prompt"], lengths["chosen"])]
     seqs += [p + r for p, r in zip(lengths["prompt"], lengths["rejected"])]
     assert max(seqs) <= 40 and len(set(seqs)) > 3, "a ragged batch"
-    pad, pack = report.steps["padded"], report.steps["packed"]
-    assert pad.backbone_tokens == 10 * max(seqs) and pack.backbone_tokens == sum(seqs) < pad.backbone_tokens
-    assert pad.labelled_tokens == pack.labelled_tokens == sum(lengths["chosen"]) + sum(lengths["rejected"])
-    assert pack.loss == pytest.approx(pad.loss, rel=1e-5)
-    assert pack.logps_chosen == pytest.approx(pad.logps_chosen, rel=1e-5) and pad.logps_chosen < -1
-    text = format_padding_free(report)
+    pad, pack = report["steps"]["padded"], report["steps"]["packed"]
+    assert pad["backbone_tokens"] == 10 * max(seqs) and pack["backbone_tokens"] == sum(seqs) < pad["backbone_tokens"]
+    assert pad["labelled_tokens"] == pack["labelled_tokens"] == sum(lengths["chosen"]) + sum(lengths["rejected"])
+    assert pack["loss"] == pytest.approx(pad["loss"], rel=1e-5)
+    assert pack["logps_chosen"] == pytest.approx(pad["logps_chosen"], rel=1e-5) and pad["logps_chosen"] < -1
     assert str(seqs) in text and "backbone tokens" in text and "packed/padded" in text
+
+
+def test_padding_free_profile_refuses_a_model_that_cannot_run_packed(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import json
+
+    from fastdpo.bench import cli
+
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(dict(TINY, model_type="llama", layer_types=["full_attention",
+                                                                                  "linear_attention"])))
+    argv = ["profile", "--padding-free", "--model", str(config_path), "--seq-len", "16", "--pairs", "2",
+            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    assert "carry state along the sequence" in capsys.readouterr().err

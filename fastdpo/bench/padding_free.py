@@ -12,17 +12,20 @@ share) and the peak memory; the two losses must agree.
 
 from __future__ import annotations
 
+import datetime as _dt
 import gc
+import json
+import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .memory import PeakMeter
 
 __all__ = ["LAYOUTS", "ragged_lengths", "ragged_batch", "LayoutStep", "PaddingFreeReport", "run_padding_free",
-           "format_padding_free"]
+           "format_padding_free", "write_outputs"]
 
 LAYOUTS = ("padded", "packed")
 
@@ -92,13 +95,14 @@ class PaddingFreeReport:
     padded_shape: tuple
     repeats: int
     steps: dict = field(default_factory=dict)  # layout -> LayoutStep
+    date: str = ""
 
 
 class _Runner:
     """One DPO training step of a profiling harness (policy, frozen reference, AdamW) in either layout."""
 
     def __init__(self, harness, batch):
-        from .integrations.transformers import pack_batch
+        from ..integrations.transformers import pack_batch
 
         self.h = harness
         self.ids, self.attention, self.labels = batch
@@ -112,7 +116,7 @@ class _Runner:
 
     def step(self, layout, meter=False):
         """Returns ((loss, mean chosen log-prob), backbone seconds, per-phase peaks or None)."""
-        from .functional import dpo_loss
+        from ..functional import dpo_loss
 
         h = self.h
         kwargs, targets, cu_seqlens = self.inputs(layout)
@@ -175,8 +179,8 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
     """Measure both layouts on one ragged batch of ``config.pairs`` pairs (a :class:`ProfileConfig`)."""
     from tqdm.auto import tqdm
 
-    from .bench import machine_name
-    from .integrations.transformers import check_packable
+    from ..integrations.transformers import check_packable
+    from .run import machine_name
     from .profiling import _attention, _Harness
 
     device = torch.device(config.device)
@@ -193,7 +197,7 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
                                machine=machine_name(config.device), attention=attention,
                                memory_method=PeakMeter(device).method, dtype=config.dtype, seq_len=config.seq_len,
                                pairs=config.pairs, lengths=lengths, padded_shape=tuple(runner.ids.shape),
-                               repeats=repeats)
+                               repeats=repeats, date=_dt.datetime.now().isoformat(timespec="seconds"))
     labelled = int((runner.labels[:, 1:] != -100).sum())
     with tqdm(total=2 * (repeats + 2), desc="fastdpo profile --padding-free", unit="step", disable=not progress,
               leave=False) as bar:
@@ -265,3 +269,11 @@ def format_padding_free(report: PaddingFreeReport) -> str:
     lines.append("The step: reference forward, policy forward, fastdpo's loss (forward + backward), policy backward, "
                  "AdamW; the packed backbones run on one row with restarting position_ids, the loss on cu_seqlens.")
     return "\n".join(lines)
+
+
+def write_outputs(report: PaddingFreeReport, out_dir: str) -> dict:
+    """``padding_free.json``: the configuration, the lengths and both layouts' steps."""
+    path = os.path.join(out_dir, "padding_free.json")
+    with open(path, "w") as f:
+        json.dump(asdict(report), f, indent=2)
+    return {"json": path}
