@@ -370,7 +370,9 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         hidden_states: the backbone's ``[B, T, H]`` output when already computed (the backbone is then not run).
         padding_free: remove the padding and run the backbone once on all sequences packed into one row, positions
             restarting at each sequence (see :func:`pack_batch`, :func:`check_packable`); the results are those of
-            the right-padded batch, to rounding. Default False.
+            the right-padded batch, to rounding. Default False. Eager and sdpa attention compute the packed row as
+            one ``L × L`` product under a block-diagonal mask (work in ``L²``, not ``Σ T_s²``);
+            ``flash_attention_2``'s varlen kernels compute only the diagonal blocks.
         **model_kwargs: passed to the backbone (e.g. ``position_ids``).
 
     Returns:
