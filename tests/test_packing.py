@@ -492,13 +492,13 @@ def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkey
     padded = trl_tests.train(FastDPOTrainer, kind, tmp_path, **kw)
     warnings, backbone_rows = [], []
     monkeypatch.setattr(dpo_trainer.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
-    run_backbone = fx._run_backbone
+    backbone_outputs = fx._backbone_outputs
 
     def spy(lm, *args, **kwargs):
         backbone_rows.append((tuple(kwargs["input_ids"].shape), kwargs.get("attention_mask")))
-        return run_backbone(lm, *args, **kwargs)
+        return backbone_outputs(lm, *args, **kwargs)
 
-    monkeypatch.setattr(fx, "_run_backbone", spy)
+    monkeypatch.setattr(fx, "_backbone_outputs", spy)
     packed = trl_tests.train(FastDPOTrainer, kind, tmp_path, padding_free=True, **kw)
     assert not [w for w in warnings if "padding_free" in w], warnings
     # Control: the stock trainer does warn (and pad), and the spy hears it.

@@ -14,7 +14,9 @@ These models apply their scale *before* the softcap (``c·tanh(s·z/c)``) while 
 (``s·c'·tanh(z/c')``); the two agree exactly with ``c' = c/|s|``, which :func:`lm_head_spec` returns.
 
 Works with a PEFT-wrapped model (LoRA-style adapters injected into the layers) and, for the reference,
-with the same model with its adapter disabled (``ref_model="disable_adapter"``).
+with the same model with its adapter disabled (``ref_model="disable_adapter"``). A model loaded with a
+tensor-parallel ``tp_plan`` has a ``DTensor`` lm-head sharded over the vocabulary: the head is then
+vocabulary-parallel by itself (see :class:`fastdpo.VocabParallel`), without a gather.
 
 ``padding_free=True`` removes the padding of a batch and runs the backbone once on its sequences packed into one
 row (:func:`pack_batch`, :func:`check_packable`); the loss then reduces over ``cu_seqlens`` segments.
@@ -167,13 +169,20 @@ def _backbone(lm):
     return backbone
 
 
-def _run_backbone(lm, *args, **kwargs) -> torch.Tensor:
+def _backbone_outputs(lm, *args, **kwargs):
     # The lm-head (and with it the labels and loss arguments) is fastdpo's job: the backbone must not see them.
     for key in ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict"):
         kwargs.pop(key, None)
     kwargs["use_cache"] = False
-    out = _backbone(lm)(*args, **kwargs)
+    return _backbone(lm)(*args, **kwargs)
+
+
+def _last_hidden_state(out) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _run_backbone(lm, *args, **kwargs) -> torch.Tensor:
+    return _last_hidden_state(_backbone_outputs(lm, *args, **kwargs))
 
 
 def backbone_hidden_states(model, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -190,7 +199,8 @@ def backbone_hidden_states(model, input_ids=None, attention_mask=None, **kwargs)
 def add_hidden_states_forward(model) -> None:
     """Let ``model(..., fastdpo_hidden_states=True)`` return the backbone's final hidden states.
 
-    The call then returns a ``BaseModelOutput``-like object whose ``last_hidden_state`` is ``[B, T, H]``;
+    The call then returns a ``BaseModelOutput``-like object whose ``last_hidden_state`` is ``[B, T, H]`` (and
+    ``router_logits`` the backbone's MoE router logits when ``output_router_logits=True`` is passed, else None);
     without the keyword the model's forward is unchanged. Going through ``model(...)`` keeps wrappers
     (PEFT, DDP, accelerate hooks) in the loop. Idempotent.
     """
@@ -204,7 +214,9 @@ def add_hidden_states_forward(model) -> None:
     def forward(self, *args, fastdpo_hidden_states=False, **kwargs):
         if not fastdpo_hidden_states:
             return original_forward(*args, **kwargs)
-        return _HiddenStates(last_hidden_state=_run_backbone(self, *args, **kwargs))
+        out = _backbone_outputs(self, *args, **kwargs)
+        return _HiddenStates(last_hidden_state=_last_hidden_state(out),
+                             router_logits=getattr(out, "router_logits", None))
 
     lm.forward = types.MethodType(forward, lm)
     lm._fastdpo_hidden_states_forward = True
@@ -213,6 +225,7 @@ def add_hidden_states_forward(model) -> None:
 @dataclass
 class _HiddenStates:
     last_hidden_state: torch.Tensor
+    router_logits: tuple | None = None
 
 
 def _check_inputs(input_ids, labels):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -317,6 +318,10 @@ class FastDPOTrainer(DPOTrainer):
     ``"ref"`` adapter), or the reference log-probs precomputed with ``precompute_ref_log_probs=True`` (also
     computed by fastdpo). Logs TRL's metrics under TRL's names.
 
+    MoE models train with the router's load-balancing loss as in TRL (``router_aux_loss_coef``, by default the
+    model's own coefficient; logged as ``aux_loss``), and ``bf16``/``fp16`` run the backbone and the head under
+    the trainer's autocast as TRL's forward does.
+
     ``DPOConfig(padding_free=True)`` trains padding-free, which TRL 1.16's own DPOTrainer no longer does (it warns
     and pads): TRL's collator still pads the batch, then each step removes the padding and runs the policy's and
     the reference's backbones (and the precompute pass) once on all sequences packed into one row, positions
@@ -326,22 +331,22 @@ class FastDPOTrainer(DPOTrainer):
     ``flash_attention_2`` is the intended GPU attention. Unlike TRL's former padding-free mode, no
     ``flash_attention_2`` is required: on CPU, eager and sdpa attention get a block-diagonal mask from transformers.
 
-    Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction: loss options
-    missing from :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT, the MoE router auxiliary
-    loss, DeepSpeed ZeRO-3 and FSDP (they shard the lm-head that fastdpo reads directly).
+    Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction, before any of the
+    parent's set-up: loss options missing from :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT,
+    DeepSpeed ZeRO-3 and FSDP (they shard the lm-head that fastdpo reads directly).
     """
 
     _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pos, fastdpo_backend: str = "auto",
                  **kwargs):
+        # Every refusal comes before DPOTrainer.__init__, which is expensive: it tokenizes the datasets, builds the
+        # reference model and, when precomputing, already runs the reference pass through fastdpo's loss.
         if fastdpo_backend not in BACKENDS:
             raise ValueError(f"fastdpo_backend must be one of {list(BACKENDS)}, got {fastdpo_backend!r}")
         self.fastdpo_backend = fastdpo_backend
-        # Checked before DPOTrainer.__init__: it already runs the loss's reference pass when precomputing.
         self.fastdpo_config = loss_config_from_dpo_config(args)
-        if args is not None:
-            self._check_unsupported(args)
+        self._check_unsupported(args)
         train_dataset = kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None)
         if train_dataset is not None:
             try:
@@ -356,7 +361,14 @@ class FastDPOTrainer(DPOTrainer):
             raise ValueError("peft_config: prompt-learning PEFT (prefix/prompt/p-tuning) is not supported by "
                              "FastDPOTrainer; use a LoRA-style adapter")
         if not isinstance(model, str):
-            unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+            lm = unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+            coef = getattr(args, "router_aux_loss_coef", None)
+            config = getattr(lm, "config", None)
+            # TRL refuses this too, but only after Trainer.__init__.
+            if coef and config is not None and not hasattr(config.get_text_config(), "output_router_logits"):
+                raise ValueError(f"router_aux_loss_coef={coef} is set but {type(lm).__name__} is not a "
+                                 f"Mixture-of-Experts model that returns router logits: there is no auxiliary loss "
+                                 f"to weight")
         # TRL 1.16 warns that it cannot train padding-free and pads; fastdpo packs, so TRL must not see the flag.
         # Set before DPOTrainer.__init__, whose precompute pass already packs.
         self.fastdpo_padding_free = padding_free = bool(getattr(args, "padding_free", False))
@@ -373,14 +385,11 @@ class FastDPOTrainer(DPOTrainer):
             for m in (self.model, self.ref_model):
                 if m is not None:
                     check_packable(m)
-        if self.aux_loss_enabled:
-            raise ValueError("router_aux_loss_coef: the MoE router auxiliary loss is not supported by "
-                             "FastDPOTrainer; set DPOConfig(router_aux_loss_coef=0.0) or use trl.DPOTrainer")
-        self._check_unsupported(self.args)
-        self.fastdpo_config = loss_config_from_dpo_config(self.args)
 
     @staticmethod
     def _check_unsupported(args):
+        if args is None:  # DPOTrainer builds a default DPOConfig, which asks for nothing unsupported
+            return
         plugin = getattr(args, "deepspeed_plugin", None)
         if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
             raise ValueError("deepspeed: ZeRO-3 is not supported by FastDPOTrainer (it partitions the lm-head that "
@@ -391,8 +400,9 @@ class FastDPOTrainer(DPOTrainer):
 
     # -- the fused head ------------------------------------------------------------------------------------------
 
-    def _token_stats(self, model, model_kwargs, labels, *, extras, packed=None):
-        """fastdpo's per-token stats of the shifted labels from ``model``'s backbone, and the packed batch.
+    def _token_stats(self, model, model_kwargs, labels, *, extras, aux_loss=False, packed=None):
+        """fastdpo's per-token stats of the shifted labels from ``model``'s backbone, with ``aux_loss`` the MoE
+        router's load-balancing loss (else None), and the packed batch.
 
         Padded: stats ``[2B, T-1]`` and None. ``padding_free``: stats ``[L]`` of the packed stream and its
         :class:`~fastdpo.integrations.transformers.PackedBatch` (``packed``, when the batch was packed already).
@@ -400,21 +410,30 @@ class FastDPOTrainer(DPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         # Through `model(...)`, so that DDP / PEFT / accelerate wrappers see the forward.
         add_hidden_states_forward(unwrapped)
-        head = lm_head_spec(unwrapped)
+        kwargs = {**model_kwargs, "use_cache": False}
         if self.fastdpo_padding_free:
             check_packable(unwrapped)
             if packed is None:
-                kwargs = dict(model_kwargs)
                 packed = pack_batch(kwargs.pop("input_ids"), labels, kwargs.pop("attention_mask", None), **kwargs)
-            hidden = model(**packed.backbone_kwargs(), fastdpo_hidden_states=True).last_hidden_state[0]
-            targets = packed.targets
-        else:
-            hidden = model(**model_kwargs, fastdpo_hidden_states=True).last_hidden_state[:, :-1]
-            targets = labels[:, 1:]
-        stats = functional.token_stats(hidden.to(head.weight.device), head.weight, targets.to(head.weight.device),
-                                       bias=head.bias, extras=extras, backend=self.fastdpo_backend,
-                                       names={"targets": "labels"}, **head.options())
-        return stats, packed
+            kwargs = packed.backbone_kwargs()
+        if aux_loss:
+            kwargs["output_router_logits"] = True
+        # Stock TRL runs backbone, head and router loss inside `model.forward`, which accelerate wraps in the
+        # trainer's autocast (bf16=True / fp16=True); fastdpo's head runs outside that forward, so enter it here.
+        with self.accelerator.autocast():
+            out = model(**kwargs, fastdpo_hidden_states=True)
+            head = lm_head_spec(unwrapped)
+            if packed is None:
+                hidden, targets = out.last_hidden_state[:, :-1], labels[:, 1:]
+            else:
+                hidden, targets = out.last_hidden_state[0], packed.targets
+            stats = functional.token_stats(hidden.to(head.weight.device), head.weight, targets.to(head.weight.device),
+                                           bias=head.bias, extras=extras, backend=self.fastdpo_backend,
+                                           names={"targets": "labels"}, **head.options())
+            # Packed, every token is real: no attention mask, and the router loss averages over the same tokens.
+            aux = (self._router_aux_loss(unwrapped, out.router_logits, kwargs.get("attention_mask")) if aux_loss
+                   else None)
+        return stats, aux, packed
 
     @staticmethod
     def _loss_layout(stats, labels, packed):
@@ -423,6 +442,23 @@ class FastDPOTrainer(DPOTrainer):
         if packed is None:
             return labels[:, 1:].to(device) != -100, None
         return packed.targets.to(device) != -100, packed.cu_seqlens.to(device)
+
+    @staticmethod
+    def _router_aux_loss(model, router_logits, attention_mask):
+        """The MoE load-balancing loss exactly as TRL 1.16's fused forward computes it (Mixtral's formula, which
+        every MoE family in ``transformers`` shares, with the config's expert counts)."""
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        lm = unwrap_causal_lm(model)
+        if router_logits is None:
+            raise ValueError(f"router_aux_loss_coef: {type(lm).__name__}'s backbone returned no router logits for "
+                             f"output_router_logits=True; set DPOConfig(router_aux_loss_coef=0.0) to train without the "
+                             f"MoE auxiliary loss")
+        text_config = lm.config.get_text_config()
+        num_experts = getattr(text_config, "num_experts", None)
+        if num_experts is None:
+            num_experts = lm.num_experts
+        return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
     def _adapter_context(self):
         if self.ref_model is None and is_peft_model(self.model):
@@ -451,15 +487,18 @@ class FastDPOTrainer(DPOTrainer):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._adapter_context(), self.accelerator.autocast()):
-            stats, packed = self._token_stats(model, model_kwargs, labels, extras=False)
+            stats, _, packed = self._token_stats(model, model_kwargs, labels, extras=False)
         return self._reference_sequence_logps(stats["logp"], *self._loss_layout(stats, labels, packed))
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        # As TRL: no KV cache on any forward (also the one that recomputes the logits for `return_outputs`).
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        stats, packed = self._token_stats(model, model_kwargs, labels, extras=True)
+        stats, aux_loss, packed = self._token_stats(model, model_kwargs, labels, extras=True,
+                                                    aux_loss=self.aux_loss_enabled)
         mask, cu_seqlens = self._loss_layout(stats, labels, packed)
 
         ref_token_logps = ref_logps = None
@@ -476,6 +515,11 @@ class FastDPOTrainer(DPOTrainer):
                                                         packed=packed)[0]["logp"]
         out = compute_dpo_loss(stats, mask, self.fastdpo_config, ref_token_logps=ref_token_logps, ref_logps=ref_logps,
                                cu_seqlens=cu_seqlens)
+        loss = out.loss
+        if aux_loss is not None:
+            # As TRL: the router loss weighted by `router_aux_loss_coef`, logged unweighted as `aux_loss`.
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         if packed is not None:
             # The metrics are logged from the padded layout, as TRL's; only their per-token inputs are unpacked.
             stats = {k: packed.to_padded(stats[k].detach()) for k in ("entropy", "mean_logit", "is_top1")}
@@ -483,11 +527,15 @@ class FastDPOTrainer(DPOTrainer):
         self._log_fastdpo_metrics(mode, out, stats, mask, inputs)
 
         if return_outputs:
-            # As TRL: `compute_metrics` wants logits, which the fused head never builds; recompute them.
+            # As TRL: `compute_metrics` wants logits, which the fused head never builds; recompute them, with TRL's
+            # deprecation warning.
+            warnings.warn("return_outputs=True (the logits it hands to compute_metrics) is deprecated in TRL 1.16 "
+                          "and will be removed in TRL 2.0: the fused head never builds the logits, so they are "
+                          "recomputed by an extra forward pass", FutureWarning, stacklevel=2)
             with torch.no_grad():
                 outputs = model(**model_kwargs)
-            return out.loss, outputs
-        return out.loss
+            return loss, outputs
+        return loss
 
     def _log_fastdpo_metrics(self, mode, out, stats, mask, inputs):
         """TRL's metrics, gathered across processes the way DPOTrainer gathers them."""
@@ -527,3 +575,7 @@ class FastDPOTrainer(DPOTrainer):
         log("rewards/margins", acc.gather(chosen_rewards - rejected_rewards).mean().item())
         log("logps/chosen", acc.gather(out.chosen_logps.detach()).mean().item())
         log("logps/rejected", acc.gather(out.rejected_logps.detach()).mean().item())
+        # The NLL term (sft/cpo/orpo) and ORPO's odds ratio, averaged across processes as TRL's CPO/ORPO trainers do.
+        for name in ("nll_loss", "log_odds_ratio", "log_odds_chosen"):
+            if name in out.metrics:
+                log(name, acc.gather_for_metrics(out.metrics[name].detach().reshape(1)).mean().item())
