@@ -481,7 +481,8 @@ def test_models_that_cannot_run_packed_are_refused():
 
 @pytest.mark.parametrize("kind, kw", [pytest.param("llama", {"ref": "model"}, id="llama-ref_model"),
                                       pytest.param("gemma2", {"ref": "precompute"}, id="gemma2-precomputed"),
-                                      pytest.param("llama", {"ref": None, "peft": True}, id="llama-peft")])
+                                      pytest.param("llama", {"ref": None, "peft": True}, id="llama-peft"),
+                                      pytest.param("qwen3_moe", {"ref": "model"}, id="qwen3_moe-router_loss")])
 def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkeypatch):
     trl_tests = pytest.importorskip("test_integrations_trl")
     from trl.trainer import dpo_trainer
@@ -508,7 +509,19 @@ def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkey
     assert [w for w in warnings if "padding_free" in w]
     # Every backbone pass (policy, reference or precompute) ran on one packed row, without an attention mask.
     assert backbone_rows and all(shape[0] == 1 and mask is None for shape, mask in backbone_rows), backbone_rows
-    trl_tests.assert_same_training(packed, padded)
+    if kind != "qwen3_moe":
+        trl_tests.assert_same_training(packed, padded)
+        return
+    # The MoE case: same logs (the router loss included) to the same tolerance. Its weights after three AdamW steps
+    # at lr 1e-2 differ by up to ~1e-4 (not 5e-5): Adam divides each gradient by its own running magnitude, so the
+    # fp32 rounding of near-zero gradient entries (attention over [16, T] rows padded vs one [1, L] row) turns into
+    # differences of the order of the learning rate times that rounding's relative size.
+    (packed_logs, packed_params), (padded_logs, padded_params) = packed, padded
+    for step, (a, b) in enumerate(zip(packed_logs, padded_logs)):
+        for name in trl_tests.METRICS + ("aux_loss",):
+            assert a[name] == pytest.approx(b[name], rel=2e-4, abs=2e-5), f"step {step}: {name}"
+    for name, p in padded_params.items():
+        torch.testing.assert_close(packed_params[name], p, atol=3e-4, rtol=1e-4, msg=name)
 
 
 # --- fastdpo profile --padding-free -------------------------------------------------------------------------------
