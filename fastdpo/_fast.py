@@ -190,6 +190,7 @@ def _triton_forward(hidden, weight, bias, targets, opts: HeadOptions):
 
     from . import _triton_path
     from .kernels import logprob_fast as K
+    from .kernels import logprob_fwd
 
     config = _triton_path._config(hidden)
     N, V = hidden.shape[0], weight.shape[0]
@@ -199,7 +200,7 @@ def _triton_forward(hidden, weight, bias, targets, opts: HeadOptions):
         return out, (hidden.new_empty(0), hidden.new_empty(0))
     kept = K.allocate_kept(N, v_keep, hidden.dtype, hidden.device, config)
     out, _ = _triton_path.forward(hidden, weight, bias, targets, opts,
-                                  launch=functools.partial(K.logprob_forward_keep, kept=kept))
+                                  launch=functools.partial(logprob_fwd.logprob_forward, kept=kept))
     return out, (kept.e, kept.m_tile)
 
 
