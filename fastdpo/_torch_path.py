@@ -90,15 +90,11 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
     merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else V, opts.extras, tgt,
                           _merge.resolve_group(opts.group))
 
-    def scatter(values, dtype=cd):
-        return torch.zeros(N, dtype=dtype, device=hidden.device).index_copy_(0, idx, values.to(dtype))
+    def scatter(values):
+        return torch.zeros(N, dtype=values.dtype, device=hidden.device).index_copy_(0, idx, values)
 
-    out = {"logp": scatter(merged["logp"]), "mean_logit": scatter(merged["mean_logit"]),
-           "lse": scatter(merged["lse"])}
-    if opts.extras:
-        out["entropy"] = scatter(merged["entropy"])
-        out["log_sum_sq_probs"] = scatter(merged["log_sum_sq_probs"])
-        out["is_top1"] = scatter(merged["argmax"] == tgt.to(cd), torch.bool)
+    top1 = merged["argmax"] == tgt.to(cd) if opts.extras else None
+    out = _merge.token_outputs(merged, opts.extras, scatter, top1)
     return out, out["lse"]
 
 
