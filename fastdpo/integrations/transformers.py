@@ -15,6 +15,12 @@ These models apply their scale *before* the softcap (``c·tanh(s·z/c)``) while 
 
 Works with a PEFT-wrapped model (LoRA-style adapters injected into the layers) and, for the reference,
 with the same model with its adapter disabled (``ref_model="disable_adapter"``).
+
+Data-parallel wrappers (DDP, FSDP1, FSDP2 ``fully_shard``, DeepSpeed ZeRO-1/2/3): pass the wrapped model itself.
+The head's statistics are computed *inside the lm-head module's own forward*, and that module is called from
+inside the model's forward (see :func:`add_hidden_states_forward`), so every wrapper gathers, casts and reduces the
+head exactly as for an ordinary forward; fastdpo never gathers a parameter itself. The backward recomputes the
+logits from the weight that the wrapper's own pre-backward hooks gathered again.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ __all__ = [
     "HeadSpec",
     "lm_head_spec",
     "unwrap_causal_lm",
+    "call_lm_head",
     "backbone_hidden_states",
     "add_hidden_states_forward",
+    "HeadOutput",
     "causal_lm_token_stats",
     "causal_lm_logprobs",
     "causal_lm_dpo_loss",
@@ -44,8 +52,16 @@ __all__ = [
 #: ``ref_model`` value of :func:`causal_lm_dpo_loss`: the reference is the policy with its PEFT adapter disabled.
 DISABLE_ADAPTER = "disable_adapter"
 
-# The keyword that :func:`add_hidden_states_forward` adds to a model's forward.
+# The keywords that :func:`add_hidden_states_forward` adds to a model's forward.
 HIDDEN_STATES_KWARG = "fastdpo_hidden_states"
+HEAD_KWARG = "fastdpo_head"
+
+# Data-parallel wrappers that hold the model as `.module` and run it from their own forward. Matched by class name
+# so that DeepSpeed is never imported here.
+_WRAPPER_CLASSES = ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+# Module wrappers that hold the wrapped module under these attributes and call it from their forward (FSDP1 units,
+# activation-checkpoint wrappers).
+_INNER_MODULE_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 @dataclass(frozen=True)
@@ -79,13 +95,34 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def unwrap_wrappers(model):
+    """The module under data-parallel wrappers (DDP, FSDP1's root unit, a DeepSpeed engine), or the model itself.
+
+    FSDP2 (``fully_shard``) and DeepSpeed ZeRO-3 keep the module itself (with hooks), so it is returned as is.
+    """
+    while type(model).__name__ in _WRAPPER_CLASSES and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _innermost(module):
+    """The module under FSDP1 unit and activation-checkpoint wrappers (whose forward calls it)."""
+    while True:
+        inner = next((getattr(module, a) for a in _INNER_MODULE_ATTRS if isinstance(getattr(module, a, None),
+                                                                                   torch.nn.Module)), None)
+        if inner is None:
+            return module
+        module = inner
+
+
 def unwrap_causal_lm(model):
-    """The ``*ForCausalLM`` module under a PEFT wrapper (or the model itself).
+    """The ``*ForCausalLM`` module under data-parallel and PEFT wrappers (or the model itself).
 
     Raises:
         TypeError: for prompt-learning PEFT methods (prefix/prompt tuning), whose virtual tokens only exist in
             ``PeftModel.forward`` and so are skipped when the backbone is run directly.
     """
+    model = unwrap_wrappers(model)
     if _is_peft_model(model):
         if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
             raise TypeError("model: prompt-learning PEFT adapters (prefix/prompt/p-tuning) are not supported by "
@@ -129,26 +166,67 @@ def to_fastdpo_transform(softcap, scale) -> tuple[float | None, float]:
     return float(softcap) / abs(float(scale)), float(scale)
 
 
+def _lm_head_module(lm):
+    """The output-embedding module of the causal LM ``lm`` (possibly an FSDP1 unit), checked."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    inner = _innermost(head) if isinstance(head, torch.nn.Module) else None
+    if inner is None or not isinstance(getattr(inner, "weight", None), torch.Tensor):
+        raise TypeError(f"model: {type(lm).__name__} has no output embedding (lm-head) with a weight")
+    if inner.__class__.__module__.startswith("peft."):
+        raise TypeError("model: a PEFT adapter on the lm-head is not supported: fastdpo reads lm_head.weight "
+                        "directly, so the adapter would never be applied or trained; remove 'lm_head' from "
+                        "target_modules")
+    return head
+
+
+def _head_transform(lm) -> dict:
+    softcap, scale = to_fastdpo_transform(*_model_transform(lm.config))
+    return {"softcap": softcap, "logit_scale": scale}
+
+
 def lm_head_spec(model) -> HeadSpec:
     """The lm-head (tied or not) of a causal LM and its logit transform in fastdpo's order.
 
+    The weight is read as the module holds it *outside* a forward: under FSDP and ZeRO-3 that is a shard (or a
+    ``DTensor``); the loss helpers below never read it this way but call the head as a module
+    (:func:`call_lm_head`).
+
     Args:
-        model: a ``transformers`` causal LM, optionally PEFT-wrapped.
+        model: a ``transformers`` causal LM, optionally PEFT- or data-parallel-wrapped.
 
     Raises:
         TypeError: when the model has no linear output embedding, or a PEFT adapter wraps the lm-head
             (fastdpo reads ``lm_head.weight`` directly, so the adapter would be silently ignored).
     """
     lm = unwrap_causal_lm(model)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise TypeError(f"model: {type(lm).__name__} has no output embedding (lm-head) with a weight")
-    if head.__class__.__module__.startswith("peft."):
-        raise TypeError("model: a PEFT adapter on the lm-head is not supported: fastdpo reads lm_head.weight "
-                        "directly, so the adapter would never be applied or trained; remove 'lm_head' from "
-                        "target_modules")
-    softcap, scale = to_fastdpo_transform(*_model_transform(lm.config))
-    return HeadSpec(weight=head.weight, bias=getattr(head, "bias", None), softcap=softcap, logit_scale=scale)
+    head = _innermost(_lm_head_module(lm))
+    return HeadSpec(weight=head.weight, bias=getattr(head, "bias", None), **_head_transform(lm))
+
+
+def _head_forward(self, *args, fastdpo_head=None, **kwargs):
+    # Inside the module's own forward the data-parallel wrappers have gathered (and cast) its parameters.
+    if fastdpo_head is None:
+        return self._fastdpo_original_forward(*args, **kwargs)
+    return fastdpo_head(*args, self.weight, getattr(self, "bias", None), **kwargs)
+
+
+def call_lm_head(model, hidden, fn):
+    """Call the lm-head module of ``model`` so that its forward returns ``fn(hidden, weight, bias)``.
+
+    ``weight`` and ``bias`` are the head's parameters as its own forward sees them: gathered by FSDP1/FSDP2/ZeRO-3,
+    cast by a mixed-precision policy, and tracked by DDP and by the wrappers' backward hooks (which gather them
+    again for a backward that recomputes from them, and reduce their gradients). Call it from inside the model's
+    forward (as :func:`add_hidden_states_forward` does) under DDP; FSDP and ZeRO-3 also accept a direct call.
+    ``fn`` should return tensors in a tuple, list, dict or dataclass, so that the wrappers find them.
+    """
+    head = _lm_head_module(unwrap_causal_lm(model))
+    inner = _innermost(head)
+    if inner.__dict__.get("forward") is None or not getattr(inner, "_fastdpo_head_forward", False):
+        # An instance attribute (not a closure), so that a deep copy of the model calls its own forward.
+        inner._fastdpo_original_forward = inner.forward
+        inner.forward = types.MethodType(_head_forward, inner)
+        inner._fastdpo_head_forward = True
+    return head(hidden, fastdpo_head=fn)
 
 
 def _backbone(lm):
@@ -172,31 +250,44 @@ def backbone_hidden_states(model, input_ids=None, attention_mask=None, **kwargs)
     """The final hidden states ``[B, T, H]`` of a causal LM: its backbone only, no lm-head.
 
     For a PEFT model the adapters take part (they live inside the backbone's layers); run it under
-    ``model.disable_adapter()`` for the base model. When the model is wrapped for distributed training
-    (DDP), call the wrapper with ``fastdpo_hidden_states=True`` after :func:`add_hidden_states_forward`
-    instead, so that the wrapper's forward hooks run.
+    ``model.disable_adapter()`` for the base model. This calls the backbone module directly; under a
+    data-parallel wrapper use ``model(..., fastdpo_head=fn)`` (:func:`add_hidden_states_forward`) instead, so that
+    the wrapper sees one ordinary forward.
     """
     return _run_backbone(unwrap_causal_lm(model), input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def add_hidden_states_forward(model) -> None:
-    """Let ``model(..., fastdpo_hidden_states=True)`` return the backbone's final hidden states.
+def _hidden_states_forward(self, *args, fastdpo_hidden_states=False, fastdpo_head=None, **kwargs):
+    if fastdpo_head is not None:
+        return HeadOutput(head=call_lm_head(self, _run_backbone(self, *args, **kwargs), fastdpo_head))
+    if fastdpo_hidden_states:
+        return _HiddenStates(last_hidden_state=_run_backbone(self, *args, **kwargs))
+    return self._fastdpo_original_forward(*args, **kwargs)
 
-    The call then returns a ``BaseModelOutput``-like object whose ``last_hidden_state`` is ``[B, T, H]``;
-    without the keyword the model's forward is unchanged. Going through ``model(...)`` keeps wrappers
-    (PEFT, DDP, accelerate hooks) in the loop. Idempotent.
+
+def add_hidden_states_forward(model) -> None:
+    """Add two keywords to the forward of a causal LM (``model`` may be PEFT- or data-parallel-wrapped).
+
+    - ``model(..., fastdpo_hidden_states=True)`` returns an object whose ``last_hidden_state`` is the backbone's
+      ``[B, T, H]`` output;
+    - ``model(..., fastdpo_head=fn)`` runs the backbone, then the lm-head module on its output, and returns a
+      :class:`HeadOutput` whose ``head`` is ``fn(hidden [B, T, H], weight, bias)`` computed inside the lm-head's
+      own forward (see :func:`call_lm_head`): the way to run a fused head under DDP, FSDP and ZeRO.
+
+    Without them the model's forward is unchanged. Going through ``model(...)`` keeps wrappers (PEFT, DDP, FSDP,
+    DeepSpeed, accelerate hooks) in the loop. Idempotent.
     """
     lm = unwrap_causal_lm(model)
-    if getattr(lm, "_fastdpo_hidden_states_forward", False):
+    if lm.__dict__.get("forward") is not None and getattr(lm, "_fastdpo_hidden_states_forward", False):
         return
-    original_forward = lm.forward
+    # The forward it replaces is kept as an instance attribute, not in a closure, so that a deep copy of the model
+    # (a reference model) runs its own forward.
+    lm._fastdpo_original_forward = lm.forward
 
     # Keep the original signature: `generate` validates its model kwargs against it.
     @functools.wraps(type(lm).forward)
-    def forward(self, *args, fastdpo_hidden_states=False, **kwargs):
-        if not fastdpo_hidden_states:
-            return original_forward(*args, **kwargs)
-        return _HiddenStates(last_hidden_state=_run_backbone(self, *args, **kwargs))
+    def forward(self, *args, **kwargs):
+        return _hidden_states_forward(self, *args, **kwargs)
 
     lm.forward = types.MethodType(forward, lm)
     lm._fastdpo_hidden_states_forward = True
@@ -205,6 +296,13 @@ def add_hidden_states_forward(model) -> None:
 @dataclass
 class _HiddenStates:
     last_hidden_state: torch.Tensor
+
+
+@dataclass
+class HeadOutput:
+    """What ``model(..., fastdpo_head=fn)`` returns: ``head`` is ``fn``'s result."""
+
+    head: object
 
 
 def _check_inputs(input_ids, labels):
@@ -220,12 +318,44 @@ def _check_inputs(input_ids, labels):
                          f"{tuple(input_ids.shape)}")
 
 
+class _TokenStatsHead:
+    """``fn`` of :func:`call_lm_head`: fastdpo's per-token statistics of the shifted labels.
+
+    A plain callable (not a dataclass or container), so that wrappers that walk a forward's arguments leave it and
+    its label tensor alone.
+    """
+
+    def __init__(self, targets, shifted, options):
+        self.targets, self.shifted, self.options = targets, shifted, options
+
+    def __call__(self, hidden, weight, bias):
+        if self.shifted:
+            hidden = hidden[:, :-1]
+        return functional.token_stats(hidden, weight, self.targets.to(hidden.device), bias=bias,
+                                      names={"targets": "labels"}, **self.options)
+
+
+def model_token_stats(model, labels, *, hidden_states=None, temperature=1.0, extras=False, ignore_index=-100,
+                      backend="auto", **model_kwargs) -> dict:
+    """:func:`causal_lm_token_stats` without the input checks; ``model_kwargs`` go to the model's forward."""
+    lm = unwrap_causal_lm(model)
+    options = dict(ignore_index=ignore_index, temperature=temperature, backend=backend, extras=extras,
+                   **_head_transform(lm))
+    if hidden_states is not None:
+        return call_lm_head(lm, hidden_states[:, :-1], _TokenStatsHead(labels[:, 1:], False, options))
+    add_hidden_states_forward(lm)
+    # Through `model(...)`, so that every wrapper (DDP, FSDP, DeepSpeed, PEFT, accelerate) sees one ordinary forward.
+    return model(**model_kwargs, fastdpo_head=_TokenStatsHead(labels[:, 1:], True, options)).head
+
+
 def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temperature=1.0, extras=False,
                           ignore_index=-100, backend="auto", hidden_states=None, **model_kwargs) -> dict:
     """Per-token statistics of the next-token labels, as ``model(...).logits`` would give them.
 
     Args:
-        model: a ``transformers`` causal LM, optionally PEFT-wrapped.
+        model: a ``transformers`` causal LM, optionally PEFT-wrapped, and optionally wrapped for data-parallel
+            training (DDP, FSDP1, FSDP2, a DeepSpeed engine): pass the wrapper itself. The backbone and the lm-head
+            run inside one call of ``model(...)``, the head as a module (see :func:`call_lm_head`).
         input_ids: ``[B, T]`` token ids.
         labels: ``[B, T]`` *unshifted* labels as for ``model(labels=...)``: position ``t+1``'s label is
             predicted from position ``t``; ``ignore_index`` on prompt and padding. Only labelled tokens are
@@ -233,7 +363,8 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         attention_mask: ``[B, T]`` or None.
         temperature: divisor of the logits after the model's own transform.
         extras: also return ``entropy``, ``log_sum_sq_probs`` and ``is_top1``.
-        hidden_states: the backbone's ``[B, T, H]`` output when already computed (the backbone is then not run).
+        hidden_states: the backbone's ``[B, T, H]`` output when already computed (the backbone is then not run and
+            the lm-head module is called directly: fine in one process, under FSDP and under ZeRO-3, not under DDP).
         **model_kwargs: passed to the backbone (e.g. ``position_ids``).
 
     Returns:
@@ -241,15 +372,9 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         and the extras; 0 where the shifted label is ignored.
     """
     _check_inputs(input_ids, labels)
-    head = lm_head_spec(model)
-    if hidden_states is None:
-        hidden_states = backbone_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask,
-                                               **model_kwargs)
-    hidden = hidden_states[:, :-1].to(head.weight.device)
-    targets = labels[:, 1:].to(head.weight.device)
-    return functional.token_stats(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index,
-                                  temperature=temperature, backend=backend, extras=extras,
-                                  names={"targets": "labels"}, **head.options())
+    return model_token_stats(model, labels, hidden_states=hidden_states, temperature=temperature, extras=extras,
+                             ignore_index=ignore_index, backend=backend, input_ids=input_ids,
+                             attention_mask=attention_mask, **model_kwargs)
 
 
 def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -258,6 +383,7 @@ def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, **kwargs) 
 
 
 def _adapter_disabled(model):
+    model = unwrap_wrappers(model)
     if not _is_peft_model(model):
         raise TypeError(f"ref_model={DISABLE_ADAPTER!r} needs a PEFT model (the reference is the policy without "
                         f"its adapter), got {type(model).__name__}")
@@ -270,10 +396,11 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
     """The DPO loss of a causal LM on a batch of ``2B`` rows (``B`` chosen, then ``B`` rejected).
 
     Args:
-        model: the policy, a ``transformers`` causal LM, optionally PEFT-wrapped.
+        model: the policy, a ``transformers`` causal LM, optionally PEFT-wrapped; under DDP, FSDP or DeepSpeed
+            the wrapped model itself (see :func:`causal_lm_token_stats`).
         input_ids, labels, attention_mask: ``[2B, T]``; ``labels`` unshifted (as for ``model(labels=...)``)
             with ``ignore_index`` on prompt and padding.
-        ref_model: the reference causal LM (run without gradient), or ``"disable_adapter"`` for the PEFT
+        ref_model: the reference causal LM (run without gradient; wrapped or not), or ``"disable_adapter"`` for the PEFT
             policy with its adapter disabled. Exactly one of ``ref_model``, ``ref_logps`` and
             ``reference_free`` is required.
         ref_logps: ``[2B]`` precomputed reference sequence log-probs.
