@@ -40,6 +40,7 @@ __all__ = [
     "lm_head_spec",
     "unwrap_causal_lm",
     "call_lm_head",
+    "call_head_module",
     "backbone_hidden_states",
     "add_hidden_states_forward",
     "HeadOutput",
@@ -219,7 +220,11 @@ def call_lm_head(model, hidden, fn):
     forward (as :func:`add_hidden_states_forward` does) under DDP; FSDP and ZeRO-3 also accept a direct call.
     ``fn`` should return tensors in a tuple, list, dict or dataclass, so that the wrappers find them.
     """
-    head = _lm_head_module(unwrap_causal_lm(model))
+    return call_head_module(_lm_head_module(unwrap_causal_lm(model)), hidden, fn)
+
+
+def call_head_module(head, hidden, fn):
+    """:func:`call_lm_head` given the lm-head module itself (an FSDP1 unit or the module under it)."""
     inner = _innermost(head)
     if inner.__dict__.get("forward") is None or not getattr(inner, "_fastdpo_head_forward", False):
         # An instance attribute (not a closure), so that a deep copy of the model calls its own forward.
