@@ -336,8 +336,11 @@ class _TokenStatsHead:
     def __call__(self, hidden, weight, bias):
         if self.shifted:
             hidden = hidden[:, :-1]
-        return functional.token_stats(hidden, weight, self.targets.to(hidden.device), bias=bias,
-                                      names={"targets": "labels"}, **self.options)
+        stats = functional.token_stats(hidden, weight, self.targets.to(hidden.device), bias=bias,
+                                       names={"targets": "labels"}, **self.options)
+        # FSDP2 warns about views returned by a unit's forward (an in-place op on one would skip its backward hook);
+        # these are [B, T-1], so owning copies cost nothing.
+        return {name: value.clone() if value._base is not None else value for name, value in stats.items()}
 
 
 def model_token_stats(model, labels, *, hidden_states=None, temperature=1.0, extras=False, ignore_index=-100,
