@@ -125,8 +125,9 @@ def compare(grads, expected):
     errors = {n: ((grads[n].to(torch.float64) - expected[n]).abs().max() / expected[n].abs().max().clamp(min=1e-30))
               .item() for n in expected}
     worst = max(errors, key=errors.get)
+    head = [v for n, v in errors.items() if "lm_head" in n or "embed_tokens" in n]
     return {"max_rel_err": errors[worst], "worst": worst, "n_params": len(errors),
-            "head_rel_err": max(v for n, v in errors.items() if "lm_head" in n or "embed_tokens" in n)}
+            "head_rel_err": max(head) if head else None}
 
 
 def norm_rel_err(grads, expected):
@@ -230,22 +231,15 @@ def case_fsdp2(rank, world, mode, tied=False, mp=False):
 
 
 def case_zero(rank, world, stage):
-    import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    # DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce op; plain gloo collectives suffice here.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed = _deepspeed()
     # fp32: ZeRO-3 refuses fp64 parameters, and ZeRO-1/2 keep their gradients in fp32 whatever the parameters' dtype.
     policy, ref = make_pair(dtype=torch.float32)
-    # Threshold 0: ZeRO-3 would otherwise keep parameters this small whole on every rank (never partitioned).
-    zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
-    config = {"train_micro_batch_size_per_gpu": PAIRS // world, "gradient_accumulation_steps": 1,
-              "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-              "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
-    engine, *_ = deepspeed.initialize(model=policy, model_parameters=[p for p in policy.parameters()], config=config)
+    config = _zero_config(stage, world)
+    engine, *_ = deepspeed.initialize(model=policy, model_parameters=list(policy.parameters()), config=config)
     if stage == 3:
-        ref, *_ = deepspeed.initialize(model=ref, config={"train_micro_batch_size_per_gpu": PAIRS // world,
-                                                          "zero_optimization": zero})
+        ref, *_ = deepspeed.initialize(model=ref, config={k: v for k, v in config.items() if k != "optimizer"})
         # Outside a forward the heads hold no elements: only the modules' own hooks can gather them.
         for head in (engine.module.lm_head, ref.module.lm_head):
             assert head.weight.numel() == 0, "ZeRO-3 should have partitioned the lm-head"
@@ -268,12 +262,12 @@ def trl_loss(model, rows):
     return (out.log_probs.to(torch.float64) * coef[rows]).sum() / len(rows)
 
 
-def trl_one_process():
+def trl_one_process(dtype=torch.float64):
     import trl.trainer.utils as trl_utils
 
     from fastdpo.integrations.trl import patch_trl
 
-    policy, _ = make_pair()
+    policy, _ = make_pair(dtype=dtype)
     with patch_trl(backend="torch"):
         trl_utils.add_fused_lm_head(policy)
         loss = trl_loss(policy, list(range(2 * PAIRS)))
@@ -298,6 +292,101 @@ def case_trl_fsdp2_head_unit(rank, world, patched):
     finally:
         unpatch_trl()
     return loss, fsdp2_grads(model)
+
+
+def _zero_config(stage, world):
+    # Threshold 0: ZeRO-3 would otherwise keep parameters this small whole on every rank (never partitioned).
+    return {"train_micro_batch_size_per_gpu": PAIRS // world, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True, "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
+
+
+def _deepspeed():
+    import deepspeed
+
+    # DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce op; plain gloo collectives suffice here.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
+def case_trl_zero3(rank, world):
+    """TRL's fused head under patch_trl() with ZeRO-3 on, as transformers sees it (TRL's own gather is armed)."""
+    import trl.trainer.utils as trl_utils
+    from deepspeed.utils import safe_get_full_grad
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from fastdpo.integrations.trl import patch_trl
+
+    deepspeed = _deepspeed()
+    config = _zero_config(3, world)
+    armed = HfDeepSpeedConfig(config)  # noqa: F841  (kept alive: makes is_deepspeed_zero3_enabled() true)
+    policy, _ = make_pair(dtype=torch.float32)
+    with patch_trl(backend="torch"):
+        trl_utils.add_fused_lm_head(policy)
+        engine, *_ = deepspeed.initialize(model=policy, model_parameters=list(policy.parameters()), config=config)
+        assert engine.module.lm_head.weight.numel() == 0, "ZeRO-3 should have partitioned the lm-head"
+        loss = trl_loss(engine, local_rows(rank, world))
+        engine.backward(loss)
+    return loss, {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+
+
+def case_ddp_peft(rank, world):
+    """DDP(find_unused_parameters=True) over a LoRA policy whose reference is the adapter disabled."""
+    import peft
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastdpo.integrations.transformers import causal_lm_dpo_loss
+
+    policy = make_lora()
+    model = DDP(policy, find_unused_parameters=True)
+    ids, labels, attention = local_batch(rank, world)
+    loss = causal_lm_dpo_loss(model, ids, labels, attention, ref_model="disable_adapter", beta=BETA,
+                              backend="torch").loss
+    loss.backward()
+    assert isinstance(policy, peft.PeftModel)
+    return loss, {clean(n): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_lora():
+    import peft
+
+    policy, _ = make_pair()
+    model = peft.get_peft_model(policy, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        lora_dropout=0.0))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # LoRA's B starts at 0: give the adapter an effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return model
+
+
+def peft_one_process():
+    from fastdpo.integrations.transformers import causal_lm_dpo_loss
+
+    model = make_lora()
+    ids, labels, attention = global_batch()
+    loss = causal_lm_dpo_loss(model, ids, labels, attention, ref_model="disable_adapter", beta=BETA,
+                              backend="torch").loss
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def case_ddp_hidden_states_refused(rank, world):
+    """Precomputed hidden states with a DDP model would run the head outside DDP's forward: refused."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastdpo.integrations.transformers import causal_lm_logprobs
+
+    policy, _ = make_pair()
+    model = DDP(policy)
+    ids, labels, attention = local_batch(rank, world)
+    hidden = policy.model(input_ids=ids, attention_mask=attention).last_hidden_state
+    try:
+        causal_lm_logprobs(model, ids, labels, attention, hidden_states=hidden)
+    except ValueError as err:
+        return {"raised": str(err)}
+    return {"raised": None}
 
 
 def case_trl_patched_too_late(rank, world):
@@ -347,13 +436,20 @@ CASES = {
     "trl_fsdp2_head_unit_patched": lambda r, w: case_trl_fsdp2_head_unit(r, w, patched=True),
     "trl_fsdp2_head_unit_stock": lambda r, w: case_trl_fsdp2_head_unit(r, w, patched=False),
     "trl_patched_too_late": case_trl_patched_too_late,
+    "trl_zero3_patched": case_trl_zero3,
+    "ddp_peft_disabled_adapter_ref": case_ddp_peft,
+    "ddp_hidden_states_refused": case_ddp_hidden_states_refused,
 }
 
 
 def _expected(name, cache):
     """The one-process results a case compares against (computed once per kind)."""
-    if name.startswith("trl_"):
+    if name == "trl_zero3_patched":
+        key = "trl_fp32"
+    elif name.startswith("trl_"):
         key = "trl"
+    elif name.startswith("ddp_peft"):
+        key = "peft"
     elif name == "fsdp2_mixed_precision":
         key = "bf16"
     elif name.startswith("zero"):
@@ -363,6 +459,10 @@ def _expected(name, cache):
     if key not in cache:
         if key == "trl":
             cache[key] = trl_one_process()
+        elif key == "trl_fp32":
+            cache[key] = trl_one_process(torch.float32)
+        elif key == "peft":
+            cache[key] = peft_one_process()
         elif key == "bf16":
             cache[key] = (one_process_grads(dtype=torch.bfloat16), one_process_grads(dtype=torch.float64),
                           one_process_per_rank_grads(dist.get_world_size(), torch.bfloat16))
@@ -374,7 +474,7 @@ def _expected(name, cache):
 
 
 def _run_case(name, rank, world, cache):
-    if name.startswith("zero"):
+    if name.startswith("zero") or "zero" in name:
         reason = deepspeed_unavailable()
         if reason:
             return {"skip": reason}

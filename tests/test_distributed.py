@@ -30,8 +30,8 @@ def case(results, name):
     return result
 
 
-def assert_matches_one_process(result, tol=FP64_TOL):
-    assert result["n_params"] >= 20
+def assert_matches_one_process(result, tol=FP64_TOL, n_params=20):
+    assert result["n_params"] >= n_params
     assert result["max_rel_err"] < tol, f"worst parameter {result['worst']}: {result['max_rel_err']:.3g}"
     assert result["mean_loss"] == pytest.approx(result["one_process_loss"], rel=tol, abs=tol)
 
@@ -87,6 +87,22 @@ def test_patch_trl_fsdp2_head_in_its_own_unit(results):
     stock = case(results, "trl_fsdp2_head_unit_stock")
     assert stock["head_rel_err"] > 0.1, "stock TRL should get the own-unit head gradient wrong"
     assert_matches_one_process(case(results, "trl_fsdp2_head_unit_patched"))
+
+
+def test_ddp_peft_with_disabled_adapter_reference(results):
+    """DDP(find_unused_parameters=True) over a LoRA policy, reference = the adapter disabled: every LoRA gradient."""
+    assert_matches_one_process(case(results, "ddp_peft_disabled_adapter_ref"), n_params=8)
+
+
+def test_ddp_with_precomputed_hidden_states_is_refused(results):
+    raised = case(results, "ddp_hidden_states_refused")["raised"]
+    assert raised is not None and "hidden_states" in raised and "DDP" in raised
+
+
+def test_patch_trl_zero3(results):
+    """TRL's fused head under patch_trl() with ZeRO-3 (head partitioned, transformers' ZeRO-3 flag on so TRL's own
+    gather is armed): the head runs as a module and ZeRO-3's hooks fetch it; fp32, as for the other ZeRO cases."""
+    assert_matches_one_process(case(results, "trl_zero3_patched"), tol=1e-5)
 
 
 def test_patch_trl_too_late_refuses_full_tensor(results):

@@ -380,6 +380,10 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         and the extras; 0 where the shifted label is ignored.
     """
     _check_inputs(input_ids, labels)
+    if hidden_states is not None and type(model).__name__ == "DistributedDataParallel":
+        raise ValueError("hidden_states: with a DDP-wrapped model the lm-head would run outside DDP's forward (its "
+                         "gradient would arrive unannounced); leave hidden_states out so that model(...) runs the "
+                         "backbone and the head in one forward")
     return model_token_stats(model, labels, hidden_states=hidden_states, temperature=temperature, extras=extras,
                              ignore_index=ignore_index, backend=backend, input_ids=input_ids,
                              attention_mask=attention_mask, **model_kwargs)
