@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastdpo import _validate
-from fastdpo.competitors import get_implementations, make_inputs
+from fastdpo.bench.competitors import get_implementations, make_inputs
 
 # fastdpo per backend, then every competitor; a case that cannot run here is skipped with its reason.
 CASES = ("fastdpo[torch]", "fastdpo[triton]", "naive", "trl", "liger", "cce")

@@ -26,10 +26,10 @@ import sys
 
 import torch
 
-from fastdpo.bench import GPU_SHAPES, SHAPES, machine_name, measure, exact_reference, BenchReport, BenchConfig
-from fastdpo.bench import format_table, rel_err  # noqa: F401 - rel_err re-exported for interactive use
-from fastdpo.competitors import IMPLEMENTATIONS, get_implementations, make_inputs
-from fastdpo.memory import PeakMeter
+from fastdpo.bench.run import GPU_SHAPES, SHAPES, machine_name, measure, exact_reference, BenchReport, BenchConfig
+from fastdpo.bench.run import format_table, rel_err  # noqa: F401 - rel_err re-exported for interactive use
+from fastdpo.bench.competitors import IMPLEMENTATIONS, get_implementations, make_inputs
+from fastdpo.bench.memory import PeakMeter
 
 # Issue 2's targets.
 MAX_LOSS_ERR = 1e-4
@@ -85,7 +85,7 @@ def run_case(shape_name, with_ref, args, dtype) -> BenchReport:
     for impl in get_implementations(args.impl):
         reason = impl.unavailable_reason(device, dtype)
         if reason is not None:
-            from fastdpo.bench import BenchRow
+            from fastdpo.bench.run import BenchRow
 
             rows.append(BenchRow(impl.key, impl.label, impl.version, "skipped", note=reason))
             continue

@@ -23,7 +23,7 @@ import time
 import torch
 
 from fastdpo import _triton_path
-from fastdpo.competitors import make_inputs
+from fastdpo.bench.competitors import make_inputs
 from fastdpo.kernels import logprob_bwd, logprob_fwd
 from fastdpo.kernels.config import KernelConfig
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fastdpo.competitors import IMPLEMENTATIONS
+from fastdpo.bench.competitors import IMPLEMENTATIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

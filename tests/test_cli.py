@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from fastdpo import bench, cli, profiling
-from fastdpo.competitors import make_inputs
-from fastdpo.memory import PeakMeter
+from fastdpo.bench import cli, profiling, run
+from fastdpo.bench.competitors import make_inputs
+from fastdpo.bench.memory import PeakMeter
 from fastdpo.reference import reference_dpo_loss
 
 TINY_BENCH = ["bench", "--hidden", "16", "--vocab", "40", "--pairs", "1", "--seq-len", "8", "--repeats", "1",
@@ -31,11 +31,11 @@ def test_parser_reads_bench_options():
 
 
 def test_cpu_named_shape_keeps_head_and_shrinks_batch():
-    cfg = bench.resolve_config("llama3-8b", device="cpu")
-    assert (cfg.hidden, cfg.vocab, cfg.pairs, cfg.seq_len) == (4096, 128256, bench.CPU_NAMED_PAIRS,
-                                                                bench.CPU_NAMED_SEQ)
+    cfg = run.resolve_config("llama3-8b", device="cpu")
+    assert (cfg.hidden, cfg.vocab, cfg.pairs, cfg.seq_len) == (4096, 128256, run.CPU_NAMED_PAIRS,
+                                                                run.CPU_NAMED_SEQ)
     assert "on CPU" in cfg.note
-    cfg = bench.resolve_config(device="cpu", hidden=64, pairs=3)
+    cfg = run.resolve_config(device="cpu", hidden=64, pairs=3)
     assert (cfg.shape, cfg.hidden, cfg.pairs, cfg.dtype) == ("cpu-small (custom)", 64, 3, "fp32")
 
 
@@ -100,7 +100,7 @@ def test_bench_default_out_dir_is_fresh_and_named(capsys, tmp_path, monkeypatch)
     made = [p for p in os.listdir(tmp_path) if p.startswith("fastdpo-out-bench-")]
     assert len(made) == 1 and os.path.exists(tmp_path / made[0] / "results.csv")
     assert made[0] in capsys.readouterr().out
-    assert bench.prepare_out_dir(None, "bench") != made[0]
+    assert run.check_out_dir(None, "bench") != made[0]
 
 
 def test_peak_meter_sees_a_cpu_tensor():
@@ -114,7 +114,7 @@ def test_peak_meter_sees_a_cpu_tensor():
 
 def test_exact_reference_matches_the_whole_batch_reference():
     inp = make_inputs(2, 7, 12, 30, dtype=torch.float64, with_ref=True)
-    truth = bench.exact_reference(inp, torch.float64)
+    truth = run.exact_reference(inp, torch.float64)
     out = reference_dpo_loss(inp.hidden, inp.weight, inp.labels, ref_hidden=inp.ref_hidden,
                              ref_weight=inp.ref_weight, beta=inp.beta)
     out.loss.backward()
@@ -149,12 +149,15 @@ def test_profile_writes_report_timeline_and_search(capsys, tmp_path):
     assert (out / "timeline.png").stat().st_size > 0
 
 
-def test_profile_budget_nothing_fits(capsys, tmp_path):
+def test_profile_budget_nothing_fits(capsys, tmp_path, monkeypatch):
+    # Refused from the estimate, before any model is built or any folder made.
+    monkeypatch.setattr(profiling, "run_profile", _must_not_run)
     argv = ["profile", "--model", _tiny_config(tmp_path), "--layers", "1", "--seq-len", "8", "--budget", "0.0001",
             "--device", "cpu", "--no-progress", "--out", str(tmp_path / "p")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "--budget 0.0001 GiB: nothing fits" in err
+    assert "--budget 0.0001 GiB: nothing fits" in err and "AdamW state alone need about" in err
+    assert not (tmp_path / "p").exists()
 
 
 def test_named_models_build_their_family():
@@ -176,3 +179,228 @@ def test_cuda_timeline_from_a_snapshot_trace():
     tl = profiling.cuda_timeline(snap, baseline=10)
     assert tl["bytes"] == [110, 160, 60]
     assert tl["t"] == [0.0, 0.5, 1.0]
+
+
+# --- the command line never destroys, never hangs, never overstates -------------------------------------------
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the run started although it should have been refused")
+
+
+def test_non_empty_out_folder_is_refused_unless_overwrite(capsys, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.csv").write_text("precious")
+    (out / "notes.txt").write_text("mine")
+    err = _error(capsys, TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(out)])
+    assert "--out" in err and "not empty" in err and "--overwrite" in err
+    assert (out / "results.csv").read_text() == "precious"
+    assert cli.main(TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "results.csv").read_text().startswith("key,")
+    assert (out / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(empty)]) == 0
+    assert (empty / "results.json").exists()
+
+
+def test_impossible_bench_size_is_refused_before_anything(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "never"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fastdpo", "bench", "--device", "cpu", "--hidden", "100000",
+                           "--vocab", "2000000000", "--no-progress", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "needs about" in proc.stderr and "TiB" in proc.stderr and "available" in proc.stderr
+    assert not out.exists()
+    assert time.perf_counter() - start < 60
+
+
+def test_bench_refuses_what_the_machine_cannot_hold(capsys, tmp_path, monkeypatch):
+    from fastdpo.bench import memory
+
+    small = memory.DeviceMemory(available=3 << 20, total=4 << 20, name="a 4 MiB test machine")
+    monkeypatch.setattr(memory, "device_memory", lambda device: small)
+    monkeypatch.setattr(run, "run_bench", _must_not_run)
+    out = tmp_path / "never"
+    assert cli.main(["bench", "--device", "cpu", "--hidden", "64", "--vocab", "5000", "--pairs", "2",
+                     "--seq-len", "64", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a 4 MiB test machine has 3.0 MiB available of 4.0 MiB" in err and "needs about" in err
+    assert not out.exists()
+
+
+def test_bench_memory_estimate_covers_the_inputs_and_scales():
+    cfg = run.resolve_config(device="cpu", hidden=24, vocab=301, pairs=3, seq_len=17, impls=("fastdpo", "naive"))
+    (needed, parts), = run.estimate_memory(cfg).values()
+    inp = make_inputs(3, 17, 24, 301, dtype=torch.float32, with_ref=True)
+    assert parts["inputs"] == inp.input_bytes()
+    step, = (v for k, v in parts.items() if k.endswith(" step"))
+    assert step >= 6 * 2 * 3 * 17 * 301 * 4  # at least the naive head's logits
+    assert needed >= parts["inputs"] + step
+    bigger = run.resolve_config(device="cpu", hidden=24, vocab=3010, pairs=3, seq_len=17, impls=("fastdpo", "naive"))
+    assert run.estimate_memory(bigger)["cpu"][0] > needed
+    roomy = memory_for(needed + 1)
+    run.check_memory(cfg, memory={"cpu": roomy})
+    with pytest.raises(ValueError, match="needs about"):
+        run.check_memory(cfg, memory={"cpu": memory_for(needed - 1)})
+
+
+def memory_for(available):
+    from fastdpo.bench.memory import DeviceMemory
+
+    return DeviceMemory(available=available, total=available, name="test machine")
+
+
+def test_device_memory_reads_this_machine():
+    from fastdpo.bench.memory import device_memory
+
+    mem = device_memory("cpu")
+    if mem.total is None:
+        pytest.skip("this platform does not say how much memory it has")
+    assert 0 < mem.available <= mem.total
+
+
+def test_failed_run_leaves_no_folder(capsys, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("the run broke")
+
+    out = tmp_path / "a" / "b"
+    monkeypatch.setattr(run, "run_bench", boom)
+    with pytest.raises(RuntimeError, match="the run broke"):
+        cli.main(TINY_BENCH + ["--out", str(out)])
+    assert not (tmp_path / "a").exists()
+
+    def over_budget(*args, **kwargs):
+        raise profiling.BudgetError("--budget 1 GiB: nothing fits")
+
+    monkeypatch.setattr(profiling, "run_profile", over_budget)
+    argv = ["profile", "--model", _tiny_config(tmp_path), "--layers", "1", "--seq-len", "8", "--device", "cpu",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert "nothing fits" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_failed_write_removes_the_folder_it_made(capsys, tmp_path, monkeypatch):
+    def disk_full(report, folder):
+        with open(os.path.join(folder, "results.csv"), "w") as f:
+            f.write("partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run, "write_outputs", disk_full)
+    out = tmp_path / "new" / "bench"
+    assert cli.main(TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the results" in err and "No space left on device" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_profile_config_json_honours_layers(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300,
+                                "num_hidden_layers": 6, "layer_types": ["full_attention"] * 6}))
+    cfg = profiling.resolve_config(str(path), device="cpu", search=False)
+    assert cfg.layers == profiling.DEFAULT_LAYERS == 2
+    assert cfg.model_config["num_hidden_layers"] == 2 and len(cfg.model_config["layer_types"]) == 2
+    one = profiling.resolve_config(str(path), layers=1, device="cpu", search=False)
+    assert one.layers == 1 and one.model_config["layer_types"] == ["full_attention"]
+    # transformers accepts the cut config, and the estimate counts the layers asked for.
+    p1, p2 = (profiling.estimate_memory(c)["params"] for c in (one, cfg))
+    per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 2 * 16 + 32 + 3 * 32 * 64 + 2 * 32  # q,o k,v biases(q,k,v) mlp norms
+    assert p2 - p1 == per_layer
+    nested = {"model_type": "llava", "text_config": {"model_type": "llama", "num_hidden_layers": 40,
+                                                      "layer_types": ["full_attention"] * 40}}
+    nested_path = tmp_path / "nested.json"
+    nested_path.write_text(json.dumps(nested))
+    built = profiling.build_model_config(str(nested_path), layers=3)
+    assert built["text_config"]["num_hidden_layers"] == 3 and len(built["text_config"]["layer_types"]) == 3
+
+
+def test_profile_refuses_a_model_too_big_before_building_it(capsys, tmp_path, monkeypatch):
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 16384, "intermediate_size": 53248,
+                                "num_attention_heads": 128, "num_key_value_heads": 8, "vocab_size": 10_000_000,
+                                "num_hidden_layers": 126}))
+    monkeypatch.setattr(profiling, "run_profile", _must_not_run)
+    out = tmp_path / "never"
+    assert cli.main(["profile", "--model", str(path), "--device", "cpu", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "TiB" in err and "available" in err and "--layers" in err
+    assert not out.exists()
+
+
+def test_profile_budget_above_the_machine_is_refused_on_cpu(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(profiling, "run_profile", _must_not_run)
+    argv = ["profile", "--model", _tiny_config(tmp_path), "--layers", "1", "--seq-len", "8", "--device", "cpu",
+            "--budget", "1000000", "--no-progress", "--out", str(tmp_path / "p")]
+    assert cli.main(argv) == 2
+    assert "--budget 1e+06 GiB is more than" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("ours, theirs, expected", [
+    (0, int(2.5 * 2 ** 20), "2.5 MiB saved"),
+    (40 << 10, 100 << 10, "no measurable difference at this size"),
+    (100 << 20, 250 << 20, "150.0 MiB saved (2.5x less)"),
+    (300 << 20, 200 << 20, "100.0 MiB more (1.5x)"),
+    (200 << 20, 204 << 20, "no measurable difference at this size"),
+    (None, 1 << 20, "unmeasured"),
+])
+def test_memory_comparison_says_what_was_measured(ours, theirs, expected):
+    from fastdpo.bench.memory import compare_peaks
+
+    assert compare_peaks(ours, theirs) == expected
+
+
+def test_memory_comparison_never_overstates():
+    import re
+
+    from fastdpo.bench.memory import RESOLUTION_BYTES, compare_peaks
+
+    sizes = [0, 1, 4096, 60_000, 1 << 20, (1 << 20) + 1, 3 << 20, 50 << 20, 1 << 30, 5 << 30]
+    for ours in sizes:
+        for theirs in sizes:
+            text = compare_peaks(ours, theirs)
+            assert not re.search(r"(^|\D)0\.0 \w+ (saved|more)", text), (ours, theirs, text)
+            if "saved" in text:
+                assert theirs > ours
+            if "more" in text:
+                assert ours > theirs
+            if "x" in text:
+                assert min(ours, theirs) >= RESOLUTION_BYTES, (ours, theirs, text)
+
+
+def test_bench_summary_of_tiny_peaks(capsys):
+    report = run.BenchReport(config=run.resolve_config(device="cpu", impls=("fastdpo", "naive")), rows=[
+        run.BenchRow("fastdpo", "fastdpo", "0", "ok", ms_median=1.0, peak_bytes=0),
+        run.BenchRow("naive", "naive", "0", "ok", ms_median=2.0, peak_bytes=30_000)],
+        machine="m", truth="t", memory_method="m", timer="t", date="d", input_bytes=0, valid_tokens=1)
+    text = run.summary(report)
+    assert "fastdpo peaks 0 B above the inputs, the naive reference 29.3 KiB: no measurable difference" in text
+    assert "less" not in text
+
+
+def test_every_option_has_help():
+    import argparse
+
+    def walk(parser, where):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help and action.help != argparse.SUPPRESS and len(action.help) > 10, f"{where} {name}"
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for command, sub in action.choices.items():
+                    assert helps.get(command), f"{where} {command}"
+                    walk(sub, f"{where} {command}")
+
+    walk(cli.build_parser(), "fastdpo")

@@ -1,27 +1,67 @@
-"""``kernels/`` ships as ``fastdpo.kernels`` in both the wheel and the editable install, never as a
-top-level ``kernels`` module (PyPI has a popular package of that name)."""
+"""Packaging: ``kernels/`` ships as ``fastdpo.kernels`` (never a top-level ``kernels`` module: PyPI has a popular
+package of that name) and the measuring tools as ``fastdpo.bench``, in both the wheel and the editable install;
+the library never imports the tools; the ``fastdpo`` console script and ``python -m fastdpo`` both reach them."""
 
 import pathlib
 import subprocess
 import sys
 import zipfile
 
+import fastdpo.bench
 import fastdpo.kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH_MODULES = ("__init__", "cli", "run", "competitors", "profiling", "memory")
 
 
-def test_editable_install_maps_kernels_folder():
+def test_editable_install_maps_kernels_and_bench_folders():
     assert pathlib.Path(fastdpo.kernels.__file__).resolve().parent == ROOT / "kernels"
+    assert pathlib.Path(fastdpo.bench.__file__).resolve().parent == ROOT / "fastdpo" / "bench"
     from fastdpo.kernels import logprob_bwd, logprob_fwd  # noqa: F401
+    from fastdpo.bench import cli, competitors, memory, profiling, run  # noqa: F401
 
 
-def test_wheel_contains_fastdpo_kernels_and_no_top_level_kernels(tmp_path):
+def test_tools_left_the_package_root():
+    for name in ("bench.py", "cli.py", "competitors.py", "profiling.py", "memory.py"):
+        assert not (ROOT / "fastdpo" / name).exists(), name
+
+
+def test_wheel_contains_fastdpo_kernels_and_bench_and_no_top_level_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     wheel, = tmp_path.glob("fastdpo-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    zf = zipfile.ZipFile(wheel)
+    names = zf.namelist()
     assert "fastdpo/kernels/logprob_fwd.py" in names
     assert "fastdpo/kernels/logprob_bwd.py" in names
+    for module in BENCH_MODULES:
+        assert f"fastdpo/bench/{module}.py" in names, module
     assert not [n for n in names if n.startswith("kernels/")]
+    entry_points, = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "fastdpo = fastdpo.bench.cli:main" in zf.read(entry_points).decode()
+
+
+def test_library_never_imports_the_tools():
+    code = ("import sys, fastdpo, fastdpo.functional, fastdpo.losses, fastdpo.module, fastdpo.reference, "
+            "fastdpo.integrations; import fastdpo._torch_path, fastdpo._autograd; "
+            "print(sorted(m for m in sys.modules if m.startswith('fastdpo.bench')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_library_sources_do_not_mention_the_tools_package():
+    for path in sorted((ROOT / "fastdpo").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
+        if "bench" in path.relative_to(ROOT).parts[1:-1] or path.name == "__main__.py":
+            continue
+        text = path.read_text()
+        assert "fastdpo.bench" not in text and "from .bench" not in text and "from ..bench" not in text, path
+
+
+def test_console_script_and_module_reach_the_command_line():
+    for argv in ([sys.executable, "-m", "fastdpo", "--help"],
+                 [str(pathlib.Path(sys.executable).with_name("fastdpo")), "--help"]):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert "bench" in out.stdout and "profile" in out.stdout

@@ -1,8 +1,8 @@
 """``fastdpo bench``: the DPO loss step, fastdpo against the naive reference and the competitors that can run.
 
-For each implementation (see :mod:`fastdpo.competitors`) on the same inputs: time of the loss step (policy
+For each implementation (see :mod:`fastdpo.bench.competitors`) on the same inputs: time of the loss step (policy
 forward + backward, reference forward) as median, min and max over repeats after warm-up; peak memory above
-what the inputs hold (:class:`fastdpo.memory.PeakMeter`); the loss and gradient errors against an exact run of
+what the inputs hold (:class:`fastdpo.bench.memory.PeakMeter`); the loss and gradient errors against an exact run of
 the naive reference in fp32 (GPU) or fp64 (CPU). Every figure comes from the run that prints it.
 
 The same functions drive ``benchmarks/gpu_compare.py``.
@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .competitors import IMPLEMENTATIONS, DPOInputs, dpo_sigmoid, get_implementations, make_inputs
-from .memory import PeakMeter, resolve_device, steady_allocator
+from .memory import PeakMeter, check_fits, compare_peaks, format_bytes, resolve_device, steady_allocator
 
 __all__ = ["Shape", "SHAPES", "BenchConfig", "BenchRow", "BenchReport", "resolve_config", "exact_reference",
-           "run_bench", "format_table", "write_outputs", "prepare_out_dir", "OutputDirError", "machine_name"]
+           "run_bench", "format_table", "write_outputs", "check_out_dir", "make_out_dir", "OutputDirError", "machine_name",
+           "estimate_memory", "check_memory"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,55 @@ def resolve_config(shape=None, *, hidden=None, vocab=None, pairs=None, seq_len=N
                        vocab=vocab or base.vocab, pairs=pairs or d_pairs, seq_len=seq_len or d_seq, dtype=dtype,
                        device=device, with_ref=with_ref, repeats=repeats or (10 if on_gpu else 3),
                        warmup=(3 if on_gpu else 1) if warmup is None else warmup, impls=tuple(impls), note=note)
+
+
+def estimate_memory(config: BenchConfig) -> dict:
+    """About how much memory a bench run of ``config`` needs at its peak, before anything is allocated.
+
+    Returns ``{device: (bytes, {part: bytes})}`` for the run's device and, where the inputs are first made in
+    fp32 on the host (a GPU run, or a 16-bit CPU run), for the host as well. The parts: the inputs; the exact
+    reference (its upcast copies of the inputs, its gradients, one sequence's logits at a time); and the largest
+    loss step. On CPU every implementation that runs must fit (the operating system's out-of-memory killer ends
+    the process); on GPU an implementation that runs out of memory becomes a failed row, so only fastdpo's step
+    is required to fit.
+    """
+    n, t, h, v, r = config.tokens, config.seq_len, config.hidden, config.vocab, 1 + int(config.with_ref)
+    item = torch.empty((), dtype=config.torch_dtype).element_size()
+    on_gpu = config.device == "cuda"
+    truth_item = 4 if on_gpu else 8
+    inputs = (n * h + v * h) * item * r + n * 8
+    copies = (n * h + v * h) * truth_item
+    # The weight, its gradient and one sequence's weight gradient before it is accumulated; 6 logits-sized
+    # tensors of a sequence (measured on a 2-core CPU: 0.93x of this at H=1024, V=50000).
+    truth_peak = 3 * copies + 6 * t * v * truth_item
+    impls = get_implementations(config.impls)
+    device = torch.device(config.device)
+    steps = {impl.label: impl.step_bytes(n, h, v, item, config.with_ref) for impl in impls
+             if (impl.key == "fastdpo" or not on_gpu) and impl.unavailable_reason(device, config.torch_dtype) is None}
+    largest = max(steps, key=steps.get, default=None)
+    step = steps.get(largest, 0)
+    needed = inputs + max(truth_peak, copies + step)
+    parts = {"inputs": inputs, f"exact {'fp32' if on_gpu else 'fp64'} reference": max(truth_peak, copies)}
+    if largest is not None:
+        parts[f"{largest} step"] = step
+    # make_inputs draws everything in fp32 on the host; the reference's perturbation adds a temporary the size
+    # of the policy's inputs.
+    staging = (n * h + v * h) * 4 * (r + r - 1) + n * 8
+    if on_gpu:
+        return {"cuda": (needed, parts), "cpu": (staging, {"inputs made in fp32 on the host": staging})}
+    if item != 4:
+        parts["fp32 inputs before the cast"] = staging
+        return {"cpu": (max(needed, staging + inputs), parts)}
+    return {"cpu": (max(needed, staging), parts)}
+
+
+def check_memory(config: BenchConfig, memory=None):
+    """Raise :class:`~fastdpo.bench.memory.TooBigError` naming the estimate and the memory available when the
+    run cannot fit (see :func:`estimate_memory`); ``memory`` maps a device to a
+    :class:`~fastdpo.bench.memory.DeviceMemory` to use instead of the machine's."""
+    hint = "choose a smaller --pairs, --seq-len, --hidden or --vocab (or a named --shape)"
+    for device, (needed, parts) in estimate_memory(config).items():
+        check_fits(needed, parts, device, hint, memory=(memory or {}).get(device))
 
 
 @dataclass
@@ -244,7 +294,7 @@ def exact_reference(inp: DPOInputs, dtype: torch.dtype | None = None) -> dict:
     again with gradient, back-propagating ``c_s``. The result equals ``reference_dpo_loss`` on the whole batch.
     Returns a dict of ``loss`` (a float), ``grad_hidden`` and ``grad_weight`` (tensors in ``dtype``).
     """
-    from .reference import reference_sequence_logprobs
+    from ..reference import reference_sequence_logprobs
 
     if dtype is None:
         dtype = torch.float32 if inp.hidden.device.type == "cuda" else torch.float64
@@ -431,18 +481,14 @@ def summary(report: BenchReport, out_dir: str | None = None) -> str:
     """The closing lines: memory saved (and time) against the naive reference and TRL, and where files went."""
     ours, naive, trl = report.row("fastdpo"), report.row("naive"), report.row("trl")
     lines = []
-    if ours and naive and ours.peak_bytes is not None and naive.peak_bytes:
-        saved = (naive.peak_bytes - ours.peak_bytes) / (1 << 20)
-        ratio = naive.peak_bytes / max(ours.peak_bytes, 1)
-        lines.append(f"memory: fastdpo peaks {ours.peak_bytes / (1 << 20):.1f} MiB above the inputs, the naive "
-                     f"reference {naive.peak_bytes / (1 << 20):.1f} MiB: {saved:.1f} MiB saved ({ratio:.1f}x less)")
     if ours and naive:
+        lines.append(f"memory: fastdpo peaks {format_bytes(ours.peak_bytes)} above the inputs, the naive reference "
+                     f"{format_bytes(naive.peak_bytes)}: {compare_peaks(ours.peak_bytes, naive.peak_bytes)}")
         lines.append(f"time: fastdpo {ours.ms_median:.1f} ms, naive {naive.ms_median:.1f} ms "
                      f"({naive.ms_median / ours.ms_median:.2f}x)")
     if ours and trl:
-        lines.append(f"vs TRL: {ours.ms_median / trl.ms_median:.2f}x its time, "
-                     + (f"{ours.peak_bytes / max(trl.peak_bytes, 1):.2f}x its peak memory"
-                        if ours.peak_bytes is not None and trl.peak_bytes else "memory unmeasured"))
+        lines.append(f"vs TRL: {ours.ms_median / trl.ms_median:.2f}x its time; TRL peaks "
+                     f"{format_bytes(trl.peak_bytes)}: {compare_peaks(ours.peak_bytes, trl.peak_bytes)}")
     if out_dir:
         lines.append(f"results: {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.json')}")
         chart = os.path.join(out_dir, "bench.png")
@@ -451,29 +497,57 @@ def summary(report: BenchReport, out_dir: str | None = None) -> str:
 
 
 class OutputDirError(ValueError):
-    """The output folder cannot be created or written."""
+    """The output folder cannot be used: not a folder, not writable, or not empty without ``overwrite``."""
 
 
-def prepare_out_dir(out: str | None, prefix: str) -> str:
-    """Create (or check) the output folder; ``None`` names a fresh ``fastdpo-out-<prefix>-<time>`` folder."""
+def check_out_dir(out: str | None, prefix: str, overwrite: bool = False) -> str:
+    """The output folder a run will write to, checked before the run and created only after it.
+
+    ``None`` names a fresh ``fastdpo-out-<prefix>-<time>`` folder in the working directory. An existing
+    folder that is not empty is refused unless ``overwrite`` (then files of the same names are replaced and
+    other files are left alone). Nothing is created here, so a run that fails or is refused leaves no folder.
+    Raises :class:`OutputDirError` saying why the folder cannot be used.
+    """
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = f"fastdpo-out-{prefix}-{stamp}"
         n = 1
-        while os.path.exists(out):
+        while os.path.lexists(out):
             n += 1
             out = f"fastdpo-out-{prefix}-{stamp}-{n}"
-    if os.path.exists(out) and not os.path.isdir(out):
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise OutputDirError(f"{out!r} exists and is not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".fastdpo-write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise OutputDirError(f"cannot write to {out!r}: {err.strerror or err}") from err
+    if os.path.isdir(out):
+        try:
+            entries = os.listdir(out)
+        except OSError as err:
+            raise OutputDirError(f"cannot read {out!r}: {err.strerror or err}") from err
+        if entries and not overwrite:
+            raise OutputDirError(f"{out!r} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}); pass --overwrite to write into it "
+                                 f"(files of the same names are replaced) or choose another --out")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputDirError(f"cannot write to {out!r}: permission denied")
+        return out
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputDirError(f"cannot write to {out!r}: {parent!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write to {out!r}: no permission to create a folder in {parent!r}")
     return out
+
+
+def make_out_dir(out: str) -> str | None:
+    """Create ``out`` (and missing parents); returns the topmost folder created (None if ``out`` existed), so
+    that a failed write can remove exactly what this run created."""
+    top = None
+    path = os.path.abspath(out)
+    while not os.path.lexists(path):
+        top = path
+        path = os.path.dirname(path)
+    os.makedirs(out, exist_ok=True)
+    return top
 
 
 def write_chart(report: BenchReport, path: str) -> bool:

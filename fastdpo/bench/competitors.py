@@ -116,6 +116,16 @@ def dpo_sigmoid(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, beta
     return -F.logsigmoid(beta * delta).mean()
 
 
+# fp32 [tokens, V] tensors alive at the naive step's peak: policy logits and log-softmax kept for the backward,
+# their two gradients, and the reference's logits and log-softmax (measured: 5.9 copies on a 2-core CPU).
+_NAIVE_LOGIT_COPIES = 6
+
+
+def _grad_bytes(tokens, hidden, vocab, itemsize):
+    """The gradients every implementation writes: ``hidden.grad`` and ``weight.grad``."""
+    return (tokens + vocab) * hidden * itemsize
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -144,6 +154,14 @@ class Implementation:
                 return f"not installed ({self.dist}): {type(err).__name__}: {err}".splitlines()[0][:200]
         return None
 
+    def step_bytes(self, tokens: int, hidden: int, vocab: int, itemsize: int, with_ref: bool) -> int:
+        """About how many bytes above the inputs one :meth:`step` peaks at (for the size check made before a run).
+
+        ``tokens`` rows of ``hidden`` features in ``itemsize``-byte floats. The default is the naive head's: an
+        implementation whose memory is not modelled is assumed to materialize the logits.
+        """
+        return _grad_bytes(tokens, hidden, vocab, itemsize) + _NAIVE_LOGIT_COPIES * tokens * vocab * 4
+
     def loss(self, inp: DPOInputs) -> torch.Tensor:
         raise NotImplementedError
 
@@ -163,7 +181,7 @@ class FastDPO(Implementation):
         self.label = "fastdpo" if backend == "auto" else f"fastdpo[{backend}]"
 
     def unavailable_reason(self, device, dtype):
-        from . import _validate
+        from .. import _validate
 
         try:
             _validate.backend(self.backend, torch.device(device), dtype)
@@ -171,8 +189,16 @@ class FastDPO(Implementation):
             return str(err)
         return None
 
+    def step_bytes(self, tokens, hidden, vocab, itemsize, with_ref):
+        from .._torch_path import CHUNK_ELEMENTS
+
+        # fp32 copies/accumulators the size of the weight, and a few logits chunks of the torch path
+        # (the Triton path's vocabulary tiles are smaller).
+        return (_grad_bytes(tokens, hidden, vocab, itemsize) + 2 * vocab * hidden * 4
+                + 6 * min(tokens * vocab, CHUNK_ELEMENTS) * 4)
+
     def loss(self, inp):
-        from .functional import dpo_loss
+        from ..functional import dpo_loss
 
         ref = dict(ref_hidden=inp.ref_hidden, ref_weight=inp.ref_weight) if inp.has_ref else dict(reference_free=True)
         return dpo_loss(inp.hidden, inp.weight, inp.labels, beta=inp.beta, ignore_index=inp.ignore_index,
@@ -185,7 +211,7 @@ class Naive(Implementation):
     dist = "fastdpo"
 
     def loss(self, inp):
-        from .reference import reference_dpo_loss
+        from ..reference import reference_dpo_loss
 
         ref = dict(ref_hidden=inp.ref_hidden, ref_weight=inp.ref_weight) if inp.has_ref else dict(reference_free=True)
         return reference_dpo_loss(inp.hidden, inp.weight, inp.labels, beta=inp.beta, ignore_index=inp.ignore_index,
@@ -207,6 +233,11 @@ class TRLChunked(Implementation):
         per_token = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, TRL_VOCAB_CHUNK,
                                                  None, 1.0, outputs)[0]
         return per_token.new_zeros(mask.shape).masked_scatter(mask, per_token).sum(-1)
+
+    def step_bytes(self, tokens, hidden, vocab, itemsize, with_ref):
+        # A vocabulary tile of every token at a time, and its outputs' workspaces (measured: 6.3 tiles).
+        return _grad_bytes(tokens, hidden, vocab, itemsize) + vocab * hidden * 4 + 7 * tokens * min(
+            vocab, TRL_VOCAB_CHUNK) * 4
 
     def loss(self, inp):
         pol = self._seq_logps(inp.hidden, inp.weight, inp.labels, inp.ignore_index, TRL_POLICY_OUTPUTS)
@@ -254,6 +285,9 @@ class CCE(Implementation):
             # CCE 25.1.1 computes its logits in the inputs' dtype with tensor-core kernels meant for 16-bit.
             return f"CCE is benchmarked in bf16/fp16 only, got {dtype}"
         return super().unavailable_reason(device, dtype)
+
+    def step_bytes(self, tokens, hidden, vocab, itemsize, with_ref):
+        return _grad_bytes(tokens, hidden, vocab, itemsize) + 2 * vocab * hidden * 4
 
     @staticmethod
     def _seq_logps(hidden, weight, labels, ignore_index):

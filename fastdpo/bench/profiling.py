@@ -1,8 +1,10 @@
 """``fastdpo profile``: the memory of one whole DPO training step of a transformers causal LM, naive head vs fastdpo.
 
-The model is built from a config (no download): a named family (``llama3``, ``qwen2.5``, ``gemma2``) or a
-``config.json``. On GPU a named family keeps its real sizes with ``--layers`` decoder layers (default 2); on CPU
-it is tiny (hidden 256, 4 heads) but keeps the family's real vocabulary, since the head is what is profiled.
+The model is built from a config (no download) with ``--layers`` decoder layers (default 2): a named family
+(``llama3``, ``qwen2.5``, ``gemma2``) or a ``config.json``. On GPU a named family keeps its real sizes; on CPU
+it is tiny (hidden 256, 4 heads) but keeps the family's real vocabulary, since the head is what is profiled. A
+``config.json`` keeps its sizes on both. Before anything is built, the step's memory is estimated and a run that
+cannot fit the device (or a ``--budget`` that the weights alone exceed) is refused.
 
 One step = reference forward (no grad), policy backbone forward, the loss (head forward + backward, naive or
 fastdpo), backbone backward, AdamW step. Reported per head: what the weights, gradients-to-be and optimizer state
@@ -15,6 +17,7 @@ steps by a linear fit, then run to confirm). The memory timeline comes from torc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import gc
 import json
@@ -25,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .memory import PeakMeter, RssSampler, current_rss, resolve_device
+from .memory import PeakMeter, RssSampler, TooBigError, check_fits, compare_peaks, current_rss, device_memory, \
+    format_bytes, resolve_device
 
-__all__ = ["MODELS", "ProfileConfig", "ProfileReport", "BudgetError", "resolve_config", "build_model_config",
-           "run_profile", "write_outputs", "format_report", "cuda_timeline"]
+__all__ = ["MODELS", "DEFAULT_LAYERS", "ProfileConfig", "ProfileReport", "BudgetError", "resolve_config",
+           "build_model_config", "estimate_memory", "check_memory", "run_profile", "write_outputs", "format_report",
+           "cuda_timeline"]
 
 # Real sizes of each family's model of DESIGN §3 (GPU); the CPU variant keeps only the vocabulary.
 MODELS = {
@@ -44,6 +49,7 @@ MODELS = {
 }
 _CPU_TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 HEADS = ("naive", "fastdpo")
+DEFAULT_LAYERS = 2
 
 
 class BudgetError(ValueError):
@@ -64,17 +70,33 @@ class ProfileConfig:
     max_pairs: int = 64
 
 
+def _set_layers(cfg: dict, layers: int):
+    """``layers`` decoder layers in ``cfg`` and in its nested ``text_config`` (multimodal configs keep the
+    language model there); per-layer lists (``layer_types``) are cut, or repeated, to that length, since
+    transformers refuses a list whose length differs from ``num_hidden_layers``."""
+    for c in (cfg, cfg.get("text_config")):
+        if not isinstance(c, dict) or (c is not cfg and "num_hidden_layers" not in c):
+            continue
+        c["num_hidden_layers"] = layers
+        for key, value in list(c.items()):
+            if key.endswith("layer_types") and isinstance(value, list) and value:
+                c[key] = [value[i % len(value)] for i in range(layers)]
+
+
 def build_model_config(model: str, *, layers: int | None = None, cpu: bool = False) -> dict:
-    """The config dict of ``model`` (a family name or a path to a config.json), with ``layers`` decoder layers.
+    """The config dict of ``model`` (a family name or a path to a config.json), with ``layers`` decoder layers
+    (default :data:`DEFAULT_LAYERS`, for a config.json too: the profile is of the head, and a full-depth model
+    is rarely what fits).
 
     Raises ValueError naming ``--model`` for an unknown name, a missing or unreadable file, or a config without
     a ``model_type`` that transformers knows.
     """
+    layers = DEFAULT_LAYERS if layers is None else layers
     if model in MODELS:
         cfg = dict(MODELS[model])
         if cpu:
             cfg.update(_CPU_TINY)
-        cfg["num_hidden_layers"] = layers or 2
+        _set_layers(cfg, layers)
         return cfg
     if not (model.endswith(".json") or os.path.sep in model or os.path.exists(model)):
         raise ValueError(f"unknown model {model!r}: choose from {', '.join(MODELS)} or give a path to a config.json")
@@ -84,7 +106,7 @@ def build_model_config(model: str, *, layers: int | None = None, cpu: bool = Fal
             cfg = json.load(f)
     except OSError as err:
         raise ValueError(f"--model: cannot read {path!r}: {err.strerror or err}") from err
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--model: {path!r} is not valid JSON: {err}") from err
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise ValueError(f"--model: {path!r} has no \"model_type\" (a transformers config.json has one)")
@@ -92,9 +114,24 @@ def build_model_config(model: str, *, layers: int | None = None, cpu: bool = Fal
 
     if cfg["model_type"] not in CONFIG_MAPPING:
         raise ValueError(f"--model: model_type {cfg['model_type']!r} in {path!r} is unknown to transformers")
-    if layers is not None:
-        cfg["num_hidden_layers"] = layers
+    _set_layers(cfg, layers)
     return cfg
+
+
+def _hf_config(model_config: dict):
+    from transformers import AutoConfig
+
+    cfg = dict(model_config)
+    model_type = cfg.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **cfg)
+    except Exception as err:  # transformers' validators raise several types; all mean a bad config
+        raise ValueError(f"--model: transformers refuses this {model_type} config: "
+                         f"{type(err).__name__}: {err}".splitlines()[0][:300]) from err
+
+
+def _text_config(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
 
 def resolve_config(model=None, *, layers=None, budget_gib=None, seq_len=None, pairs=None, device=None,
@@ -105,13 +142,95 @@ def resolve_config(model=None, *, layers=None, budget_gib=None, seq_len=None, pa
     model = model or "llama3"
     cfg = build_model_config(model, layers=layers, cpu=not on_gpu)
     if budget_gib is None:
-        budget_gib = torch.cuda.get_device_properties(0).total_memory / (1 << 30) if on_gpu else 2.0
+        if on_gpu:
+            budget_gib = torch.cuda.get_device_properties(0).total_memory / (1 << 30)
+        else:
+            # 2 GiB, or less on a machine that has less to spare (an explicit --budget is checked instead).
+            avail = device_memory("cpu").available
+            budget_gib = 2.0 if avail is None else min(2.0, 0.8 * avail / (1 << 30))
     if not budget_gib > 0:
         raise ValueError(f"budget must be a positive number of GiB, got {budget_gib!r}")
     return ProfileConfig(model=model, model_config=cfg, layers=int(cfg.get("num_hidden_layers", 0)), device=device,
                          dtype="bf16" if on_gpu else "fp32", seq_len=seq_len or (512 if on_gpu else 256),
                          pairs=pairs or 1, budget_gib=float(budget_gib), search=search,
                          max_pairs=256 if on_gpu else 4)
+
+
+def estimate_memory(config: ProfileConfig, pairs: int | None = None) -> dict:
+    """About what one profiled step of ``pairs`` pairs (default ``config.pairs``) holds at its peak, by part, in
+    bytes, before anything is built: the model is instantiated on the ``meta`` device to count its parameters.
+
+    Parts: ``state`` (policy weights, the frozen reference copy, gradients and AdamW's two moments, all in the
+    model's dtype: 5 bytes-per-parameter multiples, exact up to buffers); ``activations`` (what the backbone
+    keeps for its backward: about 12·H + 5·I values per token and layer, attention through SDPA/flash keeping no
+    ``[T, T]`` scores); ``loss`` (the naive head's step, the larger of the two: 6 fp32 ``[tokens, V]`` tensors,
+    8 with a softcap). Raises ValueError for a config transformers refuses.
+    """
+    from transformers import AutoModelForCausalLM
+
+    pairs = config.pairs if pairs is None else pairs
+    hf_config = _hf_config(config.model_config)
+    dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+    item = torch.empty((), dtype=dtype).element_size()
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except Exception as err:  # an architecture transformers cannot build from this config
+        raise ValueError(f"--model: cannot build a causal LM from this config: "
+                         f"{type(err).__name__}: {err}".splitlines()[0][:300]) from err
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    text = _text_config(hf_config)
+    h = int(getattr(text, "hidden_size", 0) or 0)
+    inter = int(getattr(text, "intermediate_size", 0) or 4 * h)
+    if getattr(text, "num_experts_per_tok", None) and getattr(text, "moe_intermediate_size", None):
+        inter = max(inter, int(text.num_experts_per_tok) * int(text.moe_intermediate_size))
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    tokens = 2 * pairs * config.seq_len
+    loss_copies = 8 if getattr(text, "final_logit_softcapping", None) else 6
+    return {"state": 5 * params * item,
+            "activations": tokens * item * (layers * (12 * h + 5 * inter) + 3 * h),
+            "loss": loss_copies * tokens * vocab * 4,
+            "params": params}
+
+
+def check_memory(config: ProfileConfig, memory=None) -> ProfileConfig:
+    """Refuse, before the model is built, a profile that cannot fit; returns ``config`` with the CPU search's
+    largest batch lowered to what the machine holds.
+
+    Raises :class:`~fastdpo.bench.memory.TooBigError` when the profiled step (and, with the search, a 2-pair
+    step) would need more than the device has available, or when on CPU ``--budget`` is more than the machine
+    has available (the out-of-memory killer, not an exception, ends a CPU step that does not fit); raises
+    :class:`BudgetError` when the weights, gradients and optimizer state alone exceed ``--budget``.
+    ``memory`` replaces the device's :class:`~fastdpo.bench.memory.DeviceMemory` (tests).
+    """
+    memory = memory or device_memory(config.device)
+    pairs = max(config.pairs, 2) if config.search else config.pairs
+    est = estimate_memory(config, pairs)
+    needed = est["state"] + est["activations"] + est["loss"]
+    parts = {f"weights, gradients and AdamW state of {est['params'] / 1e6:.1f}M parameters": est["state"],
+             f"activations of {pairs} pair(s) x {config.seq_len} tokens": est["activations"],
+             "the naive head's loss step": est["loss"]}
+    check_fits(needed, parts, config.device, "choose fewer --layers, a shorter --seq-len or fewer --pairs"
+               + (" (or --no-search: the search measures 2 pairs)" if config.search and config.pairs < 2 else ""),
+               memory=memory)
+    if not config.search:
+        return config
+    budget = config.budget_gib * (1 << 30)
+    if est["state"] > budget:
+        raise BudgetError(f"--budget {config.budget_gib:g} GiB: nothing fits; the weights, gradients and AdamW state "
+                          f"alone need about {format_bytes(est['state'])}")
+    if config.device == "cpu" and memory.available is not None:
+        if budget > memory.available:
+            raise TooBigError(f"--budget {config.budget_gib:g} GiB is more than the "
+                              f"{format_bytes(memory.available)} {memory.name} has available: the largest-batch "
+                              f"search would run steps that do not fit; give a smaller --budget or --no-search")
+        per_pair = (est["activations"] + est["loss"]) / pairs
+        fits = int((memory.available - est["state"]) // max(per_pair, 1))
+        if fits < config.max_pairs:
+            config = dataclasses.replace(config, max_pairs=max(fits, pairs))
+    return config
 
 
 def _attention() -> str:
@@ -160,21 +279,19 @@ class _Harness:
     """The policy, its frozen reference copy and AdamW, and one DPO step with either head."""
 
     def __init__(self, config: ProfileConfig, attention: str):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.config = config
         self.device = torch.device(config.device)
         dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
-        cfg = dict(config.model_config)
-        model_type = cfg.pop("model_type")
-        hf_config = AutoConfig.for_model(model_type, **cfg)
+        hf_config = _hf_config(config.model_config)
         torch.manual_seed(0)
         self.policy = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention,
                                                        dtype=dtype).to(self.device)
         self.policy.train()
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-6)
-        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        text = _text_config(hf_config)
         self.vocab = text.vocab_size
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.params = sum(p.numel() for p in self.policy.parameters())
@@ -192,8 +309,8 @@ class _Harness:
 
     def step(self, head, pairs, mark=lambda label: None):
         """One DPO training step; returns per-phase peaks (bytes above the phase's start) and the loss."""
-        from .functional import dpo_loss
-        from .reference import reference_dpo_loss
+        from ..functional import dpo_loss
+        from ..reference import reference_dpo_loss
 
         ids, labels = self.batch(pairs)
         lm_head = self.policy.get_output_embeddings()
@@ -353,7 +470,7 @@ def run_profile(config: ProfileConfig, *, progress=True) -> ProfileReport:
     """Profile both heads; raises BudgetError when neither fits one pair into the budget."""
     from tqdm.auto import tqdm
 
-    from .bench import machine_name
+    from .run import machine_name
 
     device = torch.device(config.device)
     attention = _attention() if device.type == "cuda" else "sdpa"
@@ -424,8 +541,8 @@ def format_report(report: ProfileReport, paths: dict | None = None) -> str:
                              f"{_gib(r['total_peak'])} GiB ({r['note']})")
     n, f = report.step("naive"), report.step("fastdpo")
     lines.append("")
-    lines.append(f"loss step: fastdpo {_gib(f.loss_step)} GiB vs naive {_gib(n.loss_step)} GiB; step peak saved: "
-                 f"{_gib(n.total_peak - f.total_peak)} GiB")
+    lines.append(f"loss step: fastdpo {_gib(f.loss_step)} GiB vs naive {_gib(n.loss_step)} GiB; total peak: "
+                 f"{compare_peaks(f.total_peak, n.total_peak)}")
     if paths:
         lines.append(f"chart: {paths.get('png', 'not written (matplotlib not installed)')}")
         lines.append(f"results: {paths['json']}" + (f"; memory snapshots: {', '.join(paths['snapshots'])}"

@@ -23,10 +23,12 @@ import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PeakMeter", "RssSampler", "current_rss", "cpu_peak_method"]
+__all__ = ["PeakMeter", "RssSampler", "current_rss", "cpu_peak_method", "DeviceMemory", "device_memory",
+           "TooBigError", "check_fits", "format_bytes", "compare_peaks"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -219,3 +221,151 @@ def resolve_device(device) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device here; use --device cpu")
     return device
+
+
+def format_bytes(n: int | float | None) -> str:
+    """``n`` bytes in the largest binary unit that keeps it at 1 or more (``"-"`` for None): ``"3.2 MiB"``."""
+    if n is None:
+        return "-"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{sign}{n / scale:.1f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What a device can hold now: ``available`` and ``total`` bytes (None where unknown), ``name`` in words."""
+
+    available: int | None
+    total: int | None
+    name: str
+
+
+# cgroup limits at or above this mean "no limit" (v1 writes the largest page-aligned int64).
+_UNLIMITED = 1 << 60
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_memory() -> tuple[int | None, int | None]:
+    """The memory limit of this process's cgroup and what the cgroup uses (v2, then v1), or Nones."""
+    paths = {"": "/"}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                for c in controllers.split(",") if controllers else [""]:
+                    paths[c] = path
+    except (OSError, ValueError):
+        pass
+    candidates = []
+    for rel in dict.fromkeys((paths.get(""), "/")):
+        if rel:
+            base = "/sys/fs/cgroup" + rel.rstrip("/")
+            candidates.append((base + "/memory.max", base + "/memory.current"))
+    for rel in dict.fromkeys((paths.get("memory"), "/")):
+        if rel:
+            base = "/sys/fs/cgroup/memory" + rel.rstrip("/")
+            candidates.append((base + "/memory.limit_in_bytes", base + "/memory.usage_in_bytes"))
+    for limit_path, usage_path in candidates:
+        limit = _read_int(limit_path)
+        if limit is not None and limit < _UNLIMITED:
+            return limit, _read_int(usage_path)
+    return None, None
+
+
+def _host_memory() -> DeviceMemory:
+    avail = total = None
+    kib = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemAvailable", "MemTotal"):
+                    kib[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    if "MemTotal" in kib:
+        total, avail = kib["MemTotal"] << 10, kib.get("MemAvailable", kib["MemTotal"]) << 10
+    else:
+        try:
+            import psutil
+
+            vm = psutil.virtual_memory()
+            total, avail = vm.total, vm.available
+        except ImportError:
+            try:
+                page = os.sysconf("SC_PAGE_SIZE")
+                total = os.sysconf("SC_PHYS_PAGES") * page
+                avail = os.sysconf("SC_AVPHYS_PAGES") * page
+            except (ValueError, OSError, AttributeError):
+                pass
+    name = "this machine"
+    limit, usage = _cgroup_memory()
+    if limit is not None:
+        name = "this machine (its memory cgroup)"
+        total = limit if total is None else min(total, limit)
+        room = limit - (usage or 0)
+        avail = room if avail is None else min(avail, room)
+    return DeviceMemory(available=avail, total=total, name=name)
+
+
+def device_memory(device: torch.device | str) -> DeviceMemory:
+    """Free and total memory of ``device``: the GPU's (``torch.cuda.mem_get_info``), or the host's RAM, bounded
+    by the process's cgroup limit where it has one (a container's limit is what its OOM killer enforces)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return DeviceMemory(available=free, total=total, name=f"GPU {torch.cuda.get_device_name(device)}")
+    return _host_memory()
+
+
+class TooBigError(ValueError):
+    """A run would need more memory than the device has: raised before anything is allocated or written."""
+
+
+def check_fits(needed: int, parts: dict, device: torch.device | str, hint: str, memory: DeviceMemory | None = None):
+    """Raise :class:`TooBigError` when ``needed`` bytes exceed what ``device`` has available.
+
+    ``parts`` names what the estimate is made of (``{what: bytes}``), ``hint`` says which options shrink it.
+    A device whose free memory cannot be read is not checked.
+    """
+    memory = memory or device_memory(device)
+    if memory.available is None or needed <= memory.available:
+        return
+    detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
+    total = f" of {format_bytes(memory.total)}" if memory.total is not None else ""
+    raise TooBigError(f"this run needs about {format_bytes(needed)} ({detail}) but {memory.name} has "
+                      f"{format_bytes(memory.available)} available{total}; {hint}")
+
+
+# Differences below this (or below 5% of the larger peak) are within what the meters resolve: the RSS moves by
+# pages and allocator arenas, and neither meter is meant for sub-MiB comparisons.
+RESOLUTION_BYTES = 1 << 20
+
+
+def compare_peaks(ours: int | None, theirs: int | None) -> str:
+    """How much less (or more) ``ours`` peaks than ``theirs``, in words that never overstate it.
+
+    A ratio is given only when both peaks are at least :data:`RESOLUTION_BYTES`; a difference within the
+    resolution (or 5% of the larger peak) is "no measurable difference"; a negative saving says "more".
+    """
+    if ours is None or theirs is None:
+        return "unmeasured"
+    diff = theirs - ours
+    if abs(diff) <= max(RESOLUTION_BYTES, 0.05 * max(ours, theirs)):
+        return "no measurable difference at this size"
+    if diff < 0:
+        text = f"{format_bytes(-diff)} more"
+        return text + (f" ({ours / theirs:.1f}x)" if theirs >= RESOLUTION_BYTES else "")
+    text = f"{format_bytes(diff)} saved"
+    return text + (f" ({theirs / ours:.1f}x less)" if ours >= RESOLUTION_BYTES else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -41,18 +42,19 @@ def _impl_list(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     # Only light imports here: `fastdpo --help` should not wait for torch's first CUDA query.
-    from .bench import DTYPES, SHAPES
     from .competitors import IMPLEMENTATIONS
-    from .profiling import MODELS
+    from .profiling import DEFAULT_LAYERS, MODELS
+    from .run import DTYPES, SHAPES
 
     parser = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: the DPO loss without the logits. "
                                      "Measure it on your machine with `fastdpo bench` and `fastdpo profile`.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,profile}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,profile}", help="what to run")
 
     b = sub.add_parser("bench", help="time, peak memory and error of the DPO loss step against the naive "
                        "reference, TRL, Liger and CCE", description="The DPO loss step (policy forward+backward, "
                        "reference forward) of fastdpo against the naive reference and the competitors installed "
-                       "here. Prints a table; writes results.csv, results.json and bench.png into --out.")
+                       "here. Prints a table; writes results.csv, results.json and bench.png into --out. A run "
+                       "whose estimated memory exceeds what the device has available is refused before it starts.")
     b.add_argument("--shape", choices=list(SHAPES), default=None,
                    help="named lm-head shape (default: llama3-8b on GPU, cpu-small on CPU); on CPU a named "
                    "model shape keeps H and V but runs a small batch")
@@ -62,59 +64,99 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=_positive_int, help="tokens per sequence T (the first 25%% are prompt)")
     b.add_argument("--dtype", choices=list(DTYPES), default=None, help="bf16 on GPU, fp32 on CPU by default")
     b.add_argument("--no-ref", action="store_true", help="reference-free: no reference head")
-    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default auto: CUDA when torch sees a GPU, else CPU)")
     b.add_argument("--impl", type=_impl_list, default=None,
                    help=f"comma-separated subset of {','.join(IMPLEMENTATIONS)} (or fastdpo[torch|triton])")
     b.add_argument("--repeats", type=_positive_int, help="timed runs (default 10 on GPU, 3 on CPU)")
     b.add_argument("--warmup", type=_nonneg_int, help="warm-up runs (default 3 on GPU, 1 on CPU)")
-    b.add_argument("--out", help="output folder (default: a fresh fastdpo-out-bench-<time> folder)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _out_options(b, "bench")
 
     p = sub.add_parser("profile", help="peak memory of a whole DPO training step of a transformers model, naive "
                        "head against fastdpo's", description="One DPO training step (policy forward+backward, "
                        "reference forward, optimizer step) of a causal LM built from a config (no download), with "
                        "the naive head and with fastdpo's: peak memory by part, the largest batch that fits "
-                       "--budget, and a memory timeline chart.")
+                       "--budget, and a memory timeline chart. A model whose estimated step does not fit the "
+                       "device is refused before it is built.")
     p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} or a path to a config.json "
                    "(default: llama3)")
-    p.add_argument("--layers", type=_positive_int, default=None, help="decoder layers (default 2)")
+    p.add_argument("--layers", type=_positive_int, default=None,
+                   help=f"decoder layers, for a named model and a config.json alike (default {DEFAULT_LAYERS})")
     p.add_argument("--budget", type=_positive_float, default=None,
-                   help="memory budget in GiB for the largest-batch search (default: the GPU's memory, or 2 on CPU)")
+                   help="memory budget in GiB for the largest-batch search (default: the GPU's memory, or 2 on CPU, "
+                   "less where the machine has less available)")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence (default 512 GPU, 256 CPU)")
     p.add_argument("--pairs", type=_positive_int, default=None, help="pairs in the profiled step (default 1)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default auto: CUDA when torch sees a GPU, else CPU)")
     p.add_argument("--no-search", action="store_true", help="skip the largest-batch search")
-    p.add_argument("--out", help="output folder (default: a fresh fastdpo-out-profile-<time> folder)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _out_options(p, "profile")
     return parser
 
 
+def _out_options(parser, command):
+    parser.add_argument("--out", help=f"output folder, created when the run has succeeded (default: a fresh "
+                        f"fastdpo-out-{command}-<time> folder); an existing non-empty folder needs --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out folder, "
+                        "replacing files of the same names (other files are left alone)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fail(command, message) -> int:
+    print(f"fastdpo {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _write(command, out, write) -> dict | None:
+    """Create ``out`` and call ``write(out)``; on failure remove the folders this call created, say why, None."""
+    from .run import make_out_dir
+
+    created = None
+    try:
+        created = make_out_dir(out)
+        return write(out)
+    except OSError as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        print(f"fastdpo {command}: error: cannot write the results to {out!r}: {err.strerror or err}",
+              file=sys.stderr)
+        return None
+
+
 def _bench(args, parser) -> int:
-    from . import bench
+    from . import run
+    from .memory import TooBigError
 
     try:
-        config = bench.resolve_config(args.shape, hidden=args.hidden, vocab=args.vocab, pairs=args.pairs,
-                                      seq_len=args.seq_len, dtype=args.dtype, device=args.device,
-                                      with_ref=not args.no_ref, repeats=args.repeats, warmup=args.warmup,
-                                      impls=args.impl)
+        config = run.resolve_config(args.shape, hidden=args.hidden, vocab=args.vocab, pairs=args.pairs,
+                                    seq_len=args.seq_len, dtype=args.dtype, device=args.device,
+                                    with_ref=not args.no_ref, repeats=args.repeats, warmup=args.warmup,
+                                    impls=args.impl)
     except ValueError as err:
         parser.error(str(err))
     try:
-        out = bench.prepare_out_dir(args.out, "bench")
-    except bench.OutputDirError as err:
+        out = run.check_out_dir(args.out, "bench", overwrite=args.overwrite)
+    except run.OutputDirError as err:
         parser.error(f"argument --out: {err}")
-    report = bench.run_bench(config, progress=not args.no_progress)
-    print(bench.describe(report))
+    try:
+        run.check_memory(config)
+    except TooBigError as err:
+        return _fail("bench", err)
+    report = run.run_bench(config, progress=not args.no_progress)
+    print(run.describe(report))
     print()
-    print(bench.format_table(report))
+    print(run.format_table(report))
     print()
-    bench.write_outputs(report, out)
-    print(bench.summary(report, out))
+    if _write("bench", out, lambda folder: run.write_outputs(report, folder)) is None:
+        print(run.summary(report))
+        return 1
+    print(run.summary(report, out))
     return 0 if any(r.key == "fastdpo" and r.status == "ok" for r in report.rows) else 1
 
 
 def _profile(args, parser) -> int:
-    from . import bench, profiling
+    from . import profiling, run
+    from .memory import TooBigError
 
     try:
         config = profiling.resolve_config(args.model, layers=args.layers, budget_gib=args.budget,
@@ -123,21 +165,30 @@ def _profile(args, parser) -> int:
     except ValueError as err:
         parser.error(str(err))
     try:
-        out = bench.prepare_out_dir(args.out, "profile")
-    except bench.OutputDirError as err:
+        out = run.check_out_dir(args.out, "profile", overwrite=args.overwrite)
+    except run.OutputDirError as err:
         parser.error(f"argument --out: {err}")
+    try:
+        config = profiling.check_memory(config)
+    except (TooBigError, profiling.BudgetError) as err:
+        return _fail("profile", err)
+    except ValueError as err:  # a config.json that transformers cannot build
+        parser.error(str(err))
     try:
         report = profiling.run_profile(config, progress=not args.no_progress)
     except profiling.BudgetError as err:
-        print(f"fastdpo profile: error: {err}", file=sys.stderr)
-        return 2
-    paths = profiling.write_outputs(report, out)
+        return _fail("profile", err)
+    paths = _write("profile", out, lambda folder: profiling.write_outputs(report, folder))
     print(profiling.format_report(report, paths))
-    return 0
+    return 0 if paths is not None else 1
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``fastdpo`` console script; returns the exit status."""
+    """Entry point of the ``fastdpo`` console script; returns the exit status.
+
+    Exit status 2: the arguments, the output folder or the run's size were refused before anything ran or was
+    written; 1: the run ran but fastdpo failed in it or its results could not be written.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
