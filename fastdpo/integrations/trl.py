@@ -71,7 +71,7 @@ from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
-from .. import _validate, functional  # noqa: E402
+from .. import _validate  # noqa: E402
 from .._autograd import _backend_module  # noqa: E402
 from .._options import BACKENDS, HeadOptions  # noqa: E402
 from .._torch_path import _compute_dtype, chunked_backward  # noqa: E402
@@ -114,7 +114,7 @@ _NO_IGNORE = -100
 class _PatchState:
     patched = False
     backend = "auto"
-    # (module, name, original) of every `add_fused_lm_head` the patch replaced.
+    # The TRL modules whose `add_fused_lm_head` the patch replaced.
     replaced = []
 
 
@@ -264,8 +264,8 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
         if not any(needs) or (grad_logp is None and grad_entropy is None):
             return none
         grads = [None, None, None]
-        # Under DeepSpeed ZeRO-3 the lm-head is partitioned outside its module's forward: gather it again, as
-        # TRL's own backward does.
+        # A head routed through its module was fetched again by ZeRO-3's pre-backward hook (this is then a no-op);
+        # one that TRL read directly (a fused head added before patch_trl()) is gathered here, as TRL's backward does.
         with _TRL_GATHER_CTX(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
             b = bias.to(ctx.dtype) if bias is not None else None
