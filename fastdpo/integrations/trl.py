@@ -182,8 +182,10 @@ def _gather_ctx(*params):
     return _TRL_GATHER_CTX(*params)
 
 
-def _module_call(args, hidden, weight, bias):
-    return FastChunkedLogProbFunction.apply(hidden, weight, bias, *args)
+def _module_call(args, dtype, hidden, weight, bias):
+    # A mixed-precision wrapper casts the head's input to its parameter dtype; TRL's `cast_lm_head_to_fp32` asked
+    # for the dtype the hidden states had when TRL handed them over.
+    return FastChunkedLogProbFunction.apply(hidden.to(dtype), weight, bias, *args)
 
 
 def _entropy_backward(hidden, weight, bias, grad_entropy, opts: HeadOptions, needs):
@@ -219,7 +221,7 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
         route = _ROUTE.get()
         if route is not None and weight is route.weight:
             # Inside TRL's forward under the patch: compute inside the head module's forward instead.
-            return call_head_module(route.module, hidden, functools.partial(_module_call, args))
+            return call_head_module(route.module, hidden, functools.partial(_module_call, args, hidden.dtype))
         if type(weight.grad_fn).__name__ == "_ToTorchTensorBackward":
             raise RuntimeError("the lm-head weight reached the patched TRL head through DTensor.full_tensor(), whose "
                                "backward is a local slice that FSDP2 never reduces: call patch_trl() before "
