@@ -1,8 +1,22 @@
-"""The autograd Function around the fused head: one forward, one backward, two backends."""
+"""The fused head as two ``torch.library`` custom ops with their autograd and fake (meta) implementations.
+
+``fastdpo::head_forward`` and ``fastdpo::head_backward`` run the Triton kernels (CUDA, or CPU under
+``TRITON_INTERPRET=1``) or the chunked PyTorch backend, as the ``backend`` argument says. Being custom ops,
+``torch.compile`` captures them as single opaque nodes whose output shapes never depend on the data (the
+compaction of the labelled tokens and its ``nonzero`` stay inside), so a compiled training step holds the loss
+in one graph. The options travel as primitive arguments.
+
+Double backward is refused: the gradients the head returns are not differentiable again, and a backward
+through them (``create_graph=True`` then a gradient penalty, say) raises a ``RuntimeError`` instead of silently
+treating them as constants.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import _torch_path
 from ._options import HeadOptions
@@ -18,38 +32,104 @@ def _backend_module(opts: HeadOptions):
     return _torch_path
 
 
-class FusedLogprobFunction(torch.autograd.Function):
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastdpo::head_forward", mutates_args=())
+def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
+                 softcap: Optional[float], scale: float, backend: str, extras: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, mean_logit, entropy, log_sum_sq_probs, is_top1, lse)``, each ``[N]`` (the extras ``[0]`` unless
+    ``extras``), 0 where ``targets == ignore_index``."""
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, backend=backend, extras=extras)
+    # The inputs already carry the compute dtype; autocast must not recast the inner matmuls.
+    with torch.autocast(hidden.device.type, enabled=False):
+        out, _ = _backend_module(opts).forward(hidden, weight, bias, targets, opts)
+    cd = _compute_dtype(hidden.dtype)
+    empty = hidden.new_empty(0, dtype=cd)
+    extra = [out[k] if extras else (empty.bool() if k == "is_top1" else empty.clone()) for k in EXTRA_OUTPUTS]
+    return (out["logp"].to(cd), out["mean_logit"].to(cd), *(t.to(cd) if t.dtype.is_floating_point else t
+                                                             for t in extra), out["lse"].to(cd))
+
+
+@head_forward.register_fake
+def _head_forward_fake(hidden, weight, bias, targets, ignore_index, softcap, scale, backend, extras):
+    N = hidden.shape[0]
+    cd = _compute_dtype(hidden.dtype)
+    n_extra = N if extras else 0
+    return (hidden.new_empty(N, dtype=cd), hidden.new_empty(N, dtype=cd), hidden.new_empty(n_extra, dtype=cd),
+            hidden.new_empty(n_extra, dtype=cd), hidden.new_empty(n_extra, dtype=torch.bool),
+            hidden.new_empty(N, dtype=cd))
+
+
+@torch.library.custom_op("fastdpo::head_backward", mutates_args=())
+def head_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                  lse: Tensor, ignore_index: int, softcap: Optional[float], scale: float, backend: str,
+                  need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for ``(hidden, weight, bias)`` of ``Σ_t grad_logp_t·logp_t`` in their dtypes (``[0]`` where not
+    needed)."""
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, backend=backend)
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        grads = _backend_module(opts).backward(hidden, weight, bias, targets, lse, grad_logp.contiguous(), opts,
+                                               needs)
+    return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, (hidden, weight, weight)))
+
+
+@head_backward.register_fake
+def _head_backward_fake(grad_logp, hidden, weight, bias, targets, lse, ignore_index, softcap, scale, backend,
+                        need_hidden, need_weight, need_bias):
+    # Both backends return contiguous gradients, whatever the inputs' strides.
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
+            bias.new_empty(bias.shape) if need_bias and bias is not None else weight.new_empty(0))
+
+
+def _forward_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, softcap, scale, backend, extras = inputs
+    ctx.options = (ignore_index, softcap, scale, backend)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, targets, output[5])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _forward_backward(ctx, grad_logp, *_):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_logp is None or not (need_h or need_w or need_b):
+        return (None,) * 9
+    gh, gw, gb = torch.ops.fastdpo.head_backward(grad_logp, hidden, weight, bias, targets, lse, *ctx.options,
+                                                 need_h, need_w, need_b and ctx.has_bias)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b and ctx.has_bias else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fastdpo::head_forward", _forward_backward, setup_context=_forward_setup)
+
+
+def _backward_setup(ctx, inputs, output):
+    pass
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError("fastdpo: the fused head's gradients are not differentiable a second time (double "
+                       "backward, e.g. torch.autograd.grad(..., create_graph=True) followed by a gradient "
+                       "penalty); compute such terms from materialized logits instead")
+
+
+torch.library.register_autograd("fastdpo::head_backward", _refuse_double_backward, setup_context=_backward_setup)
+
+
+def head(hidden, weight, bias, targets, opts: HeadOptions):
     """Per-token log-probs of ``hidden @ weight.T (+ bias)`` without the ``[N, V]`` logits.
 
-    ``forward(hidden [N, H], weight [V, H], bias [V] | None, targets [N], opts)`` returns
+    ``hidden [N, H], weight [V, H], bias [V] | None, targets [N]``; returns
     ``(logp, mean_logit, entropy, log_sum_sq_probs, is_top1)``, each ``[N]`` and 0 where the target is
-    ``opts.ignore_index``; the last three are empty unless ``opts.extras``. Only ``logp`` is
-    differentiable: its backward takes one coefficient per token straight to the kernel.
+    ``opts.ignore_index``; the last three are empty unless ``opts.extras``. Only ``logp`` is differentiable:
+    its backward takes one coefficient per token straight to the kernel.
     """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions):
-        backend = _backend_module(opts)
-        # The inputs already carry the compute dtype; autocast must not recast the inner matmuls.
-        with torch.autocast(hidden.device.type, enabled=False):
-            out, saved = backend.forward(hidden, weight, bias, targets, opts)
-        ctx.opts = opts
-        ctx.saved = saved
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.set_materialize_grads(False)
-        empty = hidden.new_empty(0, dtype=torch.float32)
-        extras = [out.get(k, empty) for k in EXTRA_OUTPUTS]
-        ctx.mark_non_differentiable(out["mean_logit"], *extras)
-        return (out["logp"], out["mean_logit"], *extras)
-
-    @staticmethod
-    def backward(ctx, grad_logp, *_):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if grad_logp is None or not any(needs):
-            return None, None, None, None, None
-        backend = _backend_module(ctx.opts)
-        with torch.autocast(hidden.device.type, enabled=False):
-            gh, gw, gb = backend.backward(hidden, weight, bias, targets, ctx.saved, grad_logp.contiguous(),
-                                          ctx.opts, needs)
-        return gh, gw, gb, None, None
+    outs = torch.ops.fastdpo.head_forward(hidden, weight, bias, targets, opts.ignore_index, opts.softcap,
+                                          opts.scale, opts.backend, opts.extras)
+    return outs[:5]

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from . import _merge
 from ._options import HeadOptions
 from .kernels import logprob_bwd, logprob_fwd
 from .kernels.config import default_config
+
+# The kernel writes the record layout that the shared merge reads.
+assert (logprob_fwd.STAT_MAX, logprob_fwd.STAT_SUMEXP, logprob_fwd.STAT_TARGET, logprob_fwd.STAT_SUM,
+        logprob_fwd.STAT_XSUMEXP, logprob_fwd.STAT_SQSUMEXP, logprob_fwd.STAT_ARGMAX) == tuple(range(7))
+assert (_merge.MAX, _merge.SUMEXP, _merge.TARGET, _merge.SUM, _merge.XSUMEXP, _merge.SQSUMEXP,
+        _merge.ARGMAX) == tuple(range(7))
 
 
 def _config(x: torch.Tensor):
@@ -29,46 +36,33 @@ def _compact(targets: torch.Tensor, ignore_index: int):
 
 
 def forward(hidden, weight, bias, targets, opts: HeadOptions):
+    """As :func:`fastdpo._torch_path.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp."""
     N = hidden.shape[0]
-    F = logprob_fwd
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
-    stats = F.logprob_forward(hidden, weight, bias, rows, tgt, nv, softcap=opts.softcap, scale=opts.scale,
-                              extras=opts.extras, config=_config(hidden))
-    # Merge the vocabulary splits. Columns past nv were never written: keep them out with where().
-    m_split, s_split = stats[F.STAT_MAX], stats[F.STAT_SUMEXP]
-    m = m_split.max(0).values
-    w = torch.exp(m_split - m)
-    s = (s_split * w).sum(0)
-    lse = m + torch.log(s)
-    zsum = stats[F.STAT_SUM].sum(0)
-    logp = stats[F.STAT_TARGET].sum(0) - lse
-    # A NaN anywhere in a token's logits reaches Σz even where max() dropped it.
-    logp = torch.where(torch.isnan(zsum), zsum, logp)
+    stats = logprob_fwd.logprob_forward(hidden, weight, bias, rows, tgt, nv, softcap=opts.softcap, scale=opts.scale,
+                                        extras=opts.extras, config=_config(hidden))
+    # Columns past nv were never written: where() keeps them (NaN or not) out of the outputs.
+    merged = _merge.merge(stats, weight.shape[0], opts.extras, tgt)
 
     def scatter(values):
         out = torch.zeros(N, dtype=values.dtype, device=hidden.device)
         return out.index_copy_(0, rows, torch.where(valid, values, torch.zeros_like(values)))
 
-    out = {"logp": scatter(logp), "mean_logit": scatter(zsum / weight.shape[0])}
+    out = {"logp": scatter(merged["logp"]), "mean_logit": scatter(merged["mean_logit"]),
+           "lse": scatter(merged["lse"])}
     if opts.extras:
-        entropy = lse - (stats[F.STAT_XSUMEXP] * w).sum(0) / s
-        lssp = torch.log((stats[F.STAT_SQSUMEXP] * w * w).sum(0)) - 2 * torch.log(s)
-        # The first argmax overall sits in the first split that reaches the overall max.
-        best = m_split.argmax(0, keepdim=True)
-        amax = stats[F.STAT_ARGMAX].gather(0, best).squeeze(0)
-        out["entropy"] = scatter(entropy)
-        out["log_sum_sq_probs"] = scatter(lssp)
-        out["is_top1"] = scatter(valid & (amax == tgt.to(torch.float32)))
-    lse = torch.where(valid, lse, torch.zeros_like(lse))
-    return out, (rows, tgt, nv, valid, lse)
+        out["entropy"] = scatter(merged["entropy"])
+        out["log_sum_sq_probs"] = scatter(merged["log_sum_sq_probs"])
+        out["is_top1"] = scatter(valid & (merged["argmax"] == tgt.to(torch.float32)))
+    return out, out["lse"]
 
 
 def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions, needs):
-    rows, tgt, nv, valid, lse = saved
-    g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), torch.zeros((), device=hidden.device))
-    gh, gw, gb = logprob_bwd.logprob_backward(hidden, weight, bias, rows, tgt, nv, lse, g.contiguous(),
+    rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
+    zero = torch.zeros((), device=hidden.device)
+    lse = torch.where(valid, saved.to(torch.float32).gather(0, rows), zero)
+    g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), zero)
+    gh, gw, gb = logprob_bwd.logprob_backward(hidden, weight, bias, rows, tgt, nv, lse.contiguous(), g.contiguous(),
                                               softcap=opts.softcap, scale=opts.scale, needs=needs,
                                               config=_config(hidden))
     return gh, gw, gb
-
-

@@ -11,6 +11,7 @@ from ._options import BACKENDS
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def tensor(name, t, *, ndim=None):
@@ -19,6 +20,22 @@ def tensor(name, t, *, ndim=None):
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     return t
+
+
+def flag(name, value):
+    """A bool option: a string like ``"False"`` is truthy, so only a real bool is accepted."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def token_ids(labels):
+    """Labels of any integer dtype as the int32/int64 the backends index with (int8/int16/uint8 are widened);
+    other dtypes pass unchanged, for :func:`head` to reject with a named error."""
+    d = labels.dtype
+    if d in INDEX_DTYPES or d.is_floating_point or d.is_complex or d == torch.bool:
+        return labels
+    return labels.to(torch.int64)
 
 
 def number(name, value, *, positive=False, allow_none=False):
@@ -41,6 +58,9 @@ def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="we
         raise TypeError(f"{hidden_name} must be a floating tensor (bf16, fp16, fp32, fp64), got {hidden.dtype}")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{weight_name} must be a floating tensor (bf16, fp16, fp32, fp64), got {weight.dtype}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{weight_name} must be [V, H] with V >= 1 tokens and H >= 1 features, got shape "
+                         f"{tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden size mismatch: {hidden_name} has shape {tuple(hidden.shape)} but "
                          f"{weight_name} has shape {tuple(weight.shape)}; expected {hidden_name}[..., H] with "
@@ -55,6 +75,8 @@ def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="we
                          f"{hidden.device}, {weight.device}, {targets.device}")
     if bias is not None:
         tensor(bias_name, bias, ndim=1)
+        if bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{bias_name} must be a floating tensor (bf16, fp16, fp32, fp64), got {bias.dtype}")
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{bias_name} must have shape [{weight.shape[0]}] (the vocabulary of {weight_name}), "
                              f"got {tuple(bias.shape)}")
@@ -66,7 +88,7 @@ def label_range(name, labels, vocab, ignore_index):
     """Labels must be in [0, vocab) or ``ignore_index``.
 
     On GPU tensors this is the one host synchronisation of a call; ``FASTDPO_CHECK_LABELS=0`` skips
-    it there (an out-of-range label then never matches a column and yields a log-prob of NaN or −inf).
+    it there (an out-of-range label then yields a log-prob of NaN).
     """
     if labels.device.type != "cpu" and os.environ.get("FASTDPO_CHECK_LABELS", "1") == "0":
         return

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validate as check
-from ._autograd import EXTRA_OUTPUTS, FusedLogprobFunction
+from ._autograd import EXTRA_OUTPUTS, head
 from ._options import HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
@@ -26,11 +28,16 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     if softcap is not None:
         check.number("softcap", softcap, positive=True)
     scale = check.number("logit_scale", logit_scale) / check.number("temperature", temperature, positive=True)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check.flag("extras", extras)
+    check.flag("check_labels", check_labels)
     dtype = check.common_dtype(hidden, weight, hn, wn)
     resolved = check.backend(backend, hidden.device, dtype)
-    if check_labels:
+    # Under torch.compile the range check would be a data-dependent guard: it is skipped there.
+    if check_labels and not torch.compiler.is_compiling():
         check.label_range(tn, targets, weight.shape[0], ignore_index)
     opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=scale,
                        backend=resolved, extras=bool(extras))
@@ -39,7 +46,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     h2 = hidden.reshape(-1, H).to(dtype)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    outs = FusedLogprobFunction.apply(h2, w, b, targets.reshape(-1), opts)
+    outs = head(h2, w, b, check.token_ids(targets).reshape(-1), opts)
     result = {"logp": outs[0].view(shape), "mean_logit": outs[1].view(shape)}
     if extras:
         for name, value in zip(EXTRA_OUTPUTS, outs[2:]):
@@ -68,7 +75,11 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
 
     Returns:
         fp32 (fp64 for fp64 inputs) log-probs shaped like ``targets``, 0 at ignored positions,
-        differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
+        differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient (once: a backward
+        through these gradients, i.e. double backward, raises a ``RuntimeError``).
+
+    Under ``torch.compile`` the targets are not range-checked (the check would be a data-dependent guard); an
+    out-of-range target then yields a log-prob of NaN. Integer targets narrower than int32 are widened.
     """
     return token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend)["logp"]
@@ -90,6 +101,7 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     """
     check.tensor("hidden", hidden, ndim=3)
     check.tensor("labels", labels, ndim=2)
+    check.flag("average", average)
     logp = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
                        names={"targets": "labels"})["logp"]
@@ -99,10 +111,27 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     return total
 
 
+def loss_config(beta, config, loss_options) -> LossConfig:
+    """The one :class:`LossConfig` of a call: ``config``, or one built from ``beta`` (default 0.1) and the keywords.
+    ``beta`` may come with a config only if it equals ``config.beta``; loss keywords never may."""
+    if config is None:
+        return LossConfig(beta=0.1 if beta is None else beta, **loss_options)
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a fastdpo.LossConfig, got {type(config).__name__}")
+    if loss_options:
+        raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
+    if beta is not None and beta != config.beta:
+        raise ValueError(f"beta={beta!r} differs from config.beta={config.beta!r}: give beta in one place "
+                         f"(LossConfig(beta=...) or the beta keyword without a config)")
+    return config
+
+
 def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
                       needs_reference=True):
     check.tensor("hidden", hidden)
+    check.tensor("weight", weight, ndim=2)
     check.tensor("labels", labels)
+    check.flag("reference_free", reference_free)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got shape {tuple(hidden.shape)}")
     if labels.dim() != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
@@ -143,10 +172,12 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
             raise ValueError(f"ref_logps must be [2B] = [{rows}] (chosen then rejected), got {tuple(ref_logps.shape)}")
         if not ref_logps.dtype.is_floating_point:
             raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")
+        if ref_logps.device != hidden.device:
+            raise ValueError(f"ref_logps must be on {hidden.device} (that of hidden), got {ref_logps.device}")
 
 
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
-             beta=0.1, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
+             beta=None, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
              backend="auto", config: LossConfig | None = None, **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
 
@@ -163,7 +194,8 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         reference_free: no reference model (``ρ = 0``). Exactly one of the three reference modes is required,
             except that loss types which never read the reference (simpo, cpo, orpo, sft, alone or mixed
             among themselves) accept none (``ρ = 0``); a reference given to them only enters the rewards metrics.
-        beta: the DPO temperature β. Default 0.1.
+        beta: the DPO temperature β. Default 0.1, or ``config.beta`` with a config; a ``beta`` that differs
+            from ``config.beta`` raises a ``ValueError`` (give it in one place).
         bias, ref_bias: optional ``[V]`` lm-head biases.
         ignore_index, softcap, logit_scale, temperature, backend: as in :func:`fused_logprobs`, applied
             to both heads.
@@ -174,10 +206,8 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         :class:`DPOOutput` with ``loss``, ``chosen_logps``/``rejected_logps`` ``[B]``,
         ``chosen_rewards``/``rejected_rewards`` ``β·(π − ρ)`` and ``metrics`` named as TRL logs them.
     """
-    if config is None:
-        config = LossConfig(beta=beta, **loss_options)
-    elif loss_options:
-        raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
+    config = loss_config(beta, config, loss_options)
+    labels = check.token_ids(labels) if isinstance(labels, torch.Tensor) else labels
     _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
                       needs_reference=config.needs_reference)
     head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature,

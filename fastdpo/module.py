@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .functional import dpo_loss
+from .functional import dpo_loss, loss_config
 from .losses import DPOOutput, LossConfig
 
 
@@ -18,15 +18,16 @@ class FusedLinearDPOLoss(nn.Module):
         out.loss.backward()
 
     Args:
-        beta: the DPO temperature. Default 0.1.
+        beta: the DPO temperature. Default 0.1 (``config.beta`` with a config; a different ``beta`` raises).
+        config: a :class:`fastdpo.LossConfig`, instead of its fields as keywords.
         ignore_index, softcap, logit_scale, temperature, backend: head options, see :func:`fastdpo.fused_logprobs`.
         **loss_options: other fields of :class:`fastdpo.LossConfig` (``loss_type``, ...), checked here.
     """
 
-    def __init__(self, beta=0.1, *, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
-                 backend="auto", **loss_options):
+    def __init__(self, beta=None, *, config: LossConfig | None = None, ignore_index=-100, softcap=None,
+                 logit_scale=1.0, temperature=1.0, backend="auto", **loss_options):
         super().__init__()
-        self.config = LossConfig(beta=beta, **loss_options)
+        self.config = loss_config(beta, config, loss_options)
         self.head_options = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
                                  temperature=temperature, backend=backend)
 

@@ -1,12 +1,14 @@
 """Block sizes, warps and chunking of every fastdpo kernel: the one place they are chosen.
 
 ``default_config()`` is the GPU default; under the Triton interpreter it returns small blocks so
-that tiny test shapes still cross several tiles. ``use_config`` overrides it for a block of code.
+that tiny test shapes still cross several tiles. ``use_config`` overrides it for a block of code, in the
+current thread (or asyncio task) only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass, replace
 
 import triton
@@ -77,7 +79,9 @@ INTERPRETER_DEFAULT = replace(
     vocab_chunk=24, min_programs=4,
 )
 
-_override: list[KernelConfig] = []
+# Context-local (per thread and per asyncio task), so one thread's override never reaches another's kernels.
+_override: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar("fastdpo_kernel_config",
+                                                                                 default=None)
 
 
 def default_config(dtype=None, capability=None) -> KernelConfig:
@@ -85,8 +89,9 @@ def default_config(dtype=None, capability=None) -> KernelConfig:
 
     ``use_config`` overrides it; under the interpreter it is ``INTERPRETER_DEFAULT``.
     """
-    if _override:
-        return _override[-1]
+    override = _override.get()
+    if override is not None:
+        return override
     from triton import knobs
 
     if knobs.runtime.interpret:
@@ -102,14 +107,14 @@ def default_config(dtype=None, capability=None) -> KernelConfig:
 
 @contextlib.contextmanager
 def use_config(config: KernelConfig):
-    """Run the kernels with ``config`` inside the ``with`` block."""
+    """Run the kernels with ``config`` inside the ``with`` block, in this thread (or asyncio task) only."""
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
-    _override.append(config)
+    token = _override.set(config)
     try:
         yield config
     finally:
-        _override.pop()
+        _override.reset(token)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -3,7 +3,8 @@
 For each chunk of ``vocab_chunk`` columns:
 1. ``_dlogits_kernel`` recomputes the chunk's logit tiles (same code as the forward) and writes
    ``dZ = g·(onehot(y) − exp(z − lse))·scale·(1 − tanh²)`` for the labelled tokens into a bounded
-   workspace ``[N, vocab_chunk]`` in the compute dtype;
+   workspace ``[N, vocab_chunk]`` in the compute dtype (for fp16, ``dZ / G`` with ``G`` a power of two that
+   keeps it within fp16's range; the GEMMs below multiply ``G`` back);
 2. ``_grad_weight_kernel`` reduces ``dZᵀ·X`` over all labelled tokens in registers (fp32) and writes
    the chunk's rows of the weight (and bias) gradient once, in the parameter dtype: no ``[V, H]`` fp32
    buffer;
@@ -56,10 +57,10 @@ def _dlogits_kernel(
 
 @triton.jit
 def _grad_weight_kernel(
-    dz_ptr, x_ptr, rows_ptr, nv_ptr, gw_ptr, gb_ptr,
+    dz_ptr, x_ptr, rows_ptr, nv_ptr, gw_ptr, gb_ptr, gscale_ptr,
     H, v0, vc,
     stride_dzn, stride_xn, stride_xh, stride_gwv, stride_gwh,
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RESCALE: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_v = tl.program_id(0).to(tl.int64)
@@ -86,6 +87,11 @@ def _grad_weight_kernel(
         acc = tl.dot(tl.trans(dz), x, acc, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             bsum += tl.sum(dz.to(tl.float32), axis=0)
+    if RESCALE:
+        # The workspace holds dZ / G (see logprob_backward); G is a power of two, so this is exact.
+        gscale = tl.load(gscale_ptr)
+        acc = acc * gscale
+        bsum = bsum * gscale
     cols = v0 + local
     tl.store(gw_ptr + cols[:, None] * stride_gwv + hs[None, :] * stride_gwh, acc.to(gw_ptr.dtype.element_ty),
              mask=local_mask[:, None] & h_mask[None, :])
@@ -96,10 +102,11 @@ def _grad_weight_kernel(
 
 @triton.jit
 def _grad_hidden_kernel(
-    dz_ptr, w_ptr, rows_ptr, nv_ptr, acc_ptr, out_ptr,
+    dz_ptr, w_ptr, rows_ptr, nv_ptr, acc_ptr, out_ptr, gscale_ptr,
     H, v0, vc,
     stride_dzn, stride_wv, stride_wh, stride_accn, stride_outn,
-    FIRST: tl.constexpr, LAST: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, RESCALE: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -124,6 +131,8 @@ def _grad_hidden_kernel(
             dz = dz.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(dz, w, acc, input_precision=INPUT_PRECISION)
+    if RESCALE:
+        acc = acc * tl.load(gscale_ptr)
     mask = row_mask[:, None] & h_mask[None, :]
     if not FIRST:
         acc += tl.load(acc_ptr + src[:, None] * stride_accn + hs[None, :], mask=mask, other=0.0)
@@ -164,6 +173,15 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
     acc = None
     if need_x and n_chunks > 1:
         acc = grad_x if x.dtype == torch.float32 else torch.empty((N, H), dtype=torch.float32, device=dev)
+    # fp16 tops out at 65504, and a loss scaler's upstream gradient (65536) times the logit gradient passes it
+    # while the true gradients are small. For fp16 the workspace holds dZ / G, G a power of two >= max|g·scale|
+    # (so |dZ / G| <= 1), and the GEMMs multiply G back in fp32. bf16 and fp32 have fp32's range: unchanged.
+    rescale = x.dtype == torch.float16
+    gscale = grad
+    if rescale:
+        peak = grad.abs().amax() * abs(float(scale))
+        gscale = torch.where(peak > 0, torch.exp2(torch.ceil(torch.log2(peak))), torch.ones_like(peak)).reshape(1)
+        grad = grad / gscale
     dz = torch.empty((N, chunk), dtype=x.dtype, device=dev)
     for c in range(n_chunks):
         v0 = c * chunk
@@ -179,10 +197,10 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
         if need_w or need_b:
             gw = grad_w if need_w else dz  # a placeholder pointer when only the bias is wanted
             _grad_weight_kernel[(triton.cdiv(vc, cfg.gw_block_v), triton.cdiv(H, cfg.gw_block_h) if need_w else 1)](
-                dz, x, rows, nv, gw, grad_b if need_b else dz,
+                dz, x, rows, nv, gw, grad_b if need_b else dz, gscale,
                 H if need_w else 0, v0, vc,
                 dz.stride(0), x.stride(0), x.stride(1), gw.stride(0), gw.stride(1),
-                HAS_BIAS=need_b, **flags,
+                HAS_BIAS=need_b, RESCALE=rescale, **flags,
                 BLOCK_V=cfg.gw_block_v, BLOCK_H=cfg.gw_block_h, BLOCK_K=cfg.gw_block_k,
                 num_warps=cfg.gw_warps, num_stages=cfg.gw_stages,
             )
@@ -190,10 +208,10 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
             first, last = c == 0, c == n_chunks - 1
             acc_buf = acc if acc is not None else grad_x
             _grad_hidden_kernel[(triton.cdiv(N, cfg.gh_block_m), triton.cdiv(H, cfg.gh_block_h))](
-                dz, weight, rows, nv, acc_buf, grad_x,
+                dz, weight, rows, nv, acc_buf, grad_x, gscale,
                 H, v0, vc,
                 dz.stride(0), weight.stride(0), weight.stride(1), acc_buf.stride(0), grad_x.stride(0),
-                FIRST=first, LAST=last, **flags,
+                FIRST=first, LAST=last, RESCALE=rescale, **flags,
                 BLOCK_M=cfg.gh_block_m, BLOCK_H=cfg.gh_block_h, BLOCK_K=cfg.gh_block_k,
                 num_warps=cfg.gh_warps, num_stages=cfg.gh_stages,
             )

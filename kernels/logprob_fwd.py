@@ -3,8 +3,9 @@
 Grid ``(token blocks, vocabulary splits)``. Each program walks its split's vocabulary tiles,
 projecting only gathered (labelled) tokens, and writes one partial record per token and split:
 running max ``m``, ``Σ exp(z − m)``, the target logit (0 when the target is outside the split),
-``Σ z`` and, with ``EXTRAS``, ``Σ exp(z − m)·z``, ``Σ exp(2(z − m))`` and the first argmax. The host
-merges the splits (a few ``[splits, tokens]`` ops).
+``Σ z`` and, with ``EXTRAS``, ``Σ exp(z − m)·z``, ``Σ exp(2(z − m))`` and the first argmax: the record
+that ``fastdpo._merge`` defines and merges (a few ``[splits, tokens]`` ops on the host). A split whose
+logits are all ``-inf`` writes ``m = -inf`` and ``Σ exp = 0``.
 """
 
 import torch
@@ -60,14 +61,17 @@ def _logprob_fwd_kernel(
         z = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
         m_new = tl.maximum(m, tile_max)
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        # While every logit so far is -inf (a masked vocabulary), subtract 0: exp(-inf - -inf) would be NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref[:, None])
         s = s * alpha + tl.sum(e, axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
         # Σz also carries any NaN of the inputs, which tl.maximum would drop.
         zsum += tl.sum(z_valid, axis=1)
         if EXTRAS:
-            sz = sz * alpha + tl.sum(e * z_valid, axis=1)
+            # p·z → 0 for a masked logit (p = 0, z = -inf): drop the terms whose exp is 0.
+            sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1)
             s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1)
             # Tiles go left to right, so a strictly greater max keeps the first argmax.
             tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + tile * BLOCK_V

@@ -155,3 +155,65 @@ def test_triton_backend_on_cpu_without_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         _call(backend="triton")
+
+
+# ---- issue 11 item 16: reference isolation, differing heads ----------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("mode", ["hidden", "precomputed"])
+def test_no_gradient_reaches_any_reference_input(backend, mode):
+    """Every reference input that requires grad gets none, and the policy's gradient equals the one with the
+    reference detached: a reference that leaks into the graph fails here."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=8)
+    g = torch.Generator().manual_seed(8)
+    V = weight.shape[0]
+    if mode == "hidden":
+        ref = dict(ref_hidden=torch.randn(hidden.shape, generator=g), ref_weight=weight + 0.1 * torch.randn(
+            weight.shape, generator=g), ref_bias=torch.randn(V, generator=g))
+    else:
+        ref = dict(ref_logps=-20 * torch.rand(hidden.shape[0], generator=g))
+    leaves = {k: v.clone().requires_grad_() for k, v in ref.items()}
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fastdpo.dpo_loss(h, w, labels, backend=backend, **leaves)
+    out.loss.backward()
+    for name, t in leaves.items():
+        assert t.grad is None, f"{name} got a gradient"
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert not getattr(out, name).requires_grad
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fastdpo.dpo_loss(h2, w2, labels, backend=backend, **ref).loss.backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("entry", ["dpo_loss", "module"])
+def test_reference_head_differs_from_the_policy_head(backend, entry):
+    """Policy and reference with their own weight and bias (and softcap/scale applied to both): a reference
+    computed with the policy's head, or without its own bias, fails here."""
+    hidden, weight, labels = make_batch(pairs=3, dtype=torch.float64, seed=12)
+    g = torch.Generator().manual_seed(12)
+    V = weight.shape[0]
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    ref_hidden = torch.randn(hidden.shape, generator=g, dtype=torch.float64)
+    ref_weight = weight + 0.3 * torch.randn(weight.shape, generator=g, dtype=torch.float64)
+    ref_bias = torch.randn(V, generator=g, dtype=torch.float64)
+    head = dict(softcap=4.0, logit_scale=1.2)
+    h64, w64, b64 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    want = reference_dpo_loss(h64, w64, labels, bias=b64, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                              ref_bias=ref_bias, beta=0.2, **head)
+    want_g = torch.autograd.grad(want.loss, (h64, w64, b64))
+    h, w, b = (t.float().requires_grad_() for t in (hidden, weight, bias))
+    refs = dict(ref_hidden=ref_hidden.float(), ref_weight=ref_weight.float(), ref_bias=ref_bias.float())
+    if entry == "module":
+        got = fastdpo.FusedLinearDPOLoss(beta=0.2, backend=backend, **head)(h, w, labels, bias=b, **refs)
+    else:
+        got = fastdpo.dpo_loss(h, w, labels, bias=b, beta=0.2, backend=backend, **refs, **head)
+    got_g = torch.autograd.grad(got.loss, (h, w, b))
+    torch.testing.assert_close(got.ref_chosen_logps.double(), want.ref_chosen_logps.double(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.ref_rejected_logps.double(), want.ref_rejected_logps.double(), rtol=0, atol=1e-4)
+    assert abs(got.loss.item() - want.loss.item()) < 1e-5
+    for key in METRICS:
+        torch.testing.assert_close(got.metrics[key].double(), want.metrics[key].double(), rtol=0, atol=2e-4, msg=key)
+    for a, c in zip(got_g, want_g):
+        assert rel_err(a, c) < 1e-4

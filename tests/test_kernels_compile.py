@@ -61,7 +61,7 @@ def _compile_all():
         }
     # Pointer arguments whose dtype does not follow the inputs'.
     fixed = {"rows_ptr": "*i64", "tgt_ptr": "*i64", "nv_ptr": "*i32", "stats_ptr": "*fp32", "lse_ptr": "*fp32",
-             "g_ptr": "*fp32", "acc_ptr": "*fp32"}
+             "g_ptr": "*fp32", "acc_ptr": "*fp32", "gscale_ptr": "*fp32"}
     # Strides that are 1 on contiguous inputs; Triton's launcher turns those into constants.
     unit = {"forward": ("stride_xh", "stride_wh"), "dlogits": ("stride_xh", "stride_wh"),
             "grad_weight": ("stride_xh", "stride_gwh"), "grad_hidden": ("stride_wh",)}
@@ -74,6 +74,8 @@ def _compile_all():
             kernel, warps, stages, constexprs = kernels_for(config)[name]
             const = dict(constexprs, DOT_F32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
             const.update({arg: 1 for arg in unit[name]})
+            if name in ("grad_weight", "grad_hidden"):
+                const["RESCALE"] = dtype == "fp16"
             sig, attrs = {}, {}
             for i, arg in enumerate(kernel.arg_names):
                 if arg in const:

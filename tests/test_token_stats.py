@@ -266,3 +266,145 @@ def test_chunked_torch_backward_takes_any_per_row_function():
     want = torch.autograd.grad((z * coeff[rows].unsqueeze(1)).sum(), (hd, wd, bd))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---- issue 11 item 9 / 16: the torch backend across several vocabulary and token chunks -----------------------
+
+@pytest.mark.parametrize("head", HEADS)
+def test_torch_backend_across_vocabulary_and_token_chunks(head, monkeypatch):
+    """Chunks of 7 vocabulary ids and 3 tokens: every statistic and every gradient against float64, so a chunk
+    boundary that drops, doubles or misplaces a column or a row fails."""
+    from fastdpo import _torch_path
+
+    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 7, raising=False)
+    monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", 3 * 7)
+    hidden, weight, bias, labels, kw = _inputs(torch.float32, head, seed=13, V=45)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ours, ours_g = _run(_ours("torch"), hidden, weight, bias, labels, upstream.float(), kw, torch.float32)
+    ref, ref_g = _run(_reference, hidden, weight, bias, labels, upstream, kw, torch.float64)
+    for name in ("logp", "mean_logit", "entropy", "log_sum_sq_probs"):
+        torch.testing.assert_close(ours[name].double(), ref[name], rtol=0, atol=2e-5, msg=name)
+    assert torch.equal(ours["is_top1"], ref["is_top1"])
+    assert len(ours_g) == len(ref_g)
+    for got, want in zip(ours_g, ref_g):
+        assert rel_err(got, want) < 2e-5
+
+
+# ---- issue 11 item 3: -inf logits (a masked vocabulary) -------------------------------------------------------
+
+def _masked_reference(hidden, weight, bias, labels, scale):
+    """float64 statistics where ``p·log p`` is 0 for a masked (-inf) logit, as its limit is."""
+    z = (hidden @ weight.t() + bias) * scale
+    logsm = torch.log_softmax(z, -1)
+    mask = labels != -100
+    safe = torch.where(mask, labels, 0)
+    logp = torch.where(mask, logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0)
+    p = logsm.exp()
+    entropy = -torch.where(p > 0, p * logsm, 0).sum(-1)
+    return {"logp": logp, "entropy": torch.where(mask, entropy, 0),
+            "log_sum_sq_probs": torch.where(mask, torch.logsumexp(2 * logsm, -1), 0),
+            "mean_logit": torch.where(mask, z.mean(-1), 0), "is_top1": (z.argmax(-1) == safe) & mask}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_minus_inf_logits_are_finite(backend, monkeypatch):
+    """A bias of -inf on the first tile of a split, on a whole split (Triton; a whole chunk on torch) and on
+    scattered columns: log-probs, entropy and every gradient finite and equal to float64's."""
+    from fastdpo import _torch_path
+
+    V = 80
+    hidden, weight, labels = make_batch(dtype=torch.float64, seed=21, V=V)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    masked = torch.zeros(V, dtype=torch.bool)
+    masked[0:16] = True    # tiles of 16: the first tile of split 0 (tiles 0-1)
+    masked[64:80] = True   # the whole of split 2 (tile 4)
+    masked[[20, 37, 41, 50]] = True
+    bias[masked] = float("-inf")
+    allowed = (~masked).nonzero().squeeze(1)
+    labels = torch.where(labels == -100, labels, allowed[labels % allowed.numel()])
+    upstream = torch.randn(labels.shape, generator=g, dtype=torch.float64)
+    scale = 1.3
+
+    h64, w64, b64 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    ref = _masked_reference(h64, w64, b64, labels, scale)
+    ref_g = torch.autograd.grad((ref["logp"] * upstream).sum(), (h64, w64, b64))
+
+    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16, raising=False)
+    config = KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
+                          dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16,
+                          gh_block_h=16, gh_block_k=16, vocab_chunk=32, min_programs=9)
+    h, w, b = (t.float().requires_grad_() for t in (hidden, weight, bias))
+    with use_config(config):
+        ours = fastdpo.token_stats(h, w, labels, bias=b, logit_scale=scale, backend=backend, extras=True)
+        ours_g = torch.autograd.grad((ours["logp"] * upstream.float()).sum(), (h, w, b))
+    for name in ("logp", "entropy", "log_sum_sq_probs"):
+        assert torch.isfinite(ours[name]).all(), name
+        torch.testing.assert_close(ours[name].double(), ref[name].detach(), rtol=0, atol=2e-5, msg=name)
+    torch.testing.assert_close(ours["mean_logit"].double(), ref["mean_logit"].detach())
+    assert torch.equal(ours["is_top1"], ref["is_top1"])
+    for got, want in zip(ours_g, ref_g):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 2e-5
+    assert (ours_g[2][masked] == 0).all()
+    out = fastdpo.dpo_loss(h.detach(), w.detach(), labels, bias=b.detach(), logit_scale=scale, backend=backend,
+                           reference_free=True, extra_metrics=True)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.metrics["entropy"])
+
+
+# ---- issue 11 item 4: fp16 with a loss scaler's upstream gradient -----------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_fp16_backward_with_a_loss_scalers_gradient(backend):
+    """An upstream gradient of 65536 (a loss scaler's) on a token of each row, with logit_scale 2: the logit
+    gradients reach 131072, past fp16's 65504, while every true gradient fits fp16. They must come out finite
+    and right."""
+    hidden, weight, labels = make_batch(dtype=torch.float64, seed=17)
+    hidden, weight = 0.1 * hidden, 0.2 * weight
+    kw = dict(logit_scale=2.0)
+    upstream = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    upstream[:, 5] = 65536.0
+    ref, ref_g = _run(_reference, hidden, weight, None, labels, upstream, kw, torch.float64)
+    assert max(g.abs().max().item() for g in ref_g) < 60000  # the true gradients fit fp16
+    ours, ours_g = _run(_ours(backend), hidden, weight, None, labels, upstream.float(), kw, torch.float16)
+    for got, want in zip(ours_g, ref_g):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 5e-3
+
+
+# ---- issue 11 item 16: exact ties ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_exact_ties_take_the_first_index(backend, monkeypatch):
+    """Duplicate vocabulary rows tie bit for bit at the top: ``is_top1`` holds for the first of them only, for
+    ties inside one tile (20, 23) and across tiles, splits and chunks (5, 40)."""
+    from fastdpo import _torch_path
+
+    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16, raising=False)
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=19, V=53)
+    bias = torch.zeros(weight.shape[0])
+    for first, second in ((5, 40), (20, 23)):
+        weight[second] = weight[first]
+    labelled = labels != -100
+    rows, cols = labelled.nonzero(as_tuple=True)
+    # Each token's top pair: bias 50 on (5, 40) for even rows, on (20, 23) for odd rows.
+    targets = torch.tensor([5, 40, 20, 23])
+    pick = targets[(rows % 2) * 2 + (cols % 2)]
+    labels[rows, cols] = pick
+    even = (torch.arange(labels.shape[0]) % 2 == 0).unsqueeze(1)
+    tops = []
+    for top in ((5, 40), (20, 23)):
+        b = bias.clone()
+        b[list(top)] = 50.0
+        tops.append(b)
+    config = KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
+                          dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16,
+                          gh_block_h=16, gh_block_k=16, vocab_chunk=24, min_programs=64)
+    got = {}
+    with use_config(config):
+        for i, b in enumerate(tops):
+            got[i] = fastdpo.token_stats(hidden, weight, labels, bias=b, backend=backend, extras=True)["is_top1"]
+    is_top1 = torch.where(even, got[0], got[1])
+    want = labelled & ((labels == 5) | (labels == 20))
+    assert want.any() and (labelled & ~want).any()
+    assert torch.equal(is_top1, want)

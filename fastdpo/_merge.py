@@ -1,0 +1,78 @@
+"""The one merge of per-token partial statistics, shared by both backends.
+
+Each backend walks the vocabulary in pieces (the Triton forward's splits, the torch backend's chunks) and
+writes, for every labelled token and piece, a partial record ``stats[k, piece, token]``:
+
+- ``MAX``: ``m = max_v z_v`` over the piece (``-inf`` when every logit of the piece is ``-inf``);
+- ``SUMEXP``: ``Σ_v exp(z_v − m)`` (``exp`` relative to 0 instead of ``m`` when ``m = -inf``, so an all-masked
+  piece contributes 0, never ``exp(-inf − -inf)``);
+- ``TARGET``: the target's logit if it lies in the piece, else 0;
+- ``SUM``: ``Σ_v z_v`` (it also carries any NaN of the inputs, which a max may drop);
+- with the extras, ``XSUMEXP``: ``Σ_v exp(z_v − m)·z_v`` over the terms with ``exp(z_v − m) > 0`` (the limit
+  ``p·z → 0`` of a masked logit), ``SQSUMEXP``: ``Σ_v exp(2(z_v − m))``, ``ARGMAX``: the first index of the
+  piece's maximum, as a vocabulary id.
+
+:func:`merge` rescales the pieces to the overall max and sums them. The pieces may come from one device or,
+for a vocabulary-parallel head, from several ranks: the max is then an all-reduce(max) and the rescaled sums an
+all-reduce(sum) of the same records.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX, SUMEXP, TARGET, SUM, XSUMEXP, SQSUMEXP, ARGMAX = range(7)
+N_STATS, N_STATS_EXTRAS = 4, 7
+
+
+def _finite_ref(m: torch.Tensor) -> torch.Tensor:
+    """The max to subtract before ``exp``: 0 where it is ``-inf`` (all logits masked), so ``exp(-inf − ref) = 0``."""
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def partial_stats(z: torch.Tensor, local_target: torch.Tensor, col0: int, extras: bool, out: torch.Tensor):
+    """Write one piece's record for a chunk of tokens: ``z [rows, vc]`` are the piece's logits, ``local_target
+    [rows]`` the target ids minus ``col0`` (the piece's first vocabulary id), ``out [k, rows]`` the record."""
+    m = z.amax(1)
+    e = (z - _finite_ref(m).unsqueeze(1)).exp_()
+    out[MAX] = m
+    out[SUMEXP] = e.sum(1)
+    inside = (local_target >= 0) & (local_target < z.shape[1])
+    zt = z.gather(1, local_target.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    out[TARGET] = torch.where(inside, zt, torch.zeros_like(zt))
+    out[SUM] = z.sum(1)
+    if extras:
+        # A -inf logit becomes the lowest finite value, whose product with exp(-inf) = 0 is 0; NaN stays NaN.
+        out[XSUMEXP] = z.clamp(min=torch.finfo(z.dtype).min).mul_(e).sum(1)
+        out[SQSUMEXP] = e.square_().sum(1)
+        out[ARGMAX] = (z.argmax(1) + col0).to(out.dtype)
+
+
+def merge(stats: torch.Tensor, vocab: int, extras: bool, targets: torch.Tensor) -> dict:
+    """Per-token statistics from the partial records ``stats [k, pieces, n]`` of a ``vocab``-token head.
+
+    ``targets [n]`` are the tokens' target ids: one outside ``[0, vocab)`` (unchecked labels) matches no piece,
+    and its log-prob is NaN rather than a finite wrong value.
+
+    Returns ``[n]`` tensors: ``lse`` (logsumexp), ``logp`` (target log-prob; NaN if any logit is NaN),
+    ``mean_logit`` and, with ``extras``, ``entropy`` (``lse − Σ p·z``), ``log_sum_sq_probs``
+    (``log Σ p² = log Σ e² − 2 log Σ e``) and ``argmax`` (the first index of the overall max).
+    """
+    m_split, s_split = stats[MAX], stats[SUMEXP]
+    m = m_split.amax(0)
+    ref = _finite_ref(m)
+    w = torch.exp(m_split - ref)
+    s = (s_split * w).sum(0)
+    lse = ref + torch.log(s)
+    zsum = stats[SUM].sum(0)
+    logp = stats[TARGET].sum(0) - lse
+    logp = torch.where(torch.isnan(zsum), zsum, logp)
+    logp = torch.where((targets < 0) | (targets >= vocab), torch.full_like(logp, float("nan")), logp)
+    out = {"lse": lse, "logp": logp, "mean_logit": zsum / vocab}
+    if extras:
+        out["entropy"] = lse - (stats[XSUMEXP] * w).sum(0) / s
+        out["log_sum_sq_probs"] = torch.log((stats[SQSUMEXP] * w * w).sum(0)) - 2 * torch.log(s)
+        # The pieces go left to right and argmax takes the first maximal one: the first argmax overall.
+        best = m_split.argmax(0, keepdim=True)
+        out["argmax"] = stats[ARGMAX].gather(0, best).squeeze(0)
+    return out

@@ -1,0 +1,91 @@
+"""Issue 11 items 1 and 7: the head is a torch.library custom op, so ``torch.compile(fullgraph=True)`` captures a
+training step that calls ``dpo_loss``; double backward is refused with a named error on both backends."""
+
+import pytest
+import torch
+
+import fastdpo
+from fdtest import backend_params, make_batch
+
+
+def _step(backend):
+    def step(hidden, weight, bias, labels, ref_hidden):
+        out = fastdpo.dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=weight,
+                               softcap=5.0, backend=backend, extra_metrics=True)
+        return out.loss, out.metrics["rewards/margins"], out.metrics["entropy"]
+    return step
+
+
+def _inputs(seed=0):
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return (hidden, weight, torch.randn(weight.shape[0], generator=g), labels,
+            torch.randn(hidden.shape, generator=g))
+
+
+def _run(fn, hidden, weight, bias, labels, ref_hidden):
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    outs = fn(*params, labels, ref_hidden)
+    grads = torch.autograd.grad(outs[0], params)
+    return [o.detach() for o in outs], grads
+
+
+def _compare(compiled, eager, atol):
+    (got, got_g), (want, want_g) = compiled, eager
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_compiled_step_aot_eager_fullgraph_equals_eager(backend):
+    torch._dynamo.reset()
+    inputs = _inputs()
+    step = _step(backend)
+    eager = _run(step, *inputs)
+    compiled = _run(torch.compile(step, backend="aot_eager", fullgraph=True), *inputs)
+    _compare(compiled, eager, atol=1e-6)
+
+
+def test_compiled_step_inductor_fullgraph_equals_eager():
+    torch._dynamo.reset()
+
+    def step(hidden, weight, bias, labels, ref_hidden):
+        return (fastdpo.dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=weight,
+                                 backend="torch").loss,)
+
+    inputs = _inputs(seed=3)
+    eager = _run(step, *inputs)
+    compiled = _run(torch.compile(step, backend="inductor", fullgraph=True), *inputs)
+    _compare(compiled, eager, atol=1e-5)
+
+
+def test_head_ops_pass_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the forward op, as torch checks them."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=5)
+    h = hidden.reshape(-1, hidden.shape[-1]).requires_grad_()
+    w = weight.clone().requires_grad_()
+    args = (h, w, None, labels.reshape(-1), -100, None, 1.0, "torch", True)
+    torch.library.opcheck(torch.ops.fastdpo.head_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_double_backward_is_refused(backend):
+    """A gradient penalty through the head must not silently treat its gradient as a constant."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=2)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    loss = fastdpo.dpo_loss(h, w, labels, reference_free=True, backend=backend).loss
+    gh, gw = torch.autograd.grad(loss, (h, w), create_graph=True)
+    # The first-order gradient itself is right.
+    want = torch.autograd.grad(fastdpo.dpo_loss(h, w, labels, reference_free=True, backend=backend).loss, (h, w))
+    torch.testing.assert_close(gw.detach(), want[1])
+    assert gw.requires_grad and gh.requires_grad
+    with pytest.raises(RuntimeError, match="fastdpo.*double backward.*create_graph"):
+        (gw.pow(2).sum() + gh.pow(2).sum()).backward()
+    logp = fastdpo.fused_logprobs(h, w, labels, backend=backend)
+    (gw_only,) = torch.autograd.grad(logp.sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="fastdpo"):
+        torch.autograd.grad(gw_only.sum(), h)
+

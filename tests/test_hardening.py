@@ -1,0 +1,177 @@
+"""Issue 11, the loss core: options that were silently ignored, inputs that crashed instead of raising a named
+error, and the thread-locality of the kernel config."""
+
+import threading
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo.kernels.config import INTERPRETER_DEFAULT, KernelConfig, default_config, use_config
+from fastdpo.reference import reference_dpo_loss, reference_token_stats
+from fdtest import backend_params, make_batch
+
+
+# ---- item 2: beta together with a config ------------------------------------------------------------------------
+
+def test_beta_that_differs_from_the_config_raises():
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    config = fastdpo.LossConfig(beta=0.3)
+    with pytest.raises(ValueError, match="beta=5.0 differs from config.beta=0.3"):
+        fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=5.0, config=config, backend="torch")
+    # Also when the keyword is the default value: it was given, and it disagrees.
+    with pytest.raises(ValueError, match="beta"):
+        fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=0.1, config=config, backend="torch")
+    same = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=0.3, config=config, backend="torch")
+    alone = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, config=config, backend="torch")
+    want = reference_dpo_loss(hidden.double(), weight.double(), labels, reference_free=True, beta=0.3)
+    assert torch.equal(same.loss, alone.loss)
+    assert abs(alone.loss.item() - want.loss.item()) < 1e-5
+    default = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, backend="torch")
+    want = reference_dpo_loss(hidden.double(), weight.double(), labels, reference_free=True, beta=0.1)
+    assert abs(default.loss.item() - want.loss.item()) < 1e-5
+
+
+def test_module_takes_a_config_and_refuses_a_different_beta():
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    config = fastdpo.LossConfig(beta=0.4, loss_type="ipo")
+    module = fastdpo.FusedLinearDPOLoss(config=config, backend="torch")
+    want = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, config=config, backend="torch")
+    assert torch.equal(module(hidden, weight, labels, reference_free=True).loss, want.loss)
+    with pytest.raises(ValueError, match="beta=0.1 differs from config.beta=0.4"):
+        fastdpo.FusedLinearDPOLoss(0.1, config=config)
+    with pytest.raises(TypeError, match="config must be a fastdpo.LossConfig"):
+        fastdpo.FusedLinearDPOLoss(config={"beta": 0.4})
+    with pytest.raises(ValueError, match="not both"):
+        fastdpo.FusedLinearDPOLoss(config=config, loss_type="sigmoid")
+
+
+# ---- item 5: small integer label dtypes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.int32])
+def test_small_integer_labels_are_widened(backend, dtype):
+    hidden, weight, labels = make_batch(dtype=torch.float32, V=37)
+    if dtype in (torch.uint8,):
+        labels = torch.where(labels < 0, torch.zeros_like(labels), labels)  # no -100 in uint8
+        ignore_index = 255
+        labels[:, :2] = 255
+    else:
+        ignore_index = -100
+    want = reference_token_stats(hidden.double(), weight.double(), labels, ignore_index=ignore_index)["logp"]
+    got = fastdpo.fused_logprobs(hidden, weight, labels.to(dtype), ignore_index=ignore_index, backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+    out = fastdpo.dpo_loss(hidden, weight, labels.to(dtype), ignore_index=ignore_index, reference_free=True,
+                           backend=backend)
+    ref = reference_dpo_loss(hidden.double(), weight.double(), labels, ignore_index=ignore_index,
+                             reference_free=True)
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+
+
+# ---- item 6: named errors ----------------------------------------------------------------------------------------
+
+def _call(backend="torch", **overrides):
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    args = dict(hidden=hidden, weight=weight, labels=labels, reference_free=True, backend=backend)
+    args.update(overrides)
+    return fastdpo.dpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    (dict(weight=None), TypeError, "weight must be a torch.Tensor"),
+    (dict(weight=None, ref_hidden=torch.randn(4, 9, 19), ref_weight=torch.randn(53, 19), reference_free=False),
+     TypeError, "weight must be a torch.Tensor"),
+    (dict(config={"beta": 0.1}), TypeError, "config must be a fastdpo.LossConfig"),
+    (dict(config=fastdpo.LossConfig, beta=None), TypeError, "config must be a fastdpo.LossConfig"),
+    (dict(reference_free="False"), TypeError, "reference_free must be a bool"),
+    (dict(reference_free=1), TypeError, "reference_free must be a bool"),
+    (dict(bias=torch.arange(53)), TypeError, "bias must be a floating tensor"),
+    (dict(bias=torch.ones(53, dtype=torch.bool)), TypeError, "bias must be a floating tensor"),
+    (dict(logit_scale=1e300, temperature=1e-300), ValueError, "logit_scale / temperature must be finite"),
+    (dict(logit_scale=float("inf")), TypeError, "logit_scale"),
+    (dict(hidden=torch.randn(4, 9, 0), weight=torch.randn(53, 0)), ValueError, "H >= 1"),
+    (dict(weight=torch.randn(0, 19)), ValueError, "V >= 1"),
+    (dict(ref_logps=torch.zeros(4, device="meta"), reference_free=False), ValueError, "ref_logps must be on cpu"),
+])
+@pytest.mark.parametrize("backend", backend_params())
+def test_bad_input_gets_a_named_error(backend, overrides, error, words):
+    if "config" in overrides:
+        overrides.setdefault("beta", None)
+    with pytest.raises(error, match=words):
+        _call(backend=backend, **overrides)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_flags_must_be_bools(backend):
+    """A string such as "False" is truthy: every on/off argument takes only a bool."""
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    with pytest.raises(TypeError, match="extras must be a bool"):
+        fastdpo.token_stats(hidden, weight, labels, extras="False", backend=backend)
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        fastdpo.token_stats(hidden, weight, labels, check_labels=0, backend=backend)
+    with pytest.raises(TypeError, match="average must be a bool"):
+        fastdpo.sequence_logprobs(hidden, weight, labels, average="no", backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_unchecked_out_of_range_target_gives_nan_not_a_finite_value(backend):
+    """With the range check off (as under torch.compile) a target outside [0, V) matches no column: its log-prob
+    must be NaN, not the finite −logsumexp, and the other tokens stay right."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=9)
+    V = weight.shape[0]
+    labels[0, 4], labels[1, 5] = V, -7
+    stats = fastdpo.token_stats(hidden, weight, labels, check_labels=False, backend=backend)
+    assert torch.isnan(stats["logp"][0, 4]) and torch.isnan(stats["logp"][1, 5])
+    good = labels.clone()
+    good[0, 4] = good[1, 5] = -100
+    want = reference_token_stats(hidden.double(), weight.double(), good)["logp"]
+    keep = good != -100
+    torch.testing.assert_close(stats["logp"][keep].double(), want[keep], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_zero_sized_head_in_the_per_token_api(backend):
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    with pytest.raises(ValueError, match="H >= 1"):
+        fastdpo.fused_logprobs(hidden[..., :0], weight[:, :0], labels, backend=backend)
+    with pytest.raises(ValueError, match="V >= 1"):
+        fastdpo.fused_logprobs(hidden, weight[:0], labels, backend=backend)
+    with pytest.raises(TypeError, match="ref_bias must be a floating tensor"):
+        fastdpo.dpo_loss(hidden, weight, labels, ref_hidden=hidden, ref_weight=weight,
+                         ref_bias=torch.zeros(weight.shape[0], dtype=torch.int64), backend=backend)
+
+
+# ---- device mismatch (item 16): the meta device needs no GPU -------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["weight", "labels", "bias", "ref_hidden", "ref_weight", "ref_bias"])
+def test_device_mismatch_is_named(which):
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    args = dict(hidden=hidden, weight=weight, labels=labels, bias=torch.zeros(weight.shape[0]),
+                ref_hidden=hidden.clone(), ref_weight=weight.clone(), ref_bias=torch.zeros(weight.shape[0]))
+    args[which] = args[which].to("meta")
+    with pytest.raises(ValueError, match=which if which != "labels" else "one device"):
+        fastdpo.dpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("labels"), backend="torch", **args)
+
+
+# ---- item 8: use_config is context-local -------------------------------------------------------------------------
+
+def test_use_config_does_not_leak_into_other_threads():
+    mine = KernelConfig(vocab_chunk=7, min_programs=3)
+    inside, seen = threading.Event(), {}
+
+    def other():
+        inside.wait(timeout=30)
+        seen["other"] = default_config()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    with use_config(mine):
+        inside.set()
+        worker.join(timeout=30)
+        seen["mine"] = default_config()
+    assert seen["mine"] is mine
+    assert seen["other"] is not mine and seen["other"] == INTERPRETER_DEFAULT
+    assert default_config() == INTERPRETER_DEFAULT
+    with use_config(mine), use_config(INTERPRETER_DEFAULT):
+        assert default_config() is INTERPRETER_DEFAULT
+    assert default_config() is not mine
