@@ -19,7 +19,8 @@ Notation (per pair ``b``; ``c`` chosen, ``r`` rejected):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,12 @@ F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", 
 REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo", "sft"})
 # Loss types defined on per-token mean log-probs ā whatever ``average_log_prob``/``ld_alpha`` say.
 _MEAN_LOGP_LOSS_TYPES = frozenset({"simpo", "orpo"})
-_LABEL_SMOOTHING_LOSS_TYPES = frozenset({"exo_pair", "robust", "aot", "aot_unpaired"})
+_LABEL_SMOOTHING_LOSS_TYPES = frozenset({"exo_pair", "robust", "aot", "aot_unpaired", "cpo", "simpo"})
+# Loss types that divide by β: β = 0 is undefined for them (TRL 1.16 fails on it with a ZeroDivisionError).
+_DIVIDE_BY_BETA_LOSS_TYPES = frozenset({"ipo", "sppo_hard"})
+# The types that read each option which only some types use, for the "ignored" warnings.
+_OPTION_READERS = {"discopop_tau": frozenset({"discopop"}), "simpo_gamma": frozenset({"simpo"}),
+                   "cpo_alpha": frozenset({"cpo"})}
 _LENGTH_NORMALISED_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm"})
 _SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 # The exp() of the α-divergence score is clamped here, as TRL does for fp32, so it stays finite.
@@ -77,8 +83,16 @@ def _exo_pair(p, cfg):
     ``σ(βΔ)·(log σ(βΔ) − log(1−ε)) + σ(−βΔ)·(log σ(−βΔ) − log ε)``."""
     x = cfg.beta * p.delta
     eps = cfg.label_smoothing
-    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
-            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - _log(1 - eps, math.log1p(-eps) if eps < 1 else None))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - _log(eps)))
+
+
+def _log(x, value=None):
+    """``log x`` as a Python float, −inf at 0 and NaN below (as torch gives them: ε outside (0, 1) is accepted, as
+    TRL accepts it), where ``math.log`` raises; ``value`` is an accurate form of it for ``x > 0``."""
+    if x > 0:
+        return math.log(x) if value is None else value
+    return -math.inf if x == 0 else math.nan
 
 
 def _nca_pair(p, cfg):
@@ -105,9 +119,13 @@ def _sppo_hard(p, cfg):
     return (p.chosen_logratios - 0.5 / cfg.beta) ** 2 + (p.rejected_logratios + 0.5 / cfg.beta) ** 2
 
 
+def _smoothed_logsigmoid(x, eps):
+    """Conservative DPO's smoothed logistic loss: ``−(1−ε)·log σ(x) − ε·log σ(−x)``."""
+    return -F.logsigmoid(x) * (1 - eps) - F.logsigmoid(-x) * eps
+
+
 def _smoothed_sigmoid(delta, cfg):
-    x = cfg.beta * delta
-    return -F.logsigmoid(x) * (1 - cfg.label_smoothing) - F.logsigmoid(-x) * cfg.label_smoothing
+    return _smoothed_logsigmoid(cfg.beta * delta, cfg.label_smoothing)
 
 
 def _aot(p, cfg):
@@ -154,15 +172,19 @@ def _sigmoid_norm(p, cfg):
 
 
 def _simpo(p, cfg):
-    """SimPO (Meng et al., arXiv 2405.14734, eq. 6), no reference, length-normalised, target margin γ:
-    ``−log σ(β·(ā_c − ā_r) − γ)`` with γ = ``simpo_gamma``."""
-    return -F.logsigmoid(cfg.beta * (p.chosen_mean_logps - p.rejected_mean_logps) - cfg.simpo_gamma)
+    """SimPO (Meng et al., arXiv 2405.14734, eq. 6), no reference, length-normalised, target margin γ, with
+    ``x = β·(ā_c − ā_r) − γ`` (γ = ``simpo_gamma``): ``−(1−ε)·log σ(x) − ε·log σ(−x)``, ε = ``label_smoothing``
+    (TRL's CPOTrainer with ``loss_type="simpo"``; ε = 0 is the paper's loss)."""
+    return _smoothed_logsigmoid(cfg.beta * (p.chosen_mean_logps - p.rejected_mean_logps) - cfg.simpo_gamma,
+                                cfg.label_smoothing)
 
 
 def _cpo(p, cfg):
-    """CPO (Xu et al., arXiv 2401.08417, eq. 7), no reference: ``−log σ(β·(π_c − π_r)) + α·NLL`` with
-    α = ``cpo_alpha`` (TRL's CPOTrainer with ``loss_type="sigmoid"``)."""
-    return -F.logsigmoid(cfg.beta * (p.chosen_logps - p.rejected_logps)) + cfg.cpo_alpha * p.nll
+    """CPO (Xu et al., arXiv 2401.08417, eq. 7), no reference, with ``x = β·(π_c − π_r)``:
+    ``−(1−ε)·log σ(x) − ε·log σ(−x) + α·NLL`` with α = ``cpo_alpha``, ε = ``label_smoothing`` (TRL's CPOTrainer
+    with ``loss_type="sigmoid"``; ε = 0 is the paper's loss)."""
+    return (_smoothed_logsigmoid(cfg.beta * (p.chosen_logps - p.rejected_logps), cfg.label_smoothing)
+            + cfg.cpo_alpha * p.nll)
 
 
 def _log1mexp(x):
@@ -170,16 +192,19 @@ def _log1mexp(x):
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _orpo(p, cfg):
-    """ORPO (Hong et al., arXiv 2403.07691, eqs. 6-7), no reference, λ = β as in TRL's ORPOTrainer:
-    ``NLL − β·log σ(log odds(ā_c) − log odds(ā_r))`` with ``log odds(a) = a − log(1 − eᵃ)``.
-
-    ā is clamped just below 0 so that a completion without tokens (ā = 0) gives a finite loss."""
+def _orpo_log_odds(p):
+    """``log odds(ā_c) − log odds(ā_r)`` with ``log odds(a) = a − log(1 − eᵃ)``; ā is clamped just below 0 so
+    that a completion without tokens (ā = 0) stays finite."""
     tiny = torch.finfo(p.chosen_mean_logps.dtype).eps
     ac = p.chosen_mean_logps.clamp(max=-tiny)
     ar = p.rejected_mean_logps.clamp(max=-tiny)
-    log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
-    return p.nll - cfg.beta * F.logsigmoid(log_odds)
+    return (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
+
+
+def _orpo(p, cfg):
+    """ORPO (Hong et al., arXiv 2403.07691, eqs. 6-7), no reference, λ = β as in TRL's ORPOTrainer:
+    ``NLL − β·log σ(log odds(ā_c) − log odds(ā_r))`` (see :func:`_orpo_log_odds`)."""
+    return p.nll - cfg.beta * F.logsigmoid(_orpo_log_odds(p))
 
 
 _PAIR_LOSSES = {
@@ -218,6 +243,11 @@ def _check_number(name, value, *, low=None, high=None, low_open=False, high_open
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
 
+def _warn(message):
+    # stacklevel 4: past __post_init__ and the dataclass __init__, at the caller that built the config.
+    warnings.warn(message, UserWarning, stacklevel=4)
+
+
 def _check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -227,19 +257,23 @@ def _check_bool(name, value):
 class LossConfig:
     """Options of the DPO loss, named as in TRL's ``DPOConfig`` (plus SimPO, CPO and ORPO).
 
-    Every combination is checked when the config is built; those TRL rejects, and those that would
-    silently do nothing, raise a ``ValueError`` naming the option.
+    Every combination is checked when the config is built. Those TRL 1.16's DPOTrainer refuses (and those of
+    fastdpo's own options that contradict each other) raise a ``ValueError`` naming the option; those TRL accepts
+    are accepted too, with a ``UserWarning`` where an option is ignored by every chosen loss type or lies outside
+    its loss's meaningful range (TRL ignores such values silently, or logs a warning).
 
     Attributes:
-        beta: temperature of the implicit reward ``β·(π − ρ)``; must be > 0. For ``ipo`` it is IPO's τ,
-            for ``orpo`` the weight λ of the odds-ratio term (as in TRL's ORPOConfig).
+        beta: temperature of the implicit reward ``β·(π − ρ)``; non-zero (β < 0 warns; β = 0 is refused: the loss
+            would be constant, and ``ipo``/``sppo_hard`` divide by β). For ``ipo`` it is IPO's τ, for ``orpo`` the
+            weight λ of the odds-ratio term (as in TRL's ORPOConfig).
         loss_type: one name of ``LOSS_TYPES`` or a list of them (stored as a tuple). The loss is
             ``Σ_i loss_weights[i] · mean_b loss_i(b)``; see each type's formula in this module.
         loss_weights: one weight per loss type; default all 1.
-        label_smoothing: ε of ``exo_pair`` (needs 0 < ε < 1), ``robust`` (0 ≤ ε < 0.5, the flip rate),
-            ``aot`` and ``aot_unpaired``. Must stay 0 with other loss types (TRL 1.16's ``sigmoid`` has no
-            conservative-DPO smoothing, so a non-zero value there would be silently ignored).
-        discopop_tau: τ of ``discopop``; > 0.
+        label_smoothing: ε of ``exo_pair`` (needs ε > 0; meaningful in (0, 1)), ``robust`` (the flip rate,
+            meaningful in [0, 0.5)), ``aot``, ``aot_unpaired``, ``cpo`` and ``simpo`` (conservative smoothing
+            ``−(1−ε)·log σ(x) − ε·log σ(−x)`` as in TRL's CPOTrainer). Ignored, with a warning, by the other loss
+            types (as TRL 1.16's DPOTrainer ignores it for ``sigmoid``, ``hinge``, ...).
+        discopop_tau: τ of ``discopop``; meaningful > 0 (others warn).
         f_divergence_type: ``reverse_kl`` (standard DPO), ``forward_kl`` (``f'(t) = 1 − 1/t``),
             ``js_divergence`` (``f'(t) = log(2t/(t+1))``) or ``alpha_divergence``
             (``f'(t) = (t^(α−1) − 1)/(α−1)``, exponent clamped at 80); anything but ``reverse_kl`` needs all loss
@@ -248,14 +282,15 @@ class LossConfig:
         average_log_prob: ``π`` (and ``ρ`` when computed here) is the per-token mean over the completion instead
             of the sum. Not with ``ipo``/``sigmoid_norm`` (they already divide by the length) nor ``ld_alpha``.
         ld_alpha: LD-DPO (arXiv 2409.06411): the tokens of each completion beyond the shorter completion of
-            its pair count with weight ``ld_alpha`` ∈ [0, 1]: ``π = Σ_{t ≤ min(|c|,|r|)} logp_t + α·Σ_{t >} logp_t``.
-            Applied to the policy and to a reference computed in the same call; precomputed ``ref_logps`` are
-            taken as given. Not with ``simpo``/``orpo``.
+            its pair count with weight ``ld_alpha``: ``π = Σ_{t ≤ min(|c|,|r|)} logp_t + α·Σ_{t >} logp_t``. The
+            paper's range is [0, 1]; other values are accepted with a warning, as TRL accepts them. Applied to the
+            policy and to a reference computed in the same call; precomputed ``ref_logps`` are taken as given.
+            Ignored (with a warning) by ``simpo``/``orpo``.
         use_weighting: WPO (arXiv 2406.11827, eq. 2): every per-pair loss is multiplied by ``w_c·w_r`` with
             ``w = exp(mean_t(logp_t − log Σ_v p_v²))`` over the completion, without gradient. Not with the sorting
             ``aot``/``aot_unpaired`` (the weights would no longer line up with their pairs).
         simpo_gamma: SimPO's target reward margin γ (``simpo_gamma`` as in TRL's CPOConfig).
-        cpo_alpha: weight of CPO's NLL term (``cpo_alpha`` as in TRL's CPOConfig); ≥ 0.
+        cpo_alpha: weight of CPO's NLL term (``cpo_alpha`` as in TRL's CPOConfig).
         extra_metrics: have the head compute, and the metrics report, ``entropy`` (mean over all completion
             tokens) and ``mean_token_accuracy`` (fraction of chosen completion tokens that are the argmax). They are
             also reported whenever the head computed its extras anyway (``use_weighting``, the integrations).
@@ -276,7 +311,7 @@ class LossConfig:
     extra_metrics: bool = False
 
     def __post_init__(self):
-        _check_number("beta", self.beta, low=0, low_open=True)
+        _check_number("beta", self.beta)
         types = self._normalise_loss_type(self.loss_type)
         object.__setattr__(self, "loss_type", types if isinstance(self.loss_type, (list, tuple)) else types[0])
         if self.loss_weights is not None:
@@ -291,17 +326,31 @@ class LossConfig:
             object.__setattr__(self, "loss_weights", weights)
         used = set(types)
 
-        _check_number("label_smoothing", self.label_smoothing, low=0, high=1)
-        if self.label_smoothing != 0 and not used & _LABEL_SMOOTHING_LOSS_TYPES:
-            raise ValueError(f"label_smoothing={self.label_smoothing!r} has no effect on loss types {list(types)}; it "
-                             f"applies to {sorted(_LABEL_SMOOTHING_LOSS_TYPES)} only")
-        if "exo_pair" in used and not 0 < self.label_smoothing < 1:
-            raise ValueError(f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (the EXO paper recommends 1e-3), "
-                             f"got {self.label_smoothing!r}")
-        if "robust" in used and not self.label_smoothing < 0.5:
-            raise ValueError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5 (the label flip rate), got "
-                             f"{self.label_smoothing!r}")
-        _check_number("discopop_tau", self.discopop_tau, low=0, low_open=True)
+        # What TRL 1.16's DPOTrainer refuses is refused here too; what it accepts is accepted, with a warning where
+        # the value is ignored or outside its loss's meaningful range.
+        if self.beta == 0:
+            divide = used & _DIVIDE_BY_BETA_LOSS_TYPES
+            raise ValueError(f"beta must be non-zero, got {self.beta!r}: every reward β·(π − ρ) would be 0, so the "
+                             f"loss is constant" + (f" and {sorted(divide)} divide by β" if divide else ""))
+        if self.beta < 0:
+            _warn(f"beta={self.beta!r} < 0 rewards the rejected completions over the chosen ones")
+        _check_number("label_smoothing", self.label_smoothing)
+        eps = self.label_smoothing
+        if eps != 0 and not used & _LABEL_SMOOTHING_LOSS_TYPES:
+            _warn(f"label_smoothing={eps!r} is ignored by loss types {list(types)}; it applies to "
+                  f"{sorted(_LABEL_SMOOTHING_LOSS_TYPES)} only")
+        if "exo_pair" in used and eps == 0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper recommends 1e-3), got 0")
+        if "exo_pair" in used and not 0 < eps < 1:
+            _warn(f"loss_type 'exo_pair' with label_smoothing={eps!r} outside (0, 1): its loss is infinite or NaN")
+        if "robust" in used and not 0 <= eps < 0.5:
+            _warn(f"loss_type 'robust': label_smoothing (the label flip rate) should lie in [0.0, 0.5), got {eps!r}")
+        smoothed = used & {"aot", "aot_unpaired", "cpo", "simpo"}
+        if smoothed and not 0 <= eps <= 1:
+            _warn(f"loss types {sorted(smoothed)}: label_smoothing should lie in [0, 1], got {eps!r}")
+        _check_number("discopop_tau", self.discopop_tau)
+        if "discopop" in used and self.discopop_tau <= 0:
+            _warn(f"loss_type 'discopop': discopop_tau should be > 0, got {self.discopop_tau!r}")
 
         if not isinstance(self.f_divergence_type, str) or self.f_divergence_type not in F_DIVERGENCE_TYPES:
             raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got "
@@ -311,23 +360,35 @@ class LossConfig:
             raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies only to loss types "
                              f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, not to {sorted(used - F_DIVERGENCE_LOSS_TYPES)}; "
                              f"use f_divergence_type='reverse_kl' with these")
+        if self.f_divergence_type != "alpha_divergence" and self.f_alpha_divergence_coef != 0.5:
+            _warn(f"f_alpha_divergence_coef={self.f_alpha_divergence_coef!r} is ignored: it applies to "
+                  f"f_divergence_type='alpha_divergence' only")
 
         for name in ("average_log_prob", "use_weighting", "extra_metrics"):
             _check_bool(name, getattr(self, name))
-        _check_number("ld_alpha", self.ld_alpha, low=0, high=1, allow_none=True)
+        _check_number("ld_alpha", self.ld_alpha, allow_none=True)
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            _warn(f"ld_alpha={self.ld_alpha!r} is outside LD-DPO's [0, 1]: the tokens beyond the shorter completion "
+                  f"count {'more than the shared ones' if self.ld_alpha > 1 else 'negatively'}")
         if self.average_log_prob and used & _LENGTH_NORMALISED_LOSS_TYPES:
             raise ValueError(f"average_log_prob=True with loss types {sorted(used & _LENGTH_NORMALISED_LOSS_TYPES)} "
                              f"would divide by the completion length twice: they already normalise by it")
         if self.average_log_prob and self.ld_alpha is not None:
             raise ValueError("average_log_prob=True and ld_alpha are two different length corrections; use one")
         if self.ld_alpha is not None and used & _MEAN_LOGP_LOSS_TYPES:
-            raise ValueError(f"ld_alpha does not apply to loss types {sorted(used & _MEAN_LOGP_LOSS_TYPES)}: they "
-                             f"always use per-token mean log-probs")
+            _warn(f"ld_alpha is ignored by loss types {sorted(used & _MEAN_LOGP_LOSS_TYPES)}: they always use "
+                  f"per-token mean log-probs")
         if self.use_weighting and used & _SORTING_LOSS_TYPES:
             raise ValueError(f"use_weighting=True is not supported with loss types {sorted(used & _SORTING_LOSS_TYPES)}"
                              f": they sort the batch, which would misalign the per-pair weights")
         _check_number("simpo_gamma", self.simpo_gamma)
-        _check_number("cpo_alpha", self.cpo_alpha, low=0)
+        _check_number("cpo_alpha", self.cpo_alpha)
+        if "cpo" in used and self.cpo_alpha < 0:
+            _warn(f"loss_type 'cpo': cpo_alpha={self.cpo_alpha!r} < 0 pushes the chosen completions' likelihood down")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, readers in _OPTION_READERS.items():
+            if getattr(self, name) != defaults[name] and not used & readers:
+                _warn(f"{name}={getattr(self, name)!r} is ignored: it applies to loss types {sorted(readers)} only")
 
     @staticmethod
     def _normalise_loss_type(loss_type):
@@ -375,7 +436,10 @@ class DPOOutput:
         chosen_rewards, rejected_rewards: ``[B]`` detached ``β·(π − ρ)``.
         losses: ``[B]`` per-pair losses ``Σ_i weight_i · loss_i(b)`` (so ``loss = losses.mean()``); ``aot``
             terms are in the batch's sorted order, not the pairs'.
-        metrics: scalar tensors named as TRL's DPOTrainer logs them.
+        metrics: scalar tensors named as TRL's DPOTrainer logs them; with an ``sft``/``cpo``/``orpo`` term also
+            ``nll_loss`` (the mean NLL of the chosen tokens, as TRL's CPO/ORPO trainers log it), with ``orpo`` also
+            ``log_odds_ratio`` (mean ``log σ`` of the log odds ratio) and ``log_odds_chosen`` (mean log odds ratio),
+            as TRL's ORPOTrainer names them.
     """
 
     loss: torch.Tensor
@@ -490,6 +554,15 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
         "logits/chosen": _masked_mean(mean_logit[:B], cmask),
         "logits/rejected": _masked_mean(mean_logit[B:], rmask),
     }
+    if pairs.nll is not None:
+        # As TRL's CPOTrainer, which skips (and logs 0 for) the NLL when its weight cpo_alpha is 0.
+        nll_off = used == {"cpo"} and config.cpo_alpha == 0
+        metrics["nll_loss"] = torch.zeros_like(pairs.nll.detach()) if nll_off else pairs.nll.detach()
+    if "orpo" in used:
+        # Named and defined as TRL's ORPOTrainer logs them: the mean log σ of the log odds ratio, and its mean.
+        log_odds = _orpo_log_odds(pairs).detach()
+        metrics["log_odds_ratio"] = F.logsigmoid(log_odds).mean()
+        metrics["log_odds_chosen"] = log_odds.mean()
     have_extras = stats.get("entropy") is not None and stats.get("is_top1") is not None
     if config.extra_metrics and not have_extras:
         raise ValueError("extra_metrics=True needs stats['entropy'] and stats['is_top1'] (compute the head with "

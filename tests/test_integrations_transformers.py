@@ -313,3 +313,148 @@ def test_hf_trainer_example_from_readme(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     # Step 1: policy == reference, so the loss is log 2; step 2 (the same batch again) it has gone down.
     assert losses[0] == pytest.approx(0.6931472, abs=1e-6) and losses[1] < losses[0]
+
+
+# --- what the trainer-level numbers depend on, against model(...).logits in float64 (issue 11, item 16) ----------
+
+def make_uneven_batch(pairs=2, T=12, seed=3):
+    """Like :func:`make_batch`, but the two completions of every pair have different lengths (right padding of
+    0..2B-1 tokens, in an order that differs inside each pair), and one ignored position inside a completion."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * pairs
+    ids = torch.randint(2, V, (rows, T), generator=g)
+    labels = ids.clone()
+    attention = torch.ones_like(ids)
+    labels[:, :4] = -100
+    pads = torch.randperm(rows, generator=g)
+    while (pads[:pairs] == pads[pairs:]).any():
+        pads = torch.randperm(rows, generator=g)
+    for row, pad in enumerate(pads.tolist()):
+        if pad:
+            ids[row, -pad:] = 0
+            labels[row, -pad:] = -100
+            attention[row, -pad:] = 0
+    labels[0, 6] = -100
+    return ids, labels, attention
+
+
+def _expected_from_logits(policy, reference, ids, labels, attention, opts):
+    """Loss and metrics of ``opts`` written from both models' materialized logits, token by token, in float64."""
+    beta = opts.get("beta", 0.1)
+    logits = policy(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    with torch.no_grad():
+        ref_logits = reference(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    targets = labels[:, 1:]
+    rows, steps = targets.shape
+    B = rows // 2
+    mask = targets != -100
+    n = mask.sum(-1)
+
+    def seq(z):
+        logsm = torch.log_softmax(z, -1)
+        out = []
+        for s in range(rows):
+            shared = min(int(n[s % B]), int(n[s % B + B]))
+            total, k = z.new_zeros(()), 0
+            for t in range(steps):
+                if mask[s, t]:
+                    k += 1
+                    w = 1.0 if opts.get("ld_alpha") is None or k <= shared else opts["ld_alpha"]
+                    total = total + w * logsm[s, t, targets[s, t]]
+            out.append(total / n[s] if opts.get("average_log_prob") else total)
+        return torch.stack(out)
+
+    pi, rho = seq(logits), seq(ref_logits)
+    u = pi - rho
+    uc, ur, nc, nr = u[:B], u[B:], n[:B].double(), n[B:].double()
+    kind = opts.get("loss_type", "sigmoid")
+    if kind == "ipo":
+        loss = ((uc / nc - ur / nr - 1 / (2 * beta)) ** 2).mean()
+    elif kind == "sigmoid_norm":
+        loss = torch.nn.functional.softplus(-beta * (uc / nc - ur / nr)).mean()
+    else:
+        loss = torch.nn.functional.softplus(-beta * (uc - ur)).mean()
+    with torch.no_grad():
+        logsm = torch.log_softmax(logits, -1)
+        entropy = -(logsm.exp() * logsm).sum(-1)
+        mean_logit = logits.mean(-1)
+    metrics = {"entropy": entropy[mask].mean(), "logits/chosen": mean_logit[:B][mask[:B]].mean(),
+               "logits/rejected": mean_logit[B:][mask[B:]].mean(), "logps/chosen": pi[:B].mean(),
+               "logps/rejected": pi[B:].mean(), "rewards/margins": beta * (uc - ur).mean()}
+    return loss, metrics
+
+
+LENGTH_CASES = [dict(loss_type="ipo", beta=0.5), dict(loss_type="sigmoid_norm", beta=2.0),
+                dict(average_log_prob=True, beta=2.0), dict(ld_alpha=0.3), dict(ld_alpha=1.6)]
+
+
+@pytest.mark.filterwarnings("ignore:ld_alpha=1.6 is outside")
+@pytest.mark.parametrize("opts", LENGTH_CASES, ids=str)
+def test_length_dependent_losses_and_metrics_match_model_logits(opts):
+    """ipo / sigmoid_norm / average_log_prob / ld_alpha read the completion lengths, and logits/* and entropy
+    average over completion tokens: all through causal_lm_dpo_loss against the models' logits, in float64, on pairs
+    whose two completions differ in length."""
+    policy = make_model("phi").double()
+    reference = make_model("phi", seed=1).double()
+    ids, labels, attention = make_uneven_batch()
+    out = fx.causal_lm_dpo_loss(policy, ids, labels, attention, ref_model=reference, backend="torch", **opts)
+    grads = torch.autograd.grad(out.loss, list(policy.parameters()))
+    want, metrics = _expected_from_logits(policy, reference, ids, labels, attention, opts)
+    want_grads = torch.autograd.grad(want, list(policy.parameters()))
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-10)
+    for (name, _), g, w in zip(policy.named_parameters(), grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10 * w.abs().max().item(), msg=name)
+    for name, value in metrics.items():
+        # The token averages (entropy, logits/*) are reported in float32, as TRL reports them.
+        low = name == "entropy" or name.startswith("logits/")
+        assert out.metrics[name].item() == pytest.approx(value.item(), rel=1e-6 if low else 1e-9,
+                                                         abs=2e-6 if low else 1e-12), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reference_head_that_differs_and_gets_no_gradient(backend, monkeypatch):
+    """A reference model whose lm-head weight and bias differ from the policy's (Phi's biased head): ρ comes from
+    its own head; its pass runs without autograd (its log-probs carry no graph, its parameters get no gradient)."""
+    policy = make_model("phi")
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        reference.lm_head.weight.add_(torch.randn_like(reference.lm_head.weight) * 3.0)
+        reference.lm_head.bias.add_(torch.randn_like(reference.lm_head.bias))
+    seen = []
+    original = fx.compute_dpo_loss
+
+    def spy(stats, mask, config, *, ref_token_logps=None, **kwargs):
+        seen.append(ref_token_logps)
+        return original(stats, mask, config, ref_token_logps=ref_token_logps, **kwargs)
+
+    monkeypatch.setattr(fx, "compute_dpo_loss", spy)
+    ids, labels, attention = make_uneven_batch()
+    out = fx.causal_lm_dpo_loss(policy, ids, labels, attention, ref_model=reference, beta=0.3, backend=backend)
+    out.loss.backward()
+    assert seen[0].grad_fn is None and not seen[0].requires_grad
+    assert all(p.grad is None for p in reference.parameters())
+    policy64, reference64 = copy.deepcopy(policy).double(), copy.deepcopy(reference).double()
+    want, metrics = _expected_from_logits(policy64, reference64, ids, labels, attention, dict(beta=0.3))
+    want.backward()
+    assert abs(metrics["rewards/margins"].item()) > 0.1, "the two heads should give different log-probs"
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert out.metrics["rewards/margins"].item() == pytest.approx(metrics["rewards/margins"].item(), rel=1e-5)
+    for (name, p), q in zip(policy.named_parameters(), policy64.parameters()):
+        torch.testing.assert_close(p.grad, q.grad.float(), rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_exact_tie_logs_no_reward_accuracy(backend):
+    """A policy equal to its reference (a copy, or a LoRA adapter still at its zero init with the adapter disabled
+    for ρ): every reward is exactly 0 and, as TRL logs it, no pair counts as won."""
+    peft = pytest.importorskip("peft")
+    ids, labels, attention = make_uneven_batch()
+    model = make_model("gemma2")
+    lora = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                    lora_dropout=0.0))
+    for policy, ref in ((model, copy.deepcopy(model)), (lora, fx.DISABLE_ADAPTER)):
+        out = fx.causal_lm_dpo_loss(policy, ids, labels, attention, ref_model=ref, backend=backend)
+        assert torch.equal(out.chosen_rewards, torch.zeros_like(out.chosen_rewards))
+        assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards))
+        assert out.metrics["rewards/accuracies"].item() == 0.0 and out.metrics["rewards/margins"].item() == 0.0
+        assert out.loss.item() == pytest.approx(0.6931471805599453, rel=1e-6)

@@ -61,11 +61,26 @@ def make_model(kind, seed=0):
                   bos_token_id=None)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
+    elif kind == "gemma2":
         model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=8,
                                                                          final_logit_softcapping=SOFTCAP))
+    elif kind == "phi":  # an lm-head bias
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**common))
+    elif kind == "qwen3_moe":  # MoE; a large router coefficient so that the auxiliary loss weighs on the gradient
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            router_aux_loss_coef=0.5))
+    elif kind == "gpt_oss":
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            **common, head_dim=8, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=8, rope_parameters=None))
+    else:
+        raise ValueError(kind)
     with torch.no_grad():  # peaked logits, so the softcap bends them
-        model.get_output_embeddings().weight.mul_(30)
+        head = model.get_output_embeddings()
+        head.weight.mul_(30)
+        if head.bias is not None:
+            head.bias.normal_(0, 1.0)
     return model
 
 
@@ -97,12 +112,18 @@ def trl_head_forbidden(monkeypatch):
     unpatch_trl()
 
 
-def train(trainer_cls, kind, tmp_path, *, ref="model", peft=False, **config):
-    """Train a few steps; returns the per-step logs and the final trainable parameters."""
+def train(trainer_cls, kind, tmp_path, *, ref="model", peft=False, ref_head_differs=False, callbacks=(), **config):
+    """Train a few steps; returns the per-step logs and the final trainable parameters. ``ref_head_differs``: the
+    reference model's lm-head (weight, and bias where the model has one) is perturbed away from the policy's."""
     model = make_model(kind)
     kwargs = {}
     if ref == "model":
         kwargs["ref_model"] = copy.deepcopy(model)
+        if ref_head_differs:
+            g = torch.Generator().manual_seed(7)
+            with torch.no_grad():
+                for p in kwargs["ref_model"].get_output_embeddings().parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
     args = make_args(tmp_path, precompute_ref_log_probs=(ref == "precompute"), **config)
     if peft:
         import peft as peft_lib
@@ -110,7 +131,7 @@ def train(trainer_cls, kind, tmp_path, *, ref="model", peft=False, **config):
         kwargs["peft_config"] = peft_lib.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                     lora_dropout=0.0)
     trainer = trainer_cls(model=model, args=args, train_dataset=make_dataset(), processing_class=make_tokenizer(),
-                          **kwargs)
+                          callbacks=list(callbacks), **kwargs)
     if peft:
         # LoRA starts as the identity: perturb B so that policy and reference differ from the first step.
         with torch.no_grad():
@@ -140,7 +161,9 @@ def assert_same_training(fast, reference):
     (fast_logs, fast_params), (ref_logs, ref_params) = fast, reference
     assert len(fast_logs) == len(ref_logs) == 3
     for step, (a, b) in enumerate(zip(fast_logs, ref_logs)):
-        for name in METRICS:
+        # TRL's metrics, plus the MoE router loss where stock TRL logs it.
+        assert ("aux_loss" in a) == ("aux_loss" in b), f"step {step}: aux_loss logged by one trainer only"
+        for name in METRICS + (("aux_loss",) if "aux_loss" in b else ()):
             assert a[name] == pytest.approx(b[name], rel=2e-4, abs=2e-5), f"step {step}: {name}"
     assert fast_logs[-1]["loss"] != pytest.approx(fast_logs[0]["loss"]), "training should move the loss"
     assert fast_params.keys() == ref_params.keys() and fast_params
@@ -156,10 +179,151 @@ SCENARIOS = [pytest.param("llama", {"ref": "model"}, id="llama-ref_model"),
 @pytest.mark.parametrize("kind, kw", SCENARIOS)
 def test_fast_trainer_matches_stock(kind, kw, tmp_path, trl_head_forbidden):
     reference = stock_unforbidden(kind, tmp_path, **kw)
+    fast = train(FastDPOTrainer, kind, tmp_path, **kw)
+    assert_same_training(fast, reference)
+    if kw["ref"] == "model":
+        # An exact tie at the first step (the reference is a copy of the policy): TRL counts no pair as won.
+        first = fast[0][0]
+        assert first["rewards/accuracies"] == 0.0 and first["rewards/margins"] == 0.0
+
+
+# MoE models under a default DPOConfig (router_aux_loss_coef=None: the model's own coefficient), or an explicit one.
+MOE_SCENARIOS = [pytest.param("qwen3_moe", {"ref": "model"}, id="qwen3_moe-ref_model"),
+                 pytest.param("gpt_oss", {"ref": "precompute", "router_aux_loss_coef": 2.0}, id="gpt_oss-coef2"),
+                 pytest.param("qwen3_moe", {"ref": None, "peft": True}, id="qwen3_moe-peft")]
+
+
+@pytest.mark.parametrize("kind, kw", MOE_SCENARIOS)
+def test_fast_trainer_trains_moe_like_stock(kind, kw, tmp_path, trl_head_forbidden):
+    """Same losses (with the router loss weighted as TRL weighs it), the same logged ``aux_loss``, same weights."""
+    reference = stock_unforbidden(kind, tmp_path, **kw)
+    assert all(entry["aux_loss"] > 0 for entry in reference[0])
     assert_same_training(train(FastDPOTrainer, kind, tmp_path, **kw), reference)
 
 
-@pytest.mark.parametrize("kind, kw", SCENARIOS[:2])
+def test_moe_router_loss_can_be_switched_off(tmp_path, trl_head_forbidden):
+    reference = stock_unforbidden("qwen3_moe", tmp_path, router_aux_loss_coef=0.0)
+    assert "aux_loss" not in reference[0][0]
+    assert_same_training(train(FastDPOTrainer, "qwen3_moe", tmp_path, router_aux_loss_coef=0.0), reference)
+
+
+def test_reference_head_that_differs(tmp_path, trl_head_forbidden):
+    """A reference whose lm-head weight and bias differ from the policy's: its own head is used for ρ."""
+    kw = dict(ref="model", ref_head_differs=True)
+    reference = stock_unforbidden("phi", tmp_path, **kw)
+    assert abs(reference[0][0]["rewards/margins"]) > 1e-3, "the reference should differ from the policy"
+    assert_same_training(train(FastDPOTrainer, "phi", tmp_path, **kw), reference)
+
+
+def test_options_trl_accepts_train_like_stock(tmp_path, trl_head_forbidden):
+    """Values TRL accepts (label smoothing outside robust's range and ignored by sigmoid, ld_alpha > 1) train, with
+    a warning, exactly as stock TRL trains them."""
+    kw = dict(ref="model", loss_type=["sigmoid", "robust"], label_smoothing=0.6, ld_alpha=1.4)
+    reference = stock_unforbidden("llama", tmp_path, **kw)
+    with pytest.warns(UserWarning) as caught:
+        fast = train(FastDPOTrainer, "llama", tmp_path, **kw)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "label_smoothing" in messages and "ld_alpha=1.4" in messages
+    assert_same_training(fast, reference)
+
+
+def test_reference_pass_runs_without_gradient(tmp_path, monkeypatch, trl_head_forbidden):
+    """The reference log-probs come out of the trainer's reference pass with no autograd graph, and no parameter of
+    the reference model receives a gradient (the separate reference model, and the PEFT base weights)."""
+    seen = []
+    original = ftrl.compute_dpo_loss
+
+    def spy(stats, mask, config, *, ref_token_logps=None, **kwargs):
+        seen.append(ref_token_logps)
+        return original(stats, mask, config, ref_token_logps=ref_token_logps, **kwargs)
+
+    monkeypatch.setattr(ftrl, "compute_dpo_loss", spy)
+    grads = {}
+
+    class Grab(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            grads.update({n: p.grad for n, p in model.named_parameters()})
+
+    for kw in (dict(ref="model"), dict(ref=None, peft=True)):
+        seen.clear()
+        grads.clear()
+        train(FastDPOTrainer, "llama", tmp_path, max_steps=1, callbacks=[Grab()], **kw)
+        assert len(seen) == 1 and seen[0] is not None
+        assert seen[0].grad_fn is None and not seen[0].requires_grad, kw
+        trained = [n for n, g in grads.items() if g is not None]
+        assert trained, "the policy should receive gradients"
+        if kw.get("peft"):
+            assert all("lora_" in n for n in trained), "only the adapter trains; the base (reference) stays frozen"
+
+
+def test_reference_model_parameters_get_no_gradient(tmp_path, trl_head_forbidden):
+    model = make_model("llama")
+    ref_model = copy.deepcopy(model).requires_grad_(True)
+    grab = _GradsAtFirstStep()
+    trainer = FastDPOTrainer(model=model, ref_model=ref_model, args=make_args(tmp_path, max_steps=1),
+                             train_dataset=make_dataset(), processing_class=make_tokenizer(), callbacks=[grab])
+    trainer.train()
+    assert all(p.requires_grad for p in ref_model.parameters())
+    assert all(p.grad is None for p in ref_model.parameters())
+    assert grab.grads and all(g.abs().sum() > 0 for g in grab.grads.values())
+
+
+def test_use_cache_is_off_on_every_forward(tmp_path, trl_head_forbidden):
+    """As TRL: no KV cache is built, also by the forward that recomputes the logits for ``return_outputs``."""
+    model = make_model("llama")
+    trainer = FastDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=make_args(tmp_path),
+                             train_dataset=make_dataset(), processing_class=make_tokenizer())
+    calls = []
+    for module in (trainer.model.model, trainer.ref_model.model):
+        module.register_forward_pre_hook(lambda m, a, k: calls.append(k.get("use_cache")), with_kwargs=True)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with pytest.warns(FutureWarning, match="return_outputs"):
+        loss, outputs = trainer.compute_loss(trainer.model, inputs, return_outputs=True)
+    assert torch.isfinite(loss) and outputs.logits.shape[:2] == inputs["input_ids"].shape
+    assert getattr(outputs, "cache", None) is None and getattr(outputs, "past_key_values", None) is None
+    assert calls and all(c is False for c in calls), calls
+
+
+class _GradsAtFirstStep(transformers.TrainerCallback):
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _first_step(trainer_cls, tmp_path, bf16):
+    grab = _GradsAtFirstStep()
+    logs, _ = train(trainer_cls, "llama", tmp_path, max_steps=1, bf16=bf16, max_grad_norm=0.0, callbacks=[grab])
+    return logs[0], grab.grads
+
+
+def test_bf16_runs_under_the_trainers_autocast(tmp_path, trl_head_forbidden):
+    """bf16=True with fp32 weights: the backbone and the head run under accelerate's autocast (on CPU too), as in
+    stock TRL. The logs then differ from bf16=False, and fastdpo's bf16 gradient is at least as close to the fp32
+    gradient as stock TRL's bf16 gradient."""
+
+    def rel(a, b):
+        num = sum(((a[k] - b[k]).double() ** 2).sum() for k in b)
+        return (num / sum((b[k].double() ** 2).sum() for k in b)).sqrt().item()
+
+    _GUARD["on"] = False
+    try:
+        stock32, stock16 = _first_step(DPOTrainer, tmp_path, False), _first_step(DPOTrainer, tmp_path, True)
+    finally:
+        _GUARD["on"] = True
+    fast32, fast16 = _first_step(FastDPOTrainer, tmp_path, False), _first_step(FastDPOTrainer, tmp_path, True)
+    assert fast32[1].keys() == stock16[1].keys() == fast16[1].keys()
+    assert rel(fast32[1], stock32[1]) < 1e-5, "the fp32 steps agree"
+    for name in ("logps/chosen", "logps/rejected", "entropy", "logits/chosen"):
+        assert fast16[0][name] != fast32[0][name], f"{name}: bf16=True should compute in bf16"
+        assert fast16[0][name] == pytest.approx(stock16[0][name], rel=2e-2, abs=1e-2), name
+    stock_err, fast_err = rel(stock16[1], stock32[1]), rel(fast16[1], stock32[1])
+    assert 0 < fast_err <= stock_err, (fast_err, stock_err)
+
+
+@pytest.mark.parametrize("kind, kw", SCENARIOS[:2] + [pytest.param("qwen3_moe", {"ref": "model"}, id="qwen3_moe")])
 def test_patched_stock_trainer_matches_stock(kind, kw, tmp_path, trl_head_forbidden):
     reference = stock_unforbidden(kind, tmp_path, **kw)
     with patch_trl():
@@ -269,6 +433,13 @@ def test_loss_config_mapping():
 
 
 def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
+    """Each refusal names the option and comes before DPOTrainer.__init__ (made to fail here): the parent's set-up
+    (tokenizing, building the reference, precomputing its log-probs) is expensive and must not run first."""
+
+    def parent_must_not_run(*args, **kwargs):
+        raise AssertionError("DPOTrainer.__init__ ran before the configuration was refused")
+
+    monkeypatch.setattr(DPOTrainer, "__init__", parent_must_not_run)
     kwargs = dict(model=make_model("llama"), train_dataset=make_dataset(), processing_class=make_tokenizer())
     with pytest.raises(ValueError, match="fastdpo_backend"):
         FastDPOTrainer(args=make_args(tmp_path), fastdpo_backend="cuda", **kwargs)
@@ -276,12 +447,21 @@ def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
     from dataclasses import make_dataclass
 
     reduced = make_dataclass("LossConfig", [("beta", float, 0.1), ("loss_type", object, "sigmoid")], frozen=True)
-    monkeypatch.setattr(ftrl, "LossConfig", reduced)
-    with pytest.raises(ValueError, match=r"DPOConfig\.ld_alpha"):
-        FastDPOTrainer(args=make_args(tmp_path, ld_alpha=0.5), **kwargs)
-    monkeypatch.undo()
-    with pytest.raises(ValueError, match="DPOConfig"):  # LossConfig's own checks, re-raised naming DPOConfig
-        FastDPOTrainer(args=make_args(tmp_path, loss_type=["robust"], label_smoothing=0.7), **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(ftrl, "LossConfig", reduced)
+        with pytest.raises(ValueError, match=r"DPOConfig\.ld_alpha"):
+            FastDPOTrainer(args=make_args(tmp_path, ld_alpha=0.5), **kwargs)
+    # What TRL itself refuses, re-raised naming DPOConfig.
+    for bad in (dict(loss_type=["exo_pair"], label_smoothing=0.0),
+                dict(loss_type=["bco_pair"], f_divergence_type="js_divergence"),
+                dict(loss_type=["aot"], use_weighting=True)):
+        with pytest.raises(ValueError, match="DPOConfig"):
+            FastDPOTrainer(args=make_args(tmp_path, **bad), **kwargs)
+    # FSDP is supported (the head runs as a module inside the wrapped forward): it reaches the parent.
+    with pytest.raises(AssertionError, match="DPOTrainer.__init__ ran"):
+        FastDPOTrainer(args=make_args(tmp_path, fsdp=True), **kwargs)
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.5.*not a Mixture-of-Experts"):
+        FastDPOTrainer(args=make_args(tmp_path, router_aux_loss_coef=0.5), **kwargs)
     vision = datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"], "images": [[]]})
     with pytest.raises(ValueError, match="vision"):
         FastDPOTrainer(args=make_args(tmp_path), **{**kwargs, "train_dataset": vision})
@@ -289,6 +469,9 @@ def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="prompt-learning"):
         FastDPOTrainer(args=make_args(tmp_path), peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM",
                                                                                     num_virtual_tokens=2), **kwargs)
+    # Control: an accepted configuration does reach the parent.
+    with pytest.raises(AssertionError, match="DPOTrainer.__init__ ran"):
+        FastDPOTrainer(args=make_args(tmp_path), **kwargs)
 
 
 def test_trl_version_range():
@@ -324,3 +507,18 @@ def test_patched_function_under_autocast_computes_in_the_autocast_dtype():
     torch.testing.assert_close(fast, theirs, atol=5e-2, rtol=2e-2)
     for x, y in zip(fast_grads, their_grads):
         torch.testing.assert_close(x, y, atol=5e-2, rtol=5e-2)
+
+
+def test_trainer_logs_the_nll_term_and_orpo_metrics(tmp_path, trl_head_forbidden):
+    """With an ``sft`` term the trainer logs its value as ``nll_loss`` (at the first step, where the parameters are
+    the same, it is exactly what the term adds to the loss); with ``orpo`` also TRL's ORPOTrainer metrics."""
+    plain = train(FastDPOTrainer, "llama", tmp_path, max_steps=1)[0][0]
+    mixed = train(FastDPOTrainer, "llama", tmp_path, max_steps=1, loss_type=["sigmoid", "sft"])[0][0]
+    assert "nll_loss" not in plain and "log_odds_ratio" not in plain
+    assert mixed["nll_loss"] > 0
+    assert mixed["nll_loss"] == pytest.approx(mixed["loss"] - plain["loss"], rel=1e-5)
+    orpo = train(FastDPOTrainer, "llama", tmp_path, max_steps=1, loss_type=["orpo"], beta=0.5)[0][0]
+    assert orpo["nll_loss"] == pytest.approx(mixed["nll_loss"], rel=1e-6)
+    # ORPO's loss is NLL − β·log σ(log odds ratio): the logged pieces add up to it.
+    assert orpo["loss"] == pytest.approx(orpo["nll_loss"] - 0.5 * orpo["log_odds_ratio"], rel=1e-5)
+    assert orpo["log_odds_ratio"] < 0 and orpo["log_odds_chosen"] != 0

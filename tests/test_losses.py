@@ -7,6 +7,7 @@ the same per-token log-probs.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -164,9 +165,11 @@ def _pair_losses(name, beta, opts, pi, rho, n, mean_logp, nll):
         elif name == "sigmoid_norm":
             v = F.softplus(-beta * (sc / nc - sr / nr))
         elif name == "simpo":
-            v = F.softplus(-(beta * (mean_logp[b] - mean_logp[b + B]) - opts.get("simpo_gamma", 0.5)))
+            m = beta * (mean_logp[b] - mean_logp[b + B]) - opts.get("simpo_gamma", 0.5)
+            v = (1 - eps) * F.softplus(-m) + eps * F.softplus(m)
         elif name == "cpo":
-            v = F.softplus(-beta * (pi[b] - pi[b + B])) + opts.get("cpo_alpha", 1.0) * nll
+            m = beta * (pi[b] - pi[b + B])
+            v = (1 - eps) * F.softplus(-m) + eps * F.softplus(m) + opts.get("cpo_alpha", 1.0) * nll
         elif name == "orpo":
             def log_odds(a):
                 return a - torch.log(1 - torch.exp(a))
@@ -429,12 +432,9 @@ BAD_CONFIGS = [
     (dict(loss_weights="1"), TypeError, "loss_weights"),
     (dict(loss_weights=[float("nan")]), TypeError, "loss_weights"),
     (dict(loss_type="exo_pair"), ValueError, "exo_pair.*label_smoothing"),
-    (dict(loss_type="exo_pair", label_smoothing=1.0), ValueError, "exo_pair.*label_smoothing"),
-    (dict(loss_type="robust", label_smoothing=0.5), ValueError, "robust.*label_smoothing"),
-    (dict(label_smoothing=0.1), ValueError, "label_smoothing=0.1 has no effect"),
-    (dict(loss_type="aot", label_smoothing=-0.1), ValueError, "label_smoothing must be >= 0"),
-    (dict(loss_type="aot", label_smoothing=1.5), ValueError, "label_smoothing must be <= 1"),
-    (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau"),
+    (dict(label_smoothing=float("nan")), TypeError, "label_smoothing"),
+    (dict(discopop_tau="0.1"), TypeError, "discopop_tau"),
+    (dict(loss_type="ipo", beta=0.0), ValueError, r"beta must be non-zero.*\['ipo'\] divide by"),
     (dict(f_divergence_type="kl"), ValueError, "f_divergence_type must be one of"),
     (dict(f_divergence_type=None), ValueError, "f_divergence_type must be one of"),
     (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("inf")), TypeError,
@@ -444,19 +444,14 @@ BAD_CONFIGS = [
     (dict(use_weighting=1), TypeError, "use_weighting"),
     (dict(extra_metrics="yes"), TypeError, "extra_metrics"),
     (dict(average_log_prob=None), TypeError, "average_log_prob"),
-    (dict(ld_alpha=1.5), ValueError, "ld_alpha must be <= 1"),
-    (dict(ld_alpha=-0.1), ValueError, "ld_alpha must be >= 0"),
     (dict(ld_alpha="half"), TypeError, "ld_alpha"),
-    (dict(ld_alpha=0.5, loss_type="simpo"), ValueError, "ld_alpha does not apply"),
-    (dict(ld_alpha=0.5, loss_type=["sigmoid", "orpo"]), ValueError, "ld_alpha does not apply"),
     (dict(ld_alpha=0.5, average_log_prob=True), ValueError, "average_log_prob=True and ld_alpha"),
     (dict(average_log_prob=True, loss_type="ipo"), ValueError, "length twice"),
     (dict(average_log_prob=True, loss_type=["sigmoid", "sigmoid_norm"]), ValueError, "length twice"),
-    (dict(beta=0.0), ValueError, "beta must be > 0"),
-    (dict(beta=-1.0), ValueError, "beta must be > 0"),
+    (dict(beta=0.0), ValueError, "beta must be non-zero"),
     (dict(beta="0.1"), TypeError, "beta"),
     (dict(beta=True), TypeError, "beta"),
-    (dict(loss_type="cpo", cpo_alpha=-1.0), ValueError, "cpo_alpha"),
+    (dict(loss_type="cpo", cpo_alpha=float("inf")), TypeError, "cpo_alpha"),
     (dict(loss_type="simpo", simpo_gamma=float("nan")), TypeError, "simpo_gamma"),
 ]
 # f-divergences with every loss type they do not apply to (TRL rejects the same ones).
@@ -606,3 +601,190 @@ def test_same_numbers_as_trl(opts):
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                  "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"):
         assert out.metrics[name].item() == pytest.approx(trl_metrics[name][-1], rel=1e-6, abs=1e-6), name
+
+
+# --- what TRL 1.16 accepts, fastdpo accepts (issue 11, item 12) --------------------------------------------------
+
+def _grid():
+    """DPOConfig loss options TRL's DPOTrainer accepts, including values it ignores or that lie outside a loss's
+    meaningful range: every TRL loss type with label smoothing across and beyond [0, 1], a negative β, LD-DPO's α
+    outside [0, 1], and options that only other loss types read."""
+    cases = []
+    for t in TRL_LOSS_TYPES:
+        base = {k: v for k, v in TYPE_OPTIONS[t].items() if k != "label_smoothing"}
+        for eps in (-0.2, 0.3, 0.5, 0.7, 1.0, 1.5):
+            cases.append(dict(loss_type=t, label_smoothing=eps, **base))
+        cases.append(dict(loss_type=t, beta=-0.2, **TYPE_OPTIONS[t]))
+        cases.append(dict(loss_type=t, ld_alpha=1.7, **TYPE_OPTIONS[t]))
+    cases += [dict(ld_alpha=-0.4), dict(discopop_tau=0.3), dict(f_alpha_divergence_coef=0.2),
+              dict(loss_type="discopop", discopop_tau=-0.5), dict(loss_type="discopop", discopop_tau=0.0)]
+    return cases
+
+
+def test_every_option_trl_accepts_is_accepted_with_its_numbers():
+    """The class of item 12: for every case of the grid, LossConfig accepts what TRL computes, and the loss and its
+    gradients are TRL's own (including TRL's inf/NaN where an out-of-range ε makes the loss undefined)."""
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    warned = 0
+    for opts in _grid():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = LossConfig(**opts)
+        warned += bool(caught)
+        h = hidden.clone().requires_grad_()
+        want, _ = _trl_loss(opts, h, weight, labels, ref_hidden, ref_weight)
+        got = fastdpo.dpo_loss(h, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, backend="torch",
+                               config=config).loss
+        # TRL builds exo_pair's ε as a float32 tensor.
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12, equal_nan=True, msg=str(opts))
+        if torch.isfinite(want):
+            want_g, = torch.autograd.grad(want, h)
+            got_g, = torch.autograd.grad(got, h)
+            scale = want_g.nan_to_num().abs().max()
+            torch.testing.assert_close(got_g, want_g, rtol=1e-6, atol=1e-6 * scale, equal_nan=True, msg=str(opts))
+    assert warned >= len(_grid()) - 2 * len(TRL_LOSS_TYPES), "the ignored or out-of-range values should warn"
+
+
+WARN_CONFIGS = [
+    (dict(label_smoothing=0.1), "label_smoothing=0.1 is ignored by loss types \\['sigmoid'\\]"),
+    (dict(loss_type=["hinge", "ipo"], label_smoothing=0.2), "label_smoothing=0.2 is ignored"),
+    (dict(loss_type="robust", label_smoothing=0.5), "should lie in \\[0.0, 0.5\\)"),
+    (dict(loss_type="exo_pair", label_smoothing=1.0), "infinite or NaN"),
+    (dict(loss_type="aot", label_smoothing=1.5), "should lie in \\[0, 1\\]"),
+    (dict(loss_type="simpo", label_smoothing=-0.1), "should lie in \\[0, 1\\]"),
+    (dict(ld_alpha=1.5), "ld_alpha=1.5 is outside"),
+    (dict(ld_alpha=0.5, loss_type="simpo"), "ld_alpha is ignored by loss types \\['simpo'\\]"),
+    (dict(ld_alpha=0.5, loss_type=["sigmoid", "orpo"]), "ld_alpha is ignored by loss types \\['orpo'\\]"),
+    (dict(beta=-1.0), "beta=-1.0 < 0"),
+    (dict(discopop_tau=0.2), "discopop_tau=0.2 is ignored"),
+    (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau should be > 0"),
+    (dict(loss_type="sigmoid", simpo_gamma=1.0), "simpo_gamma=1.0 is ignored"),
+    (dict(loss_type="simpo", cpo_alpha=0.5), "cpo_alpha=0.5 is ignored"),
+    (dict(loss_type="cpo", cpo_alpha=-1.0), "cpo_alpha=-1.0 < 0"),
+    (dict(f_alpha_divergence_coef=0.3), "f_alpha_divergence_coef=0.3 is ignored"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", WARN_CONFIGS, ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_ignored_or_out_of_range_options_warn(kwargs, match):
+    with pytest.warns(UserWarning, match=match):
+        LossConfig(**kwargs)
+
+
+def test_meaningful_options_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in LOSS_TYPES:
+            LossConfig(loss_type=t, **TYPE_OPTIONS[t])
+        LossConfig(loss_type=["cpo", "simpo"], label_smoothing=0.1, ld_alpha=None)
+        LossConfig(loss_type="robust", label_smoothing=0.49)
+        LossConfig(ld_alpha=1.0, loss_type=["sigmoid", "ipo"])
+
+
+@pytest.mark.parametrize("opts", [dict(ld_alpha=1.5), dict(ld_alpha=0.5, loss_type=["sigmoid", "orpo"]),
+                                  dict(loss_type="cpo", cpo_alpha=-0.5), dict(beta=-0.2, loss_type="apo_down")],
+                         ids=str)
+def test_accepted_options_compute_the_formula(opts):
+    with pytest.warns(UserWarning):
+        _check("torch", opts, ref="hidden" if opts.get("loss_type") != "cpo" else "none")
+
+
+# --- CPO/SimPO label smoothing, nll_loss, ORPO's metrics (issue 11, item 14) -----------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("loss_type", ["cpo", "simpo", ["simpo", "sft"]], ids=str)
+def test_cpo_simpo_label_smoothing(backend, loss_type):
+    opts = dict(loss_type=loss_type, **({"cpo_alpha": 0.7} if loss_type == "cpo" else {"simpo_gamma": 0.3}))
+    out, _ = _check(backend, dict(label_smoothing=0.2, **opts), ref="none")
+    hidden, weight, labels = (t.to(_dtype(backend)) if t.is_floating_point() else t for t in _batch(backend)[:3])
+    unsmoothed = fastdpo.dpo_loss(hidden, weight, labels, backend=backend, reference_free=True, **opts)
+    assert abs(out.loss.item() - unsmoothed.loss.item()) > 1e-3, "the smoothing should change the loss"
+
+
+def _logits_and_mask(hidden, weight, labels):
+    z = hidden.double() @ weight.double().t()
+    return z, labels != IGNORE
+
+
+class _Accel:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather_for_metrics(x):
+        return x
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+@pytest.mark.parametrize("eps", [0.0, 0.15])
+def test_cpo_and_simpo_match_trl_cpo_trainer(loss_type, eps):
+    """fastdpo's ``cpo`` / ``simpo`` against TRL's ``CPOTrainer.cpo_loss`` (+ its NLL term for ``cpo``), on sequence
+    log-probs and a cross-entropy computed here from float64 logits as CPOTrainer computes them."""
+    from types import SimpleNamespace
+
+    cpo_mod = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    hidden, weight, labels, _, _ = _batch("torch")
+    B = labels.shape[0] // 2
+    h = hidden.clone().requires_grad_()
+    z, mask = _logits_and_mask(h, weight, labels)
+    logsm = torch.log_softmax(z, -1)
+    token = logsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    logps = token.sum(-1) / (mask.sum(-1) if loss_type == "simpo" else 1)
+    fake = SimpleNamespace(alpha=0.0, beta=0.4, label_smoothing=eps, loss_type=loss_type, simpo_gamma=0.3,
+                           accelerator=_Accel)
+    losses, _, _ = cpo_mod.CPOTrainer.cpo_loss(fake, logps[:B], logps[B:])
+    nll = F.cross_entropy(z[:B].reshape(-1, z.shape[-1]), labels[:B].reshape(-1), ignore_index=IGNORE)
+    want = losses.mean() + (0.6 * nll if loss_type == "sigmoid" else 0.0)
+    ours_type = "cpo" if loss_type == "sigmoid" else "simpo"
+    h2 = hidden.clone().requires_grad_()
+    option = {"cpo_alpha": 0.6} if ours_type == "cpo" else {"simpo_gamma": 0.3}
+    out = fastdpo.dpo_loss(h2, weight, labels, reference_free=True, backend="torch", loss_type=ours_type, beta=0.4,
+                           label_smoothing=eps, **option)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-12)
+    assert rel_err(torch.autograd.grad(out.loss, h2)[0], torch.autograd.grad(want, h)[0]) <= 1e-10
+    if ours_type == "cpo":
+        assert out.metrics["nll_loss"].item() == pytest.approx(nll.item(), rel=1e-12)
+    else:
+        assert "nll_loss" not in out.metrics
+
+
+def test_orpo_metrics_match_trl_orpo_trainer():
+    """``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen`` as TRL's ORPOTrainer defines and names them."""
+    from types import SimpleNamespace
+
+    orpo_mod = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    hidden, weight, labels, _, _ = _batch("torch")
+    B = labels.shape[0] // 2
+    z, mask = _logits_and_mask(hidden, weight, labels)
+    token = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    avg = token.sum(-1) / mask.sum(-1)
+    fake = SimpleNamespace(beta=0.25, accelerator=_Accel)
+    losses, _, _, log_odds_ratio, log_odds_chosen = orpo_mod.ORPOTrainer.odds_ratio_loss(fake, avg[:B], avg[B:])
+    nll = F.cross_entropy(z[:B].reshape(-1, z.shape[-1]), labels[:B].reshape(-1), ignore_index=IGNORE)
+    out = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, backend="torch", loss_type="orpo", beta=0.25)
+    # TRL computes the odds ratio in float32.
+    assert out.loss.item() == pytest.approx((nll - losses.mean()).item(), rel=1e-6)
+    assert out.metrics["nll_loss"].item() == pytest.approx(nll.item(), rel=1e-12)
+    assert out.metrics["log_odds_ratio"].item() == pytest.approx(log_odds_ratio.item(), rel=1e-6)
+    assert out.metrics["log_odds_chosen"].item() == pytest.approx(log_odds_chosen.item(), rel=1e-6)
+    # Independently, in float64: the mean log σ of the log odds ratio, and its mean.
+    lo = (avg[:B] - avg[B:]) - (torch.log1p(-avg[:B].exp()) - torch.log1p(-avg[B:].exp()))
+    assert out.metrics["log_odds_chosen"].item() == pytest.approx(lo.mean().item(), rel=1e-10)
+    assert out.metrics["log_odds_ratio"].item() == pytest.approx(_log_sig(lo).mean().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("loss_type, logged", [("sft", True), (["sigmoid", "sft"], True), ("cpo", True),
+                                               ("orpo", True), ("sigmoid", False), ("simpo", False)], ids=str)
+def test_nll_loss_metric(loss_type, logged):
+    hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
+    B = labels.shape[0] // 2
+    out = fastdpo.dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, backend="torch",
+                           loss_type=loss_type)
+    assert ("nll_loss" in out.metrics) is logged
+    if logged:
+        logp, _, _, _, mask = _token_stats(hidden, weight, labels)
+        want = -logp[:B].sum() / mask[:B].sum()
+        assert out.metrics["nll_loss"].item() == pytest.approx(want.item(), rel=1e-12)
+    # As TRL's CPOTrainer: with cpo_alpha = 0 the NLL term is off and logged as 0.
+    off = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, backend="torch", loss_type="cpo",
+                           cpo_alpha=0.0)
+    assert off.metrics["nll_loss"].item() == 0.0

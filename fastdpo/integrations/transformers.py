@@ -242,13 +242,20 @@ def _backbone(lm):
     return backbone
 
 
-def _run_backbone(lm, *args, **kwargs) -> torch.Tensor:
+def _backbone_outputs(lm, *args, **kwargs):
     # The lm-head (and with it the labels and loss arguments) is fastdpo's job: the backbone must not see them.
     for key in ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict"):
         kwargs.pop(key, None)
     kwargs["use_cache"] = False
-    out = _backbone(lm)(*args, **kwargs)
+    return _backbone(lm)(*args, **kwargs)
+
+
+def _last_hidden_state(out) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _run_backbone(lm, *args, **kwargs) -> torch.Tensor:
+    return _last_hidden_state(_backbone_outputs(lm, *args, **kwargs))
 
 
 def backbone_hidden_states(model, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -263,11 +270,14 @@ def backbone_hidden_states(model, input_ids=None, attention_mask=None, **kwargs)
 
 
 def _hidden_states_forward(self, *args, fastdpo_hidden_states=False, fastdpo_head=None, **kwargs):
+    if fastdpo_head is None and not fastdpo_hidden_states:
+        return self._fastdpo_original_forward(*args, **kwargs)
+    out = _backbone_outputs(self, *args, **kwargs)
+    hidden, router_logits = _last_hidden_state(out), getattr(out, "router_logits", None)
     if fastdpo_head is not None:
-        return HeadOutput(head=call_lm_head(self, _run_backbone(self, *args, **kwargs), fastdpo_head))
-    if fastdpo_hidden_states:
-        return _HiddenStates(last_hidden_state=_run_backbone(self, *args, **kwargs))
-    return self._fastdpo_original_forward(*args, **kwargs)
+        # The router logits leave through the same forward as the head's result, so that a wrapper sees both.
+        return HeadOutput(head=call_lm_head(self, hidden, fastdpo_head), router_logits=router_logits)
+    return _HiddenStates(last_hidden_state=hidden, router_logits=router_logits)
 
 
 def add_hidden_states_forward(model) -> None:
@@ -279,8 +289,9 @@ def add_hidden_states_forward(model) -> None:
       :class:`HeadOutput` whose ``head`` is ``fn(hidden [B, T, H], weight, bias)`` computed inside the lm-head's
       own forward (see :func:`call_lm_head`): the way to run a fused head under DDP, FSDP and ZeRO.
 
-    Without them the model's forward is unchanged. Going through ``model(...)`` keeps wrappers (PEFT, DDP, FSDP,
-    DeepSpeed, accelerate hooks) in the loop. Idempotent.
+    Both also carry ``router_logits``: the backbone's MoE router logits when ``output_router_logits=True`` is
+    passed, else None. Without the keywords the model's forward is unchanged. Going through ``model(...)`` keeps
+    wrappers (PEFT, DDP, FSDP, DeepSpeed, accelerate hooks) in the loop. Idempotent.
     """
     lm = unwrap_causal_lm(model)
     if lm.__dict__.get("forward") is not None and getattr(lm, "_fastdpo_hidden_states_forward", False):
@@ -301,13 +312,17 @@ def add_hidden_states_forward(model) -> None:
 @dataclass
 class _HiddenStates:
     last_hidden_state: torch.Tensor
+    router_logits: tuple | None = None
 
 
 @dataclass
 class HeadOutput:
-    """What ``model(..., fastdpo_head=fn)`` returns: ``head`` is ``fn``'s result."""
+    """What ``model(..., fastdpo_head=fn)`` returns: ``head`` is ``fn``'s result, ``router_logits`` the backbone's
+    MoE router logits (a tuple of ``[N, num_experts]`` tensors) when ``output_router_logits=True`` was passed, else
+    None."""
 
     head: object
+    router_logits: tuple | None = None
 
 
 def _check_inputs(input_ids, labels):
@@ -343,17 +358,26 @@ class _TokenStatsHead:
         return {name: value.clone() if value._base is not None else value for name, value in stats.items()}
 
 
-def model_token_stats(model, labels, *, hidden_states=None, temperature=1.0, extras=False, ignore_index=-100,
-                      backend="auto", **model_kwargs) -> dict:
-    """:func:`causal_lm_token_stats` without the input checks; ``model_kwargs`` go to the model's forward."""
+def model_head_output(model, labels, *, hidden_states=None, temperature=1.0, extras=False, ignore_index=-100,
+                      backend="auto", **model_kwargs) -> HeadOutput:
+    """:func:`causal_lm_token_stats` without the input checks, as the :class:`HeadOutput` of one forward.
+
+    ``model_kwargs`` go to the model's forward; with ``output_router_logits=True`` the MoE router logits come back
+    in ``router_logits``, from the same forward that computed the statistics (``head``).
+    """
     lm = unwrap_causal_lm(model)
     options = dict(ignore_index=ignore_index, temperature=temperature, backend=backend, extras=extras,
                    **_head_transform(lm))
     if hidden_states is not None:
-        return call_lm_head(lm, hidden_states[:, :-1], _TokenStatsHead(labels[:, 1:], False, options))
+        return HeadOutput(head=call_lm_head(lm, hidden_states[:, :-1], _TokenStatsHead(labels[:, 1:], False, options)))
     add_hidden_states_forward(lm)
     # Through `model(...)`, so that every wrapper (DDP, FSDP, DeepSpeed, PEFT, accelerate) sees one ordinary forward.
-    return model(**model_kwargs, fastdpo_head=_TokenStatsHead(labels[:, 1:], True, options)).head
+    return model(**model_kwargs, fastdpo_head=_TokenStatsHead(labels[:, 1:], True, options))
+
+
+def model_token_stats(model, labels, **kwargs) -> dict:
+    """:func:`causal_lm_token_stats` without the input checks; see :func:`model_head_output`."""
+    return model_head_output(model, labels, **kwargs).head
 
 
 def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temperature=1.0, extras=False,

@@ -30,6 +30,7 @@ import functools
 import importlib.metadata
 import sys
 import types
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -79,7 +80,7 @@ from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
 from .transformers import (  # noqa: E402
     _innermost,
     call_head_module,
-    model_token_stats,
+    model_head_output,
     to_fastdpo_transform,
     unwrap_causal_lm,
 )
@@ -416,20 +417,24 @@ class FastDPOTrainer(DPOTrainer):
     ``"ref"`` adapter), or the reference log-probs precomputed with ``precompute_ref_log_probs=True`` (also
     computed by fastdpo). Logs TRL's metrics under TRL's names.
 
-    Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction: loss options
-    missing from :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT, the MoE router auxiliary
-    loss. Works under DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-1/2/3 as set up by accelerate: the lm-head runs as a
-    module inside the model's forward, so each wrapper gathers and reduces it as usual.
+    MoE models train with the router's load-balancing loss as in TRL (``router_aux_loss_coef``, by default the
+    model's own coefficient; logged as ``aux_loss``), and ``bf16``/``fp16`` run the backbone and the head under
+    the trainer's autocast as TRL's forward does. Works under DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-1/2/3 as set up
+    by accelerate: the lm-head runs as a module inside the model's forward, so each wrapper gathers and reduces it
+    as usual. Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction, before
+    any of the parent's set-up: loss options missing from :class:`fastdpo.LossConfig`, vision datasets,
+    prompt-learning PEFT, ``router_aux_loss_coef`` on a model without router logits.
     """
 
     _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pos, fastdpo_backend: str = "auto",
                  **kwargs):
+        # Every refusal comes before DPOTrainer.__init__, which is expensive: it tokenizes the datasets, builds the
+        # reference model and, when precomputing, already runs the reference pass through fastdpo's loss.
         if fastdpo_backend not in BACKENDS:
             raise ValueError(f"fastdpo_backend must be one of {list(BACKENDS)}, got {fastdpo_backend!r}")
         self.fastdpo_backend = fastdpo_backend
-        # Checked before DPOTrainer.__init__: it already runs the loss's reference pass when precomputing.
         self.fastdpo_config = loss_config_from_dpo_config(args)
         train_dataset = kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None)
         if train_dataset is not None:
@@ -445,22 +450,53 @@ class FastDPOTrainer(DPOTrainer):
             raise ValueError("peft_config: prompt-learning PEFT (prefix/prompt/p-tuning) is not supported by "
                              "FastDPOTrainer; use a LoRA-style adapter")
         if not isinstance(model, str):
-            unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+            lm = unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+            coef = getattr(args, "router_aux_loss_coef", None)
+            config = getattr(lm, "config", None)
+            # TRL refuses this too, but only after Trainer.__init__.
+            if coef and config is not None and not hasattr(config.get_text_config(), "output_router_logits"):
+                raise ValueError(f"router_aux_loss_coef={coef} is set but {type(lm).__name__} is not a "
+                                 f"Mixture-of-Experts model that returns router logits: there is no auxiliary loss "
+                                 f"to weight")
         super().__init__(model, ref_model, args, *pos, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError("router_aux_loss_coef: the MoE router auxiliary loss is not supported by "
-                             "FastDPOTrainer; set DPOConfig(router_aux_loss_coef=0.0) or use trl.DPOTrainer")
-        self.fastdpo_config = loss_config_from_dpo_config(self.args)
 
     # -- the fused head ------------------------------------------------------------------------------------------
 
-    def _token_stats(self, model, model_kwargs, labels, *, extras):
-        """fastdpo's per-token stats ``[2B, T-1]`` of the shifted labels, from one forward of ``model``.
+    def _token_stats(self, model, model_kwargs, labels, *, extras, aux_loss=False):
+        """fastdpo's per-token stats ``[2B, T-1]`` of the shifted labels, from one forward of ``model``; with
+        ``aux_loss`` also the MoE router's load-balancing loss (else None).
 
         ``model`` is called itself (DDP, FSDP, DeepSpeed, PEFT wrappers included), and the lm-head runs as a module
-        inside that forward, so every wrapper gathers and reduces it as for an ordinary forward.
+        inside that forward, so every wrapper gathers and reduces it as for an ordinary forward. The router logits
+        come out of that same forward.
         """
-        return model_token_stats(model, labels, extras=extras, backend=self.fastdpo_backend, **model_kwargs)
+        kwargs = {**model_kwargs, "use_cache": False}
+        if aux_loss:
+            kwargs["output_router_logits"] = True
+        # Stock TRL runs backbone, head and router loss inside `model.forward`, which accelerate wraps in the
+        # trainer's autocast (bf16=True / fp16=True); fastdpo's forward replaces that wrapped one, so enter it here.
+        with self.accelerator.autocast():
+            out = model_head_output(model, labels, extras=extras, backend=self.fastdpo_backend, **kwargs)
+            aux = (self._router_aux_loss(model, out.router_logits, kwargs.get("attention_mask")) if aux_loss
+                   else None)
+        return out.head, aux
+
+    @staticmethod
+    def _router_aux_loss(model, router_logits, attention_mask):
+        """The MoE load-balancing loss exactly as TRL 1.16's fused forward computes it (Mixtral's formula, which
+        every MoE family in ``transformers`` shares, with the config's expert counts)."""
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        lm = unwrap_causal_lm(model)
+        if router_logits is None:
+            raise ValueError(f"router_aux_loss_coef: {type(lm).__name__}'s backbone returned no router logits for "
+                             f"output_router_logits=True; set DPOConfig(router_aux_loss_coef=0.0) to train without the "
+                             f"MoE auxiliary loss")
+        text_config = lm.config.get_text_config()
+        num_experts = getattr(text_config, "num_experts", None)
+        if num_experts is None:
+            num_experts = lm.num_experts
+        return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
     def _adapter_context(self):
         if self.ref_model is None and is_peft_model(self.model):
@@ -489,15 +525,17 @@ class FastDPOTrainer(DPOTrainer):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._adapter_context(), self.accelerator.autocast()):
-            logp = self._token_stats(model, model_kwargs, labels, extras=False)["logp"]
+            logp = self._token_stats(model, model_kwargs, labels, extras=False)[0]["logp"]
         return self._reference_sequence_logps(logp, labels[:, 1:].to(logp.device) != -100)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        # As TRL: no KV cache on any forward (also the one that recomputes the logits for `return_outputs`).
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        stats = self._token_stats(model, model_kwargs, labels, extras=True)
+        stats, aux_loss = self._token_stats(model, model_kwargs, labels, extras=True, aux_loss=self.aux_loss_enabled)
         mask = labels[:, 1:].to(stats["logp"].device) != -100
 
         ref_token_logps = ref_logps = None
@@ -507,18 +545,27 @@ class FastDPOTrainer(DPOTrainer):
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 if self.ref_model is None:
                     with self._adapter_context():
-                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False)["logp"]
+                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False)[0]["logp"]
                 else:
-                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False)["logp"]
+                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False)[0]["logp"]
         out = compute_dpo_loss(stats, mask, self.fastdpo_config, ref_token_logps=ref_token_logps, ref_logps=ref_logps)
+        loss = out.loss
+        if aux_loss is not None:
+            # As TRL: the router loss weighted by `router_aux_loss_coef`, logged unweighted as `aux_loss`.
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_fastdpo_metrics(mode, out, stats, mask, inputs)
 
         if return_outputs:
-            # As TRL: `compute_metrics` wants logits, which the fused head never builds; recompute them.
+            # As TRL: `compute_metrics` wants logits, which the fused head never builds; recompute them, with TRL's
+            # deprecation warning.
+            warnings.warn("return_outputs=True (the logits it hands to compute_metrics) is deprecated in TRL 1.16 "
+                          "and will be removed in TRL 2.0: the fused head never builds the logits, so they are "
+                          "recomputed by an extra forward pass", FutureWarning, stacklevel=2)
             with torch.no_grad():
                 outputs = model(**model_kwargs)
-            return out.loss, outputs
-        return out.loss
+            return loss, outputs
+        return loss
 
     def _log_fastdpo_metrics(self, mode, out, stats, mask, inputs):
         """TRL's metrics, gathered across processes the way DPOTrainer gathers them."""
@@ -558,3 +605,7 @@ class FastDPOTrainer(DPOTrainer):
         log("rewards/margins", acc.gather(chosen_rewards - rejected_rewards).mean().item())
         log("logps/chosen", acc.gather(out.chosen_logps.detach()).mean().item())
         log("logps/rejected", acc.gather(out.rejected_logps.detach()).mean().item())
+        # The NLL term (sft/cpo/orpo) and ORPO's odds ratio, averaged across processes as TRL's CPO/ORPO trainers do.
+        for name in ("nll_loss", "log_odds_ratio", "log_odds_chosen"):
+            if name in out.metrics:
+                log(name, acc.gather_for_metrics(out.metrics[name].detach().reshape(1)).mean().item())
