@@ -157,11 +157,82 @@ def check_determinism_and_empty(device, tiny):
                             f"{'PASS' if zeros else 'FAIL'}"]
 
 
+def check_packed(device, tiny):
+    """Packed (padding-free) DPO against the same sequences padded, and a loss reduction without host syncs."""
+    import os
+
+    from fastdpo.losses import LossConfig, compute_dpo_loss
+
+    rows, T, H, V = (4, 9, 19, 53) if tiny else (8, 515, 2049, 32003)
+    hidden, weight, _, labels = _batch(rows, T, H, V, device, seed=6)
+    # Odd rows end in T//5 ignored tokens: here they are padding, absent from the packed stream.
+    lengths = [T if r % 2 == 0 else T - T // 5 for r in range(rows)]
+    cu = torch.tensor([0] + [sum(lengths[:r + 1]) for r in range(rows)], device=device, dtype=torch.int32)
+    lines, ok = [], True
+    for dtype in (torch.float32, torch.bfloat16):
+        ref_hidden = (hidden * 0.9).to(dtype)
+        results = []
+        for packed in (False, True):
+            h = hidden.to(dtype)
+            r, y = ref_hidden, labels
+            if packed:
+                h = torch.cat([h[i, :n] for i, n in enumerate(lengths)])
+                r = torch.cat([r[i, :n] for i, n in enumerate(lengths)])
+                y = torch.cat([y[i, :n] for i, n in enumerate(lengths)])
+            h = h.requires_grad_()
+            w = weight.to(dtype).requires_grad_()
+            out = fastdpo.dpo_loss(h, w, y, ref_hidden=r, ref_weight=w.detach(), backend="triton",
+                                   loss_type=["sigmoid", "ipo"], ld_alpha=0.5, use_weighting=True,
+                                   cu_seqlens=cu if packed else None)
+            gh, gw = torch.autograd.grad(out.loss, (h, w))
+            if packed:
+                gh = torch.stack([torch.nn.functional.pad(gh[cu[i]:cu[i + 1]], (0, 0, 0, T - n))
+                                  for i, n in enumerate(lengths)])
+            results.append((out, gh, gw))
+        (a, gha, gwa), (b, ghb, gwb) = results
+        errs = {"loss": _rel(b.loss, a.loss), "logps": _rel(torch.cat([b.chosen_logps, b.rejected_logps]),
+                                                             torch.cat([a.chosen_logps, a.rejected_logps])),
+                "grad-h": _rel(ghb, gha), "grad-W": _rel(gwb, gwa)}
+        good = all(e <= 1e-4 for e in errs.values())
+        ok &= good
+        lines.append(f"{str(dtype).replace('torch.', '')} packed vs padded: "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" {'PASS' if good else 'FAIL'}")
+    # The per-sequence reductions, the loss formulas and their backward on the packed stream, with CUDA's sync
+    # debugging set to raise on any host synchronisation (offset value checks off, as FASTDPO_CHECK_LABELS=0 does).
+    L = int(cu[-1])
+    g = torch.Generator(device="cpu").manual_seed(7)
+    logp = (-torch.rand(L, generator=g)).to(device).requires_grad_()
+    stats = {"logp": logp, "mean_logit": torch.zeros(L, device=device), "entropy": torch.zeros(L, device=device),
+             "is_top1": torch.zeros(L, dtype=torch.bool, device=device),
+             "log_sum_sq_probs": torch.zeros(L, device=device)}
+    mask = torch.rand(L, generator=g).to(device) > 0.3
+    config = LossConfig(loss_type=["sigmoid", "ipo", "sft", "simpo"], use_weighting=True, extra_metrics=True)
+    previous = os.environ.get("FASTDPO_CHECK_LABELS")
+    os.environ["FASTDPO_CHECK_LABELS"] = "0"
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = compute_dpo_loss(stats, mask, config, ref_token_logps=torch.zeros(L, device=device), cu_seqlens=cu)
+        out.loss.backward()
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        if previous is None:
+            del os.environ["FASTDPO_CHECK_LABELS"]
+        else:
+            os.environ["FASTDPO_CHECK_LABELS"] = previous
+    lines.append("packed loss reductions and backward without a host sync: "
+                 + ("PASS" if device == "cuda" else "not checked off CUDA (ran)"))
+    return ok, lines
+
+
 CHECKS = {
     "odd shapes vs float64": check_odd_shapes,
     "weight > 2^31 elements": check_large_weight,
     "hidden > 2^31 elements": check_large_hidden,
     "determinism, empty batch": check_determinism_and_empty,
+    "packed (padding-free) vs padded": check_packed,
 }
 
 

@@ -36,10 +36,11 @@ class FusedLinearDPOLoss(nn.Module):
                                  temperature=temperature, backend=backend, vocab_parallel=vocab_parallel)
 
     def forward(self, hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
-                reference_free=False, bias=None, ref_bias=None) -> DPOOutput:
+                reference_free=False, bias=None, ref_bias=None, cu_seqlens=None) -> DPOOutput:
+        """See :func:`fastdpo.dpo_loss`; ``cu_seqlens`` [2B+1] for packed (padding-free) ``hidden [L, H]``."""
         return dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps,
                         reference_free=reference_free, bias=bias, ref_bias=ref_bias, config=self.config,
-                        **self.head_options)
+                        cu_seqlens=cu_seqlens, **self.head_options)
 
     def extra_repr(self) -> str:
         return f"config={self.config}, head={self.head_options}"
