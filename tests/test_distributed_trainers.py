@@ -89,3 +89,27 @@ def test_fsdp2(one_process, tmp_path):
     assert logs["num_processes"] == 2 and logs["wrapper"].startswith("FSDP")
     assert logs["head_weight"] == "DTensor" and logs["head_is_fsdp_unit"]
     assert_same_logs(logs, one_process)
+
+
+def test_ddp_moe_router_loss(tmp_path):
+    """An MoE model (Qwen3-MoE, router loss on) under DDP: FastDPOTrainer takes the router logits from the same
+    wrapped forward that computes the head's statistics, and logs the same losses, ``aux_loss`` and metrics, and
+    ends with the same weights, as stock TRL and patched TRL in the same 2-process launch. The load-balancing loss
+    is computed per rank (in stock TRL too), so it is not compared with one process."""
+    logs = launch(tmp_path, "ddp_moe", accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                                  "--mixed_precision", "no", "--dynamo_backend", "no"),
+                  GLOBAL_BATCH // 2, ["moe"])
+    assert logs["num_processes"] == 2 and logs["wrapper"] == "DistributedDataParallel"
+    stock = logs["stock"]
+    assert len(stock) == 3 and all(entry["aux_loss"] > 0 for entry in stock)
+    assert stock[-1]["loss"] < 0.8 * stock[0]["loss"], "training should move the loss"
+    for trainer in ("fast", "patched"):
+        assert len(logs[trainer]) == 3
+        for step, (a, b) in enumerate(zip(logs[trainer], stock)):
+            assert a.keys() == b.keys()
+            for name in b:
+                assert a[name] == pytest.approx(b[name], rel=2e-4, abs=2e-5), f"{trainer}, step {step}: {name}"
+        ours, theirs = logs["params"][trainer], logs["params"]["stock"]
+        assert ours.keys() == theirs.keys() and ours
+        for name in theirs:
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-5), f"{trainer}: {name}"
