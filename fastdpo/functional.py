@@ -10,6 +10,7 @@ from . import _packing
 from . import _validate as check
 from . import _vocab_parallel
 from ._autograd import EXTRA_OUTPUTS, head
+from ._fast import resolve_memory
 from ._options import HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
@@ -18,7 +19,7 @@ __all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
 
 def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
                 temperature=1.0, backend="auto", extras=False, check_labels=True, names=None,
-                vocab_parallel=None) -> dict:
+                vocab_parallel=None, memory="lean") -> dict:
     """Per-token statistics of the fused head, each shaped like ``targets`` and 0 where ignored.
 
     Returns a dict: ``logp`` (differentiable w.r.t. hidden, weight, bias), ``mean_logit`` and, with
@@ -47,9 +48,14 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     vocab = vp.total if vp.group is not None else weight.shape[0]
     if check_labels and not torch.compiler.is_compiling():
         check.label_range(tn, targets, vocab, ignore_index)
+    memory = resolve_memory(memory)
+    if memory > 0 and vp.group is not None:
+        raise ValueError("memory='fast' (or a budget) is single-device: with vocab_parallel use memory='lean'")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        memory = 0.0  # no backward will read what the forward would keep
     opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=scale,
                        backend=resolved, extras=bool(extras), vocab_start=vp.start, vocab_total=vp.total,
-                       group=vp.group)
+                       group=vp.group, memory=memory)
     shape = targets.shape
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H).to(dtype)
@@ -64,7 +70,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
 
 
 def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
-                   temperature=1.0, backend="auto", vocab_parallel=None) -> torch.Tensor:
+                   temperature=1.0, backend="auto", vocab_parallel=None, memory="lean") -> torch.Tensor:
     """Per-token log-probabilities of the targets, without materializing the logits.
 
     ``z = hidden·weightᵀ + bias``; if ``softcap``: ``z = softcap·tanh(z/softcap)``;
@@ -86,6 +92,13 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
             ``hidden`` and ``targets`` (global token ids); the results are those of the whole head on every
             rank, the hidden gradient is summed over the ranks, the weight gradient is this rank's rows. A
             ``DTensor`` weight sharded on dim 0 over a 1-D mesh is split that way by itself. Default None.
+        memory: what the forward keeps for the backward. ``"lean"`` (default): nothing beyond ``O(tokens)``
+            statistics; the backward recomputes the logits (5 head-sized matmuls per DPO step with a
+            reference). ``"fast"``: every logit tile's ``exp(z − tile max)`` (in the inputs' dtype) and the tile
+            maxima (fp32), so the backward skips the recompute (4 matmuls), at about ``2·tokens·V`` bytes for
+            16-bit inputs (the torch backend keeps the fp32 logits, ``4·tokens·V``). A float: a budget in GiB; as
+            many vocabulary chunks (token chunks on the torch backend) as fit are kept, the rest recomputed.
+            Ignored when no gradient is needed; single-device (not with ``vocab_parallel``).
 
     Returns:
         fp32 (fp64 for fp64 inputs) log-probs shaped like ``targets``, 0 at ignored positions,
@@ -97,12 +110,12 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
     """
     return token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
-                       vocab_parallel=vocab_parallel)["logp"]
+                       vocab_parallel=vocab_parallel, memory=memory)["logp"]
 
 
 def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=-100, softcap=None,
                       logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None,
-                      cu_seqlens=None) -> torch.Tensor:
+                      cu_seqlens=None, memory="lean") -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens: ``π_s = Σ_t mask_st·logp_st``.
 
     Args:
@@ -129,7 +142,7 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
         offsets = _packing.check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
     logp = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
-                       names={"targets": "labels"}, vocab_parallel=vocab_parallel)["logp"]
+                       names={"targets": "labels"}, vocab_parallel=vocab_parallel, memory=memory)["logp"]
     seqs = _packing.Sequences(labels, offsets)
     total = seqs.sum(logp)
     if average:
@@ -213,7 +226,7 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
              beta=None, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
              backend="auto", config: LossConfig | None = None, vocab_parallel=None, cu_seqlens=None,
-             **loss_options) -> DPOOutput:
+             memory="lean", **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
 
     ``π_s = Σ_t mask_st·logp_st`` for the policy, ``ρ_s`` the same for the reference;
@@ -235,6 +248,7 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         ignore_index, softcap, logit_scale, temperature, backend, vocab_parallel: as in
             :func:`fused_logprobs`, applied to both heads (with ``vocab_parallel``, ``weight``, ``bias``,
             ``ref_weight`` and ``ref_bias`` are this rank's rows; every rank gets the same loss and metrics).
+        memory: as in :func:`fused_logprobs`, for the policy's head (the reference head needs no backward).
         config: a :class:`LossConfig`; or give its fields (``loss_type``, ``average_log_prob``, ...) as
             keyword arguments.
         cu_seqlens: padding-free input: ``[2B+1]`` int32/int64 offsets (flash-attn's varlen convention,
@@ -260,7 +274,7 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         # Check the split once for both heads (they share it and the labels).
         vocab_parallel = _vocab_parallel.with_vocab_size(vocab_parallel, labels)
     stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"},
-                        extras=config.needs_token_extras, vocab_parallel=vocab_parallel, **head)
+                        extras=config.needs_token_extras, vocab_parallel=vocab_parallel, memory=memory, **head)
     ref_token_logps = None
     if ref_hidden is not None:
         with torch.no_grad():
