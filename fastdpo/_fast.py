@@ -122,7 +122,10 @@ def _torch_forward(hidden, weight, bias, targets, opts: HeadOptions):
         out["mean_logit"][rows] = z.mean(1)
         if opts.extras:
             logsm = z - chunk_lse.unsqueeze(1)
-            out["entropy"][rows] = -(logsm.exp() * logsm).sum(1)
+            p = logsm.exp()
+            # p·log p → 0 for a masked (-inf) logit, its limit, instead of 0·(-inf) = NaN.
+            out["entropy"][rows] = -torch.where(p > 0, p * logsm, 0).sum(1)
+            del p
             out["log_sum_sq_probs"][rows] = torch.logsumexp(2 * logsm, dim=1)
             out["is_top1"][rows] = z.argmax(1) == y.squeeze(1)
             del logsm

@@ -107,7 +107,8 @@ def _logprob_fwd_kernel(
             beta = tl.exp(tile_ref - m_ref)
             s = s * alpha + tl.sum(e, axis=1) * beta
             if EXTRAS:
-                sz = sz * alpha + tl.sum(e * z_valid, axis=1) * beta
+                # p·z → 0 for a masked logit (e = 0, z = -inf), as in the lean branch.
+                sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1) * beta
                 s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1) * beta * beta
             else:
                 # Without the extras, these after e keep the kernel spill-free (116 spilled bytes the other way).

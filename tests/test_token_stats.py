@@ -306,11 +306,16 @@ def _masked_reference(hidden, weight, bias, labels, scale):
             "mean_logit": torch.where(mask, z.mean(-1), 0), "is_top1": (z.argmax(-1) == safe) & mask}
 
 
+@pytest.mark.parametrize("memory", ["lean", "fast", "part"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_minus_inf_logits_are_finite(backend, monkeypatch):
+def test_minus_inf_logits_are_finite(backend, memory, monkeypatch):
     """A bias of -inf on the first tile of a split, on a whole split (Triton; a whole chunk on torch) and on
-    scattered columns: log-probs, entropy and every gradient finite and equal to float64's."""
-    from fastdpo import _torch_path
+    scattered columns: log-probs, entropy and every gradient finite and equal to float64's, in lean mode, fast
+    mode (the backward reads the kept tiles) and with a budget that keeps part (Triton: columns 0-63, so the
+    masked split 2 is recomputed; torch: the first 16-row chunk of the 20 labelled tokens)."""
+    from fastdpo import _fast, _torch_path
+    from fastdpo._options import HeadOptions
+    from fastdpo.kernels import logprob_fast
 
     V = 80
     hidden, weight, labels = make_batch(dtype=torch.float64, seed=21, V=V)
@@ -334,9 +339,20 @@ def test_minus_inf_logits_are_finite(backend, monkeypatch):
     config = KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
                           dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16,
                           gh_block_h=16, gh_block_k=16, vocab_chunk=32, min_programs=9)
+    N = labels.numel()
+    if memory == "part":
+        if backend == "triton":
+            memory = logprob_fast.kept_bytes(N, 64, torch.float32, config) / 2 ** 30
+            assert logprob_fast.keep_columns(N, V, torch.float32, memory * 2 ** 30, config) == 64
+        else:
+            monkeypatch.setattr(_fast, "TORCH_CHUNK_ELEMENTS", 16 * V)
+            memory = 16 * V * 4 / 2 ** 30
+            kept_rows = _fast._torch_kept_rows(N, V, torch.float32, HeadOptions(memory=memory))
+            assert 0 < kept_rows < (labels != -100).sum()
     h, w, b = (t.float().requires_grad_() for t in (hidden, weight, bias))
     with use_config(config):
-        ours = fastdpo.token_stats(h, w, labels, bias=b, logit_scale=scale, backend=backend, extras=True)
+        ours = fastdpo.token_stats(h, w, labels, bias=b, logit_scale=scale, backend=backend, extras=True,
+                                   memory=memory)
         ours_g = torch.autograd.grad((ours["logp"] * upstream.float()).sum(), (h, w, b))
     for name in ("logp", "entropy", "log_sum_sq_probs"):
         assert torch.isfinite(ours[name]).all(), name
@@ -348,7 +364,7 @@ def test_minus_inf_logits_are_finite(backend, monkeypatch):
         assert rel_err(got, want) < 2e-5
     assert (ours_g[2][masked] == 0).all()
     out = fastdpo.dpo_loss(h.detach(), w.detach(), labels, bias=b.detach(), logit_scale=scale, backend=backend,
-                           reference_free=True, extra_metrics=True)
+                           reference_free=True, extra_metrics=True, memory=memory)
     assert torch.isfinite(out.loss) and torch.isfinite(out.metrics["entropy"])
 
 
