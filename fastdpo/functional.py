@@ -30,8 +30,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     scale = check.number("logit_scale", logit_scale) / check.number("temperature", temperature, positive=True)
     if not math.isfinite(scale):
         raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = check.integer("ignore_index", ignore_index)
     check.flag("extras", extras)
     check.flag("check_labels", check_labels)
     dtype = check.common_dtype(hidden, weight, hn, wn)
@@ -39,7 +38,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     # Under torch.compile the range check would be a data-dependent guard: it is skipped there.
     if check_labels and not torch.compiler.is_compiling():
         check.label_range(tn, targets, weight.shape[0], ignore_index)
-    opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=scale,
+    opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=float(scale),
                        backend=resolved, extras=bool(extras))
     shape = targets.shape
     H = hidden.shape[-1]
