@@ -61,6 +61,19 @@ def number(name, value, *, positive=False, allow_none=False):
     return float(value)
 
 
+def head_options(ignore_index, softcap, logit_scale, temperature, backend_name):
+    """The head's scalar options as ``(ignore_index, softcap, scale)`` Python numbers, ``scale`` =
+    ``logit_scale / temperature``; checked where they are given (a module checks them when built)."""
+    ignore_index = integer("ignore_index", ignore_index)
+    softcap = number("softcap", softcap, positive=True, allow_none=True)
+    scale = number("logit_scale", logit_scale) / number("temperature", temperature, positive=True)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
+    if not isinstance(backend_name, str) or backend_name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend_name!r}")
+    return ignore_index, softcap, scale
+
+
 def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="weight", targets_name="targets",
          bias_name="bias"):
     """Check one head's tensors; ``targets`` must be shaped like ``hidden.shape[:-1]``."""

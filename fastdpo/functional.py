@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _validate as check
@@ -25,12 +23,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     names = names or {}
     hn, wn, tn, bn = (names.get(k, k) for k in ("hidden", "weight", "targets", "bias"))
     check.head(hidden, weight, targets, bias, hidden_name=hn, weight_name=wn, targets_name=tn, bias_name=bn)
-    if softcap is not None:
-        check.number("softcap", softcap, positive=True)
-    scale = check.number("logit_scale", logit_scale) / check.number("temperature", temperature, positive=True)
-    if not math.isfinite(scale):
-        raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
-    ignore_index = check.integer("ignore_index", ignore_index)
+    ignore_index, softcap, scale = check.head_options(ignore_index, softcap, logit_scale, temperature, backend)
     check.flag("extras", extras)
     check.flag("check_labels", check_labels)
     dtype = check.common_dtype(hidden, weight, hn, wn)
@@ -38,7 +31,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     # Under torch.compile the range check would be a data-dependent guard: it is skipped there.
     if check_labels and not torch.compiler.is_compiling():
         check.label_range(tn, targets, weight.shape[0], ignore_index)
-    opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=float(scale),
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale,
                        backend=resolved, extras=bool(extras))
     shape = targets.shape
     H = hidden.shape[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import _validate as check
 from .functional import dpo_loss, loss_config
 from .losses import DPOOutput, LossConfig
 
@@ -28,6 +29,7 @@ class FusedLinearDPOLoss(nn.Module):
                  logit_scale=1.0, temperature=1.0, backend="auto", **loss_options):
         super().__init__()
         self.config = loss_config(beta, config, loss_options)
+        check.head_options(ignore_index, softcap, logit_scale, temperature, backend)  # refused here, not at the call
         self.head_options = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
                                  temperature=temperature, backend=backend)
 
