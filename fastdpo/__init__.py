@@ -4,6 +4,7 @@ Importing fastdpo never touches CUDA: the Triton kernels are imported on first u
 """
 
 from .functional import dpo_loss, fused_logprobs, sequence_logprobs, token_stats
+from ._options import VocabParallel
 from .losses import LOSS_TYPES, DPOOutput, LossConfig
 from .module import FusedLinearDPOLoss
 
@@ -18,4 +19,5 @@ __all__ = [
     "LossConfig",
     "LOSS_TYPES",
     "FusedLinearDPOLoss",
+    "VocabParallel",
 ]

@@ -4,7 +4,8 @@
 ``TRITON_INTERPRET=1``) or the chunked PyTorch backend, as the ``backend`` argument says. Being custom ops,
 ``torch.compile`` captures them as single opaque nodes whose output shapes never depend on the data (the
 compaction of the labelled tokens and its ``nonzero`` stay inside), so a compiled training step holds the loss
-in one graph. The options travel as primitive arguments.
+in one graph. The options travel as primitive arguments; a vocabulary-parallel head's process group by its
+name (see :mod:`fastdpo._merge`), its collectives running inside the ops.
 
 Double backward is refused: the gradients the head returns are not differentiable again, and a backward
 through them (``create_graph=True`` then a gradient penalty, say) raises a ``RuntimeError`` instead of silently
@@ -38,11 +39,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("fastdpo::head_forward", mutates_args=())
 def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
-                 softcap: Optional[float], scale: float, backend: str, extras: bool
+                 softcap: Optional[float], scale: float, backend: str, extras: bool, vocab_start: int = 0,
+                 vocab_total: int = -1, group: Optional[str] = None
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(logp, mean_logit, entropy, log_sum_sq_probs, is_top1, lse)``, each ``[N]`` (the extras ``[0]`` unless
-    ``extras``), 0 where ``targets == ignore_index``."""
-    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, backend=backend, extras=extras)
+    ``extras``), 0 where ``targets == ignore_index``. With a ``group``, ``weight`` holds the rows from global id
+    ``vocab_start`` of a ``vocab_total``-token head split over the group's ranks, and the outputs (``lse``
+    included) are those of the whole head."""
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, backend=backend, extras=extras,
+                       vocab_start=vocab_start, vocab_total=vocab_total, group=group)
     # The inputs already carry the compute dtype; autocast must not recast the inner matmuls.
     with torch.autocast(hidden.device.type, enabled=False):
         out, _ = _backend_module(opts).forward(hidden, weight, bias, targets, opts)
@@ -54,7 +59,8 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
 
 
 @head_forward.register_fake
-def _head_forward_fake(hidden, weight, bias, targets, ignore_index, softcap, scale, backend, extras):
+def _head_forward_fake(hidden, weight, bias, targets, ignore_index, softcap, scale, backend, extras, vocab_start=0,
+                       vocab_total=-1, group=None):
     N = hidden.shape[0]
     cd = _compute_dtype(hidden.dtype)
     n_extra = N if extras else 0
@@ -66,10 +72,13 @@ def _head_forward_fake(hidden, weight, bias, targets, ignore_index, softcap, sca
 @torch.library.custom_op("fastdpo::head_backward", mutates_args=())
 def head_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                   lse: Tensor, ignore_index: int, softcap: Optional[float], scale: float, backend: str,
-                  need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  need_hidden: bool, need_weight: bool, need_bias: bool, vocab_start: int = 0,
+                  group: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for ``(hidden, weight, bias)`` of ``Σ_t grad_logp_t·logp_t`` in their dtypes (``[0]`` where not
-    needed)."""
-    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, backend=backend)
+    needed). With a ``group`` (vocabulary-parallel, ``lse`` over the whole head) the hidden gradient is summed
+    over its ranks; the weight and bias gradients are this rank's rows."""
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, backend=backend,
+                       vocab_start=vocab_start, group=group)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     with torch.autocast(hidden.device.type, enabled=False):
         grads = _backend_module(opts).backward(hidden, weight, bias, targets, lse, grad_logp.contiguous(), opts,
@@ -79,7 +88,7 @@ def head_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optio
 
 @head_backward.register_fake
 def _head_backward_fake(grad_logp, hidden, weight, bias, targets, lse, ignore_index, softcap, scale, backend,
-                        need_hidden, need_weight, need_bias):
+                        need_hidden, need_weight, need_bias, vocab_start=0, group=None):
     # Both backends return contiguous gradients, whatever the inputs' strides.
     return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
@@ -87,8 +96,9 @@ def _head_backward_fake(grad_logp, hidden, weight, bias, targets, lse, ignore_in
 
 
 def _forward_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, softcap, scale, backend, extras = inputs
+    hidden, weight, bias, targets, ignore_index, softcap, scale, backend, extras, vocab_start, _, group = inputs
     ctx.options = (ignore_index, softcap, scale, backend)
+    ctx.parallel = (vocab_start, group)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, targets, output[5])
     ctx.mark_non_differentiable(*output[1:])
@@ -98,12 +108,13 @@ def _forward_setup(ctx, inputs, output):
 def _forward_backward(ctx, grad_logp, *_):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    n_inputs = 12
     if grad_logp is None or not (need_h or need_w or need_b):
-        return (None,) * 9
+        return (None,) * n_inputs
     gh, gw, gb = torch.ops.fastdpo.head_backward(grad_logp, hidden, weight, bias, targets, lse, *ctx.options,
-                                                 need_h, need_w, need_b and ctx.has_bias)
+                                                 need_h, need_w, need_b and ctx.has_bias, *ctx.parallel)
     return (gh if need_h else None, gw if need_w else None, gb if need_b and ctx.has_bias else None,
-            None, None, None, None, None, None)
+            *(None,) * (n_inputs - 3))
 
 
 torch.library.register_autograd("fastdpo::head_forward", _forward_backward, setup_context=_forward_setup)
@@ -131,5 +142,6 @@ def head(hidden, weight, bias, targets, opts: HeadOptions):
     its backward takes one coefficient per token straight to the kernel.
     """
     outs = torch.ops.fastdpo.head_forward(hidden, weight, bias, targets, opts.ignore_index, opts.softcap,
-                                          opts.scale, opts.backend, opts.extras)
+                                          opts.scale, opts.backend, opts.extras, opts.vocab_start,
+                                          opts.vocab_total, opts.group)
     return outs[:5]

@@ -13,13 +13,18 @@ writes, for every labelled token and piece, a partial record ``stats[k, piece, t
   piece's maximum, as a vocabulary id.
 
 :func:`merge` rescales the pieces to the overall max and sums them. The pieces may come from one device or,
-for a vocabulary-parallel head, from several ranks: the max is then an all-reduce(max) and the rescaled sums an
-all-reduce(sum) of the same records.
+for a vocabulary-parallel head, from several ranks: the max is then an all-reduce(max) of the ``[n]`` maxima and
+the rescaled sums one all-reduce(sum) of the packed ``[k, n]`` sums (see :func:`merge`). The backward of such a
+head sums the ranks' hidden gradients with :func:`all_reduce_sum`.
+
+The head's custom ops take plain arguments, so a process group travels into them by its name
+(``ProcessGroup.group_name``): :func:`group_name` records the group under it, :func:`resolve_group` finds it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 MAX, SUMEXP, TARGET, SUM, XSUMEXP, SQSUMEXP, ARGMAX = range(7)
 N_STATS, N_STATS_EXTRAS = 4, 7
@@ -48,7 +53,39 @@ def partial_stats(z: torch.Tensor, local_target: torch.Tensor, col0: int, extras
         out[ARGMAX] = (z.argmax(1) + col0).to(out.dtype)
 
 
-def merge(stats: torch.Tensor, vocab: int, extras: bool, targets: torch.Tensor) -> dict:
+# Process groups by name, as the custom ops receive them.
+_GROUPS: dict[str, "dist.ProcessGroup"] = {}
+
+
+def group_name(group) -> str:
+    """Record ``group`` (None: the default, world group) and return the name :func:`resolve_group` takes."""
+    if group is None:
+        group = dist.group.WORLD
+    name = group.group_name
+    _GROUPS[name] = group
+    return name
+
+
+def resolve_group(name: str | None):
+    """The process group recorded under ``name`` by :func:`group_name` (None for no group)."""
+    if name is None:
+        return None
+    try:
+        return _GROUPS[name]
+    except KeyError:
+        raise RuntimeError(f"fastdpo: no process group named {name!r} was recorded (pass it through "
+                           f"fastdpo.VocabParallel)") from None
+
+
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``t`` over ``group`` in place (nothing without a group or for an empty tensor, which every rank of a
+    vocabulary-parallel head has alike: the ranks share the labels)."""
+    if group is not None and t.numel():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def merge(stats: torch.Tensor, vocab: int, extras: bool, targets: torch.Tensor, group=None) -> dict:
     """Per-token statistics from the partial records ``stats [k, pieces, n]`` of a ``vocab``-token head.
 
     ``targets [n]`` are the tokens' target ids: one outside ``[0, vocab)`` (unchecked labels) matches no piece,
@@ -57,22 +94,47 @@ def merge(stats: torch.Tensor, vocab: int, extras: bool, targets: torch.Tensor) 
     Returns ``[n]`` tensors: ``lse`` (logsumexp), ``logp`` (target log-prob; NaN if any logit is NaN),
     ``mean_logit`` and, with ``extras``, ``entropy`` (``lse − Σ p·z``), ``log_sum_sq_probs``
     (``log Σ p² = log Σ e² − 2 log Σ e``) and ``argmax`` (the first index of the overall max).
+
+    With a process ``group`` the records are this rank's rows of a vocabulary-parallel head (``vocab`` is the
+    whole vocabulary, ``ARGMAX`` holds global ids, every rank has the same ``n`` tokens) and the merge spans
+    the ranks with two collectives: an all-reduce (max) of the ``[n]`` per-token maxima, then one all-reduce
+    (sum) of the sums rescaled to that max, packed ``[3 or 5 + world, n]``. The first argmax rides in the sum:
+    rank ``r`` writes its own first argmax into slot ``r`` where its max equals the global max and the sentinel
+    ``vocab`` elsewhere (0 in the other ranks' slots, so each slot's sum is exact); the smallest slot is the
+    first argmax overall, whatever the order of the ranks' ranges. Ids are exact in fp32 below 2²⁴.
     """
     m_split, s_split = stats[MAX], stats[SUMEXP]
-    m = m_split.amax(0)
+    m_local = m_split.amax(0)
+    m = m_local
+    if group is not None and m.numel():
+        m = m_local.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     ref = _finite_ref(m)
     w = torch.exp(m_split - ref)
-    s = (s_split * w).sum(0)
+    sums = [(s_split * w).sum(0), stats[TARGET].sum(0), stats[SUM].sum(0)]
+    if extras:
+        sums += [(stats[XSUMEXP] * w).sum(0), (stats[SQSUMEXP] * w * w).sum(0)]
+        # The pieces go left to right and argmax takes the first maximal one: the first argmax of this head.
+        best = m_split.argmax(0, keepdim=True)
+        argmax = stats[ARGMAX].gather(0, best).squeeze(0)
+        if group is not None:
+            slots = torch.zeros((dist.get_world_size(group), argmax.numel()), dtype=argmax.dtype,
+                                device=argmax.device)
+            slots[dist.get_rank(group)] = torch.where(m_local == m, argmax, torch.full_like(argmax, vocab))
+            sums += list(slots)
+    if group is not None:
+        packed = all_reduce_sum(torch.stack(sums), group)
+        sums = list(packed[:5 if extras else 3])
+        if extras:
+            argmax = packed[5:].amin(0)
+    s, target, zsum = sums[:3]
     lse = ref + torch.log(s)
-    zsum = stats[SUM].sum(0)
-    logp = stats[TARGET].sum(0) - lse
+    logp = target - lse
     logp = torch.where(torch.isnan(zsum), zsum, logp)
     logp = torch.where((targets < 0) | (targets >= vocab), torch.full_like(logp, float("nan")), logp)
     out = {"lse": lse, "logp": logp, "mean_logit": zsum / vocab}
     if extras:
-        out["entropy"] = lse - (stats[XSUMEXP] * w).sum(0) / s
-        out["log_sum_sq_probs"] = torch.log((stats[SQSUMEXP] * w * w).sum(0)) - 2 * torch.log(s)
-        # The pieces go left to right and argmax takes the first maximal one: the first argmax overall.
-        best = m_split.argmax(0, keepdim=True)
-        out["argmax"] = stats[ARGMAX].gather(0, best).squeeze(0)
+        out["entropy"] = lse - sums[3] / s
+        out["log_sum_sq_probs"] = torch.log(sums[4]) - 2 * torch.log(s)
+        out["argmax"] = argmax
     return out

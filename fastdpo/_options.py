@@ -20,6 +20,9 @@ class HeadOptions:
         scale: ``logit_scale / temperature``, applied after the softcap.
         backend: the resolved backend, ``"triton"`` or ``"torch"``.
         extras: also compute the entropy, ``log Σ_v p_v²`` and whether the target is the argmax.
+        vocab_start: the global id of the weight's first row (vocabulary-parallel head; 0 otherwise).
+        vocab_total: the whole vocabulary ``V`` (the weight's rows unless vocabulary-parallel; -1 for that).
+        group: the name of the vocabulary-parallel process group (see :mod:`fastdpo._merge`), or None.
     """
 
     ignore_index: int = -100
@@ -27,3 +30,60 @@ class HeadOptions:
     scale: float = 1.0
     backend: str = "torch"
     extras: bool = False
+    vocab_start: int = 0
+    vocab_total: int = -1
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """This rank's rows ``[start, stop)`` of a vocabulary-parallel (Megatron-style, transformers ``colwise``)
+    lm-head.
+
+    Every rank of ``group`` passes the same ``hidden`` and ``labels`` (global token ids) and its own rows of the
+    weight (and bias, reference weight and bias); the ranks' ranges must tile the vocabulary ``[0, V)``, in any
+    order and with any (uneven) sizes. Every rank gets the same per-token statistics, loss and metrics, the full
+    hidden gradient and the gradient of its own rows.
+
+    Collectives per head call: in the forward one all-reduce (max) of the ``[N]`` per-token maxima and one
+    all-reduce (sum) of the rescaled per-token statistics (``3`` values per token, ``5 + world size`` with the
+    extra metrics, which carry each rank's first argmax in its own slot); in the backward one all-reduce (sum)
+    of the fp32 hidden gradient. With ``vocab_size=None`` one more tiny collective per call gathers every
+    rank's ``(start, stop)``, checks that they tile ``[0, V)`` and finds ``V`` (for the label range check and
+    the mean logit); give ``vocab_size`` to skip it.
+
+    Attributes:
+        start: first vocabulary row held by this rank (``>= 0``).
+        stop: one past the last row held (``> start``); ``weight.shape[0]`` must be ``stop - start``.
+        group: the ``torch.distributed`` process group over which the vocabulary is split; None for the world.
+        vocab_size: the whole vocabulary ``V`` (``>= stop``), or None to find it with a collective.
+    """
+
+    start: int
+    stop: int
+    group: object = None
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"VocabParallel.{name} must be an int, got {value!r}")
+        if not 0 <= self.start < self.stop:
+            raise ValueError(f"VocabParallel needs 0 <= start < stop, got start={self.start}, stop={self.stop}")
+        if self.vocab_size is not None:
+            if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
+                raise TypeError(f"VocabParallel.vocab_size must be an int or None, got {self.vocab_size!r}")
+            if self.vocab_size < self.stop:
+                raise ValueError(f"VocabParallel.vocab_size must be >= stop={self.stop}, got {self.vocab_size}")
+        if self.group is not None:
+            import torch.distributed as dist
+
+            if not isinstance(self.group, dist.ProcessGroup):
+                raise TypeError(f"VocabParallel.group must be a torch.distributed.ProcessGroup or None (the "
+                                f"world), got {type(self.group).__name__}")
+
+    @property
+    def rows(self) -> int:
+        """The number of vocabulary rows held by this rank."""
+        return self.stop - self.start

@@ -78,14 +78,17 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
     chunks = _vocab_chunks(V)
     stats = torch.empty((_merge.N_STATS_EXTRAS if opts.extras else _merge.N_STATS, len(chunks), n), dtype=cd,
                         device=hidden.device)
+    # A vocabulary-parallel head holds the rows from global id vocab_start on.
     for c, (v0, v1) in enumerate(chunks):
         w, b = _cast(weight[v0:v1], bias[v0:v1] if bias is not None else None, cd)
         step = _rows_per_chunk(v1 - v0, weight.numel())
+        col0 = opts.vocab_start + v0
         for s in range(0, n, step):
             z, _ = _logits(hidden[idx[s:s + step]].to(cd), w, b, opts)
-            _merge.partial_stats(z, tgt[s:s + step] - v0, v0, opts.extras, stats[:, c, s:s + step])
+            _merge.partial_stats(z, tgt[s:s + step] - col0, col0, opts.extras, stats[:, c, s:s + step])
         del w, b
-    merged = _merge.merge(stats, V, opts.extras, tgt)
+    merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else V, opts.extras, tgt,
+                          _merge.resolve_group(opts.group))
 
     def scatter(values, dtype=cd):
         return torch.zeros(N, dtype=dtype, device=hidden.device).index_copy_(0, idx, values.to(dtype))
@@ -105,6 +108,8 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     ``d logp_t / d z_v = onehot(y_t)_v − softmax(z_t)_v``, times the upstream gradient, back through the scale
     and the softcap. The hidden gradient is summed over the vocabulary chunks in the compute dtype; each chunk's
     weight and bias gradient is complete when its chunk is done and is written once in the parameter dtype.
+    For a vocabulary-parallel head ``saved`` is the logsumexp over the whole vocabulary and the ranks' hidden
+    gradients are summed (one all-reduce of the labelled rows, in the compute dtype).
     """
     need_h, need_w, need_b = needs
     N, H = hidden.shape
@@ -128,7 +133,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
             z, t = _logits(x, w, b, opts)
             gs = g[s:e].unsqueeze(1)
             dz = z.sub_(lse[s:e].unsqueeze(1)).exp_().mul_(-gs)
-            local = tgt[s:e] - v0
+            local = tgt[s:e] - (opts.vocab_start + v0)
             inside = ((local >= 0) & (local < v1 - v0)).unsqueeze(1)
             dz.scatter_add_(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1), torch.where(inside, gs, 0))
             dz.mul_(opts.scale)
@@ -148,6 +153,8 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
         del w, b, gw, gb
     grad_h = None
     if need_h:
+        # A vocabulary-parallel head sums the ranks' hidden gradients here, once, before the cast.
+        _merge.all_reduce_sum(acc_h, _merge.resolve_group(opts.group))
         grad_h = torch.zeros((N, H), dtype=hidden.dtype, device=hidden.device).index_copy_(0, idx,
                                                                                           acc_h.to(hidden.dtype))
     return grad_h, grad_w, grad_b

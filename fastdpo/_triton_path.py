@@ -46,10 +46,17 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
     N = hidden.shape[0]
     bias = _unit_stride(bias)
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
-    stats = logprob_fwd.logprob_forward(hidden, weight, bias, rows, tgt, nv, softcap=opts.softcap, scale=opts.scale,
-                                        extras=opts.extras, config=_config(hidden))
-    # Columns past nv were never written: where() keeps them (NaN or not) out of the outputs.
-    merged = _merge.merge(stats, weight.shape[0], opts.extras, tgt)
+    # A vocabulary-parallel head's rows start at global id vocab_start: the kernels see local ids (a target
+    # outside this rank's rows matches no column).
+    stats = logprob_fwd.logprob_forward(hidden, weight, bias, rows, tgt - opts.vocab_start, nv,
+                                        softcap=opts.softcap, scale=opts.scale, extras=opts.extras,
+                                        config=_config(hidden))
+    if opts.extras and opts.vocab_start:
+        stats[_merge.ARGMAX] += opts.vocab_start
+    # Columns past nv were never written: where() keeps them (NaN or not) out of the outputs; across ranks
+    # their garbage is reduced alike and dropped alike.
+    merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else weight.shape[0], opts.extras, tgt,
+                          _merge.resolve_group(opts.group))
 
     def scatter(values):
         out = torch.zeros(N, dtype=values.dtype, device=hidden.device)
@@ -70,7 +77,12 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     zero = torch.zeros((), device=hidden.device)
     lse = torch.where(valid, saved.to(torch.float32).gather(0, rows), zero)
     g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), zero)
-    gh, gw, gb = logprob_bwd.logprob_backward(hidden, weight, bias, rows, tgt, nv, lse.contiguous(), g.contiguous(),
-                                              softcap=opts.softcap, scale=opts.scale, needs=needs,
-                                              config=_config(hidden))
+    group = _merge.resolve_group(opts.group)
+    # Across ranks the hidden gradient is summed in fp32, then cast once.
+    gh, gw, gb = logprob_bwd.logprob_backward(hidden, weight, bias, rows, tgt - opts.vocab_start, nv,
+                                              lse.contiguous(), g.contiguous(), softcap=opts.softcap,
+                                              scale=opts.scale, needs=needs, config=_config(hidden),
+                                              grad_x_dtype=torch.float32 if group is not None else None)
+    if gh is not None and group is not None:
+        gh = _merge.all_reduce_sum(gh, group).to(hidden.dtype)
     return gh, gw, gb

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
+from . import _vocab_parallel
 from ._autograd import EXTRA_OUTPUTS, head
 from ._options import HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
@@ -13,15 +14,20 @@ __all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
 
 
 def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
-                temperature=1.0, backend="auto", extras=False, check_labels=True, names=None) -> dict:
+                temperature=1.0, backend="auto", extras=False, check_labels=True, names=None,
+                vocab_parallel=None) -> dict:
     """Per-token statistics of the fused head, each shaped like ``targets`` and 0 where ignored.
 
     Returns a dict: ``logp`` (differentiable w.r.t. hidden, weight, bias), ``mean_logit`` and, with
-    ``extras=True``, ``entropy``, ``log_sum_sq_probs`` (``log Σ_v p_v²``) and ``is_top1``. See
-    :func:`fused_logprobs` for the arguments; ``names`` renames the arguments in error messages.
+    ``extras=True``, ``entropy``, ``log_sum_sq_probs`` (``log Σ_v p_v²``) and ``is_top1``, all over the whole
+    vocabulary also for a vocabulary-parallel head. See :func:`fused_logprobs` for the arguments; ``names``
+    renames the arguments in error messages.
     """
     names = names or {}
     hn, wn, tn, bn = (names.get(k, k) for k in ("hidden", "weight", "targets", "bias"))
+    vp = _vocab_parallel.resolve(weight, bias, targets, vocab_parallel, weight_name=wn, bias_name=bn,
+                                 labels_name=tn)
+    weight, bias = vp.weight, vp.bias
     check.head(hidden, weight, targets, bias, hidden_name=hn, weight_name=wn, targets_name=tn, bias_name=bn)
     ignore_index, softcap, scale = check.head_options(ignore_index, softcap, logit_scale, temperature, backend)
     check.flag("extras", extras)
@@ -29,10 +35,12 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     dtype = check.common_dtype(hidden, weight, hn, wn)
     resolved = check.backend(backend, hidden.device, dtype)
     # Under torch.compile the range check would be a data-dependent guard: it is skipped there.
+    vocab = vp.total if vp.group is not None else weight.shape[0]
     if check_labels and not torch.compiler.is_compiling():
-        check.label_range(tn, targets, weight.shape[0], ignore_index)
+        check.label_range(tn, targets, vocab, ignore_index)
     opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale,
-                       backend=resolved, extras=bool(extras))
+                       backend=resolved, extras=bool(extras), vocab_start=vp.start, vocab_total=vp.total,
+                       group=vp.group)
     shape = targets.shape
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H).to(dtype)
@@ -47,7 +55,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
 
 
 def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
-                   temperature=1.0, backend="auto") -> torch.Tensor:
+                   temperature=1.0, backend="auto", vocab_parallel=None) -> torch.Tensor:
     """Per-token log-probabilities of the targets, without materializing the logits.
 
     ``z = hidden·weightᵀ + bias``; if ``softcap``: ``z = softcap·tanh(z/softcap)``;
@@ -64,6 +72,11 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
         temperature: divisor of the logits. Default 1.
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"`` (CUDA, or CPU with
             ``TRITON_INTERPRET=1``) or ``"torch"``.
+        vocab_parallel: a :class:`fastdpo.VocabParallel` when ``weight`` (and ``bias``) are this rank's rows
+            ``[start, stop)`` of a head split over the ranks of a process group, which all pass the same
+            ``hidden`` and ``targets`` (global token ids); the results are those of the whole head on every
+            rank, the hidden gradient is summed over the ranks, the weight gradient is this rank's rows. A
+            ``DTensor`` weight sharded on dim 0 over a 1-D mesh is split that way by itself. Default None.
 
     Returns:
         fp32 (fp64 for fp64 inputs) log-probs shaped like ``targets``, 0 at ignored positions,
@@ -74,11 +87,12 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
     out-of-range target then yields a log-prob of NaN. Integer targets narrower than int32 are widened.
     """
     return token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
-                       logit_scale=logit_scale, temperature=temperature, backend=backend)["logp"]
+                       logit_scale=logit_scale, temperature=temperature, backend=backend,
+                       vocab_parallel=vocab_parallel)["logp"]
 
 
 def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=-100, softcap=None,
-                      logit_scale=1.0, temperature=1.0, backend="auto") -> torch.Tensor:
+                      logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None) -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens: ``π_s = Σ_t mask_st·logp_st``.
 
     Args:
@@ -96,7 +110,7 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     check.flag("average", average)
     logp = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
-                       names={"targets": "labels"})["logp"]
+                       names={"targets": "labels"}, vocab_parallel=vocab_parallel)["logp"]
     total = logp.sum(-1)
     if average:
         total = total / (labels != ignore_index).sum(-1).clamp(min=1)
@@ -170,7 +184,7 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
 
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
              beta=None, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
-             backend="auto", config: LossConfig | None = None, **loss_options) -> DPOOutput:
+             backend="auto", config: LossConfig | None = None, vocab_parallel=None, **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
 
     ``π_s = Σ_t mask_st·logp_st`` for the policy, ``ρ_s`` the same for the reference;
@@ -189,8 +203,9 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         beta: the DPO temperature β. Default 0.1, or ``config.beta`` with a config; a ``beta`` that differs
             from ``config.beta`` raises a ``ValueError`` (give it in one place).
         bias, ref_bias: optional ``[V]`` lm-head biases.
-        ignore_index, softcap, logit_scale, temperature, backend: as in :func:`fused_logprobs`, applied
-            to both heads.
+        ignore_index, softcap, logit_scale, temperature, backend, vocab_parallel: as in
+            :func:`fused_logprobs`, applied to both heads (with ``vocab_parallel``, ``weight``, ``bias``,
+            ``ref_weight`` and ``ref_bias`` are this rank's rows; every rank gets the same loss and metrics).
         config: a :class:`LossConfig`; or give its fields (``loss_type``, ``average_log_prob``, ...) as
             keyword arguments.
 
@@ -204,13 +219,17 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
                       needs_reference=config.needs_reference)
     head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature,
                 backend=backend)
+    if vocab_parallel is not None and ref_hidden is not None:
+        # Check the split once for both heads (they share it and the labels).
+        vocab_parallel = _vocab_parallel.with_vocab_size(vocab_parallel, labels)
     stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"},
-                        extras=config.needs_token_extras, **head)
+                        extras=config.needs_token_extras, vocab_parallel=vocab_parallel, **head)
     ref_token_logps = None
     if ref_hidden is not None:
         with torch.no_grad():
             ref_token_logps = token_stats(ref_hidden, ref_weight, labels, bias=ref_bias, check_labels=False,
                                           names={"hidden": "ref_hidden", "weight": "ref_weight",
-                                                 "targets": "labels", "bias": "ref_bias"}, **head)["logp"]
+                                                 "targets": "labels", "bias": "ref_bias"},
+                                          vocab_parallel=vocab_parallel, **head)["logp"]
     return compute_dpo_loss(stats, labels != ignore_index, config, ref_token_logps=ref_token_logps,
                             ref_logps=ref_logps, reference_free=reference_free)

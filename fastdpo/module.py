@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import _validate as check
+from . import _vocab_parallel
 from .functional import dpo_loss, loss_config
 from .losses import DPOOutput, LossConfig
 
@@ -22,16 +23,19 @@ class FusedLinearDPOLoss(nn.Module):
         beta: the DPO temperature. Default 0.1 (``config.beta`` with a config; a different ``beta`` raises).
         config: a :class:`fastdpo.LossConfig`, instead of its fields as keywords.
         ignore_index, softcap, logit_scale, temperature, backend: head options, see :func:`fastdpo.fused_logprobs`.
+        vocab_parallel: a :class:`fastdpo.VocabParallel` when the weights passed to ``forward`` are this rank's
+            rows of a vocabulary-parallel head (see :func:`fastdpo.dpo_loss`). Default None.
         **loss_options: other fields of :class:`fastdpo.LossConfig` (``loss_type``, ...), checked here.
     """
 
     def __init__(self, beta=None, *, config: LossConfig | None = None, ignore_index=-100, softcap=None,
-                 logit_scale=1.0, temperature=1.0, backend="auto", **loss_options):
+                 logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None, **loss_options):
         super().__init__()
         self.config = loss_config(beta, config, loss_options)
         check.head_options(ignore_index, softcap, logit_scale, temperature, backend)  # refused here, not at the call
+        _vocab_parallel._checked_type(vocab_parallel)
         self.head_options = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
-                                 temperature=temperature, backend=backend)
+                                 temperature=temperature, backend=backend, vocab_parallel=vocab_parallel)
 
     def forward(self, hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
                 reference_free=False, bias=None, ref_bias=None) -> DPOOutput:

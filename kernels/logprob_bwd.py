@@ -143,7 +143,7 @@ def _grad_hidden_kernel(
 
 
 def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, scale, needs,
-                     config: KernelConfig):
+                     config: KernelConfig, grad_x_dtype=None):
     """Launch the backward.
 
     Args:
@@ -151,10 +151,11 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
         lse: ``[N]`` fp32 logsumexp of each entry of ``rows`` (first ``nv`` valid).
         grad: ``[N]`` fp32 upstream gradient of each entry's log-prob.
         needs: which of (hidden, weight, bias) gradients to produce.
+        grad_x_dtype: the dtype of ``grad_x`` (default ``x.dtype``; fp32 for a sum over ranks).
 
     Returns:
         ``(grad_x [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None)`` in the inputs'
-        dtypes; rows of ``grad_x`` that are not labelled are 0.
+        dtypes (``grad_x`` in ``grad_x_dtype``); rows of ``grad_x`` that are not labelled are 0.
     """
     need_x, need_w, need_b = needs
     N, H = x.shape
@@ -162,7 +163,7 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
     dev = x.device
     cfg = config
     flags = dict(DOT_F32=dot_in_fp32(x), INPUT_PRECISION=input_precision(x.dtype))
-    grad_x = torch.zeros((N, H), dtype=x.dtype, device=dev) if need_x else None
+    grad_x = torch.zeros((N, H), dtype=grad_x_dtype or x.dtype, device=dev) if need_x else None
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
     grad_b = torch.empty((V,), dtype=bias.dtype, device=dev) if need_b else None
     if N == 0:
@@ -172,7 +173,7 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
     # Across several chunks the hidden gradient is summed in fp32; the output is that buffer for fp32.
     acc = None
     if need_x and n_chunks > 1:
-        acc = grad_x if x.dtype == torch.float32 else torch.empty((N, H), dtype=torch.float32, device=dev)
+        acc = grad_x if grad_x.dtype == torch.float32 else torch.empty((N, H), dtype=torch.float32, device=dev)
     # fp16 tops out at 65504, and a loss scaler's upstream gradient (65536) times the logit gradient passes it
     # while the true gradients are small. For fp16 the workspace holds dZ / G, G a power of two >= max|g·scale|
     # (so |dZ / G| <= 1), and the GEMMs multiply G back in fp32. bf16 and fp32 have fp32's range: unchanged.

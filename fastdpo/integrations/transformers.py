@@ -14,7 +14,9 @@ These models apply their scale *before* the softcap (``c·tanh(s·z/c)``) while 
 (``s·c'·tanh(z/c')``); the two agree exactly with ``c' = c/|s|``, which :func:`lm_head_spec` returns.
 
 Works with a PEFT-wrapped model (LoRA-style adapters injected into the layers) and, for the reference,
-with the same model with its adapter disabled (``ref_model="disable_adapter"``).
+with the same model with its adapter disabled (``ref_model="disable_adapter"``). A model loaded with a
+tensor-parallel ``tp_plan`` has a ``DTensor`` lm-head sharded over the vocabulary: the head is then
+vocabulary-parallel by itself (see :class:`fastdpo.VocabParallel`), without a gather.
 """
 
 from __future__ import annotations
