@@ -128,12 +128,14 @@ def label_range(name, labels, vocab, ignore_index):
 
 
 def common_dtype(hidden, weight, hidden_name="hidden", weight_name="weight"):
-    """The dtype the head computes in: the inputs' own, or the autocast dtype when they differ under autocast."""
+    """The dtype the head computes in: under ``torch.autocast`` the autocast dtype, as ``F.linear`` (the lm-head
+    stock TRL and transformers run) would cast to (fp64 inputs excepted, which autocast leaves alone); otherwise
+    the inputs' own, which must then agree."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
+        return torch.get_autocast_dtype(dev)
     if hidden.dtype == weight.dtype:
         return hidden.dtype
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
     raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype "
                     f"(or run under torch.autocast)")
 

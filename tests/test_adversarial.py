@@ -170,3 +170,20 @@ def test_causal_lm_dpo_loss_checks_its_batch_and_options():
     out = causal_lm_dpo_loss(model, ids, labels, mask.bool(), reference_free=True, beta=0.1,
                              config=fastdpo.LossConfig(beta=0.1))
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_autocast_computes_in_the_autocast_dtype_like_a_linear(backend):
+    """Under torch.autocast the head computes in the autocast dtype as F.linear would, also when hidden states
+    and weight are both fp32 (mixed-precision training of fp32 weights: stock TRL's lm-head runs in bf16 there;
+    an fp32 head would be slower and differ from its bf16 reference pass). fp64 inputs stay fp64, as autocast
+    leaves them."""
+    t = _inputs()
+    h, w, y = t["hidden"], t["weight"], t["labels"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastdpo.fused_logprobs(h, w, y, backend=backend)
+        got64 = fastdpo.fused_logprobs(h.double(), w.double(), y, backend="torch")
+    want = fastdpo.fused_logprobs(h.bfloat16(), w.bfloat16(), y, backend=backend)
+    assert torch.equal(got, want)
+    assert got64.dtype == torch.float64
+    assert rel_err(got64, fastdpo.fused_logprobs(h.double(), w.double(), y, backend="torch")) == 0
