@@ -63,7 +63,8 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
 
     Args:
         hidden: ``[..., H]`` hidden states (bf16, fp16, fp32; fp64 on the torch backend).
-        weight: ``[V, H]`` lm-head weight, same dtype as ``hidden`` (or any dtypes under autocast).
+        weight: ``[V, H]`` lm-head weight, same dtype as ``hidden``. Under ``torch.autocast`` any float dtypes:
+            the head computes in the autocast dtype, as ``F.linear`` would (fp64 inputs are left in fp64).
         targets: integer token ids shaped ``hidden.shape[:-1]``, in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` lm-head bias.
         ignore_index: targets with this value are skipped: never projected, log-prob 0.
