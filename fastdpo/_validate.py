@@ -127,12 +127,19 @@ def label_range(name, labels, vocab, ignore_index):
                          f"found {example}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): never under autocast
+        return False
+
+
 def common_dtype(hidden, weight, hidden_name="hidden", weight_name="weight"):
     """The dtype the head computes in: under ``torch.autocast`` the autocast dtype, as ``F.linear`` (the lm-head
     stock TRL and transformers run) would cast to (fp64 inputs excepted, which autocast leaves alone); otherwise
     the inputs' own, which must then agree."""
     dev = hidden.device.type
-    if torch.is_autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
+    if _autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
         return torch.get_autocast_dtype(dev)
     if hidden.dtype == weight.dtype:
         return hidden.dtype
