@@ -12,8 +12,10 @@ import torch
 from fastdpo import _validate
 from fastdpo.bench.competitors import get_implementations, make_inputs
 
-# fastdpo per backend, then every competitor; a case that cannot run here is skipped with its reason.
-CASES = ("fastdpo[torch]", "fastdpo[triton]", "naive", "trl", "liger", "cce")
+# fastdpo per backend and memory mode (lean; fast keeps what the backward needs), then every competitor; a case
+# that cannot run here is skipped with its reason.
+CASES = ("fastdpo[torch]", "fastdpo[triton]", "fastdpo-fast[torch]", "fastdpo-fast[triton]", "naive", "trl", "liger",
+         "cce")
 PHASES = ("forward", "backward", "step")
 
 
@@ -27,8 +29,8 @@ def build(case, size, dtype=None):
     device = device_for(case)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     impl = get_implementations([case])[0]
-    if case == "fastdpo[triton]" and device.type == "cpu" and not _validate.interpreting():
-        pytest.skip("fastdpo[triton] needs CUDA or TRITON_INTERPRET=1")
+    if case.endswith("[triton]") and device.type == "cpu" and not _validate.interpreting():
+        pytest.skip(f"{case} needs CUDA or TRITON_INTERPRET=1")
     reason = impl.unavailable_reason(device, dtype)
     if reason:
         pytest.skip(f"{case}: {reason}")

@@ -2,7 +2,8 @@
 
 The CPU test suite runs the kernels through the interpreter; this runs the compiled kernels at odd
 shapes (H, V, T not multiples of any block) in fp32, bf16 and fp16, with a softcap, a bias and ignored
-tokens, against a float64 reference on the same device, every gradient included; then the cases only
+tokens, in lean mode, fast mode and a GiB budget that keeps part of the vocabulary, against a float64
+reference on the same device, every gradient included; then the cases only
 a GPU can hold: a weight and a hidden-state tensor of more than 2^31 elements (int64 offsets),
 bit-identical reruns, and an all-ignored batch. ``tiny=True`` shrinks everything so the same code can
 be smoke-tested on CPU through the interpreter.
@@ -37,7 +38,7 @@ def _stats_and_grads(fn, hidden, weight, bias, labels, upstream, head, dtype):
     h = hidden.to(dtype).requires_grad_()
     w = weight.to(dtype).requires_grad_()
     b = bias.to(dtype).requires_grad_() if head.get("bias") else None
-    kw = {k: v for k, v in head.items() if k != "bias"}
+    kw = {k: v for k, v in head.items() if k != "bias" and (fn is _ours or k != "memory")}
     stats = fn(h, w, labels, b, kw)
     grads = torch.autograd.grad((stats["logp"] * upstream.to(stats["logp"].dtype)).sum(),
                                 [t for t in (h, w, b) if t is not None])
@@ -46,6 +47,18 @@ def _stats_and_grads(fn, hidden, weight, bias, labels, upstream, head, dtype):
 
 def _ours(h, w, labels, b, kw):
     return fastdpo.token_stats(h, w, labels, bias=b, backend="triton", extras=True, **kw)
+
+
+def _half_budget_gib(hidden, weight, dtype):
+    """A ``memory`` budget that keeps about half of the vocabulary's chunks (the rest recomputed)."""
+    from fastdpo import _triton_path
+    from fastdpo.kernels import logprob_fast
+
+    config = _triton_path._config(hidden.to(dtype))
+    N, V = hidden.shape[0] * hidden.shape[1], weight.shape[0]
+    chunk = min(config.vocab_chunk, V)
+    keep = max(chunk, (V // 2) // chunk * chunk)
+    return logprob_fast.kept_bytes(N, keep, dtype, config) / 2 ** 30
 
 
 def _reference(h, w, labels, b, kw):
@@ -77,16 +90,20 @@ def check_odd_shapes(device, tiny):
         for dtype, (logp_tol, grad_tol) in tolerances.items():
             rounded = [t.to(dtype).double() for t in (hidden, weight, bias)]
             ref, ref_g = _stats_and_grads(_reference, *rounded, labels, upstream, head, torch.float64)
-            ours, ours_g = _stats_and_grads(_ours, hidden, weight, bias, labels, upstream, head, dtype)
-            errs = {name: _abs(ours[name], ref[name]) for name in STATS}
-            grad_err = max(_rel(a, b) for a, b in zip(ours_g, ref_g))
-            top1 = bool(torch.equal(ours["is_top1"], ref["is_top1"]))
-            finite = all(bool(torch.isfinite(ours[n]).all()) for n in STATS)
-            good = finite and max(errs.values()) <= logp_tol and grad_err <= grad_tol and top1
-            ok &= good
-            lines.append(f"{head_name} {str(dtype).split('.')[-1]}: logp err {errs['logp']:.1e}, extras err "
-                         f"{max(errs[n] for n in STATS[1:]):.1e} (tol {logp_tol:.0e}), grad rel err {grad_err:.1e} "
-                         f"(tol {grad_tol:.1e}), top1 {'ok' if top1 else 'DIFFERS'}: {'PASS' if good else 'FAIL'}")
+            for memory in ("lean", "fast", _half_budget_gib(hidden, weight, dtype)):
+                mode = memory if isinstance(memory, str) else f"{memory * 1024:.3g} MiB budget"
+                ours, ours_g = _stats_and_grads(_ours, hidden, weight, bias, labels, upstream,
+                                                dict(head, memory=memory), dtype)
+                errs = {name: _abs(ours[name], ref[name]) for name in STATS}
+                grad_err = max(_rel(a, b) for a, b in zip(ours_g, ref_g))
+                top1 = bool(torch.equal(ours["is_top1"], ref["is_top1"]))
+                finite = all(bool(torch.isfinite(ours[n]).all()) for n in STATS)
+                good = finite and max(errs.values()) <= logp_tol and grad_err <= grad_tol and top1
+                ok &= good
+                lines.append(f"{head_name} {str(dtype).split('.')[-1]} {mode}: logp err {errs['logp']:.1e}, extras "
+                             f"err {max(errs[n] for n in STATS[1:]):.1e} (tol {logp_tol:.0e}), grad rel err "
+                             f"{grad_err:.1e} (tol {grad_tol:.1e}), top1 {'ok' if top1 else 'DIFFERS'}: "
+                             f"{'PASS' if good else 'FAIL'}")
     return ok, lines
 
 
@@ -157,11 +174,82 @@ def check_determinism_and_empty(device, tiny):
                             f"{'PASS' if zeros else 'FAIL'}"]
 
 
+def check_packed(device, tiny):
+    """Packed (padding-free) DPO against the same sequences padded, and a loss reduction without host syncs."""
+    import os
+
+    from fastdpo.losses import LossConfig, compute_dpo_loss
+
+    rows, T, H, V = (4, 9, 19, 53) if tiny else (8, 515, 2049, 32003)
+    hidden, weight, _, labels = _batch(rows, T, H, V, device, seed=6)
+    # Odd rows end in T//5 ignored tokens: here they are padding, absent from the packed stream.
+    lengths = [T if r % 2 == 0 else T - T // 5 for r in range(rows)]
+    cu = torch.tensor([0] + [sum(lengths[:r + 1]) for r in range(rows)], device=device, dtype=torch.int32)
+    lines, ok = [], True
+    for dtype in (torch.float32, torch.bfloat16):
+        ref_hidden = (hidden * 0.9).to(dtype)
+        results = []
+        for packed in (False, True):
+            h = hidden.to(dtype)
+            r, y = ref_hidden, labels
+            if packed:
+                h = torch.cat([h[i, :n] for i, n in enumerate(lengths)])
+                r = torch.cat([r[i, :n] for i, n in enumerate(lengths)])
+                y = torch.cat([y[i, :n] for i, n in enumerate(lengths)])
+            h = h.requires_grad_()
+            w = weight.to(dtype).requires_grad_()
+            out = fastdpo.dpo_loss(h, w, y, ref_hidden=r, ref_weight=w.detach(), backend="triton",
+                                   loss_type=["sigmoid", "ipo"], ld_alpha=0.5, use_weighting=True,
+                                   cu_seqlens=cu if packed else None)
+            gh, gw = torch.autograd.grad(out.loss, (h, w))
+            if packed:
+                gh = torch.stack([torch.nn.functional.pad(gh[cu[i]:cu[i + 1]], (0, 0, 0, T - n))
+                                  for i, n in enumerate(lengths)])
+            results.append((out, gh, gw))
+        (a, gha, gwa), (b, ghb, gwb) = results
+        errs = {"loss": _rel(b.loss, a.loss), "logps": _rel(torch.cat([b.chosen_logps, b.rejected_logps]),
+                                                             torch.cat([a.chosen_logps, a.rejected_logps])),
+                "grad-h": _rel(ghb, gha), "grad-W": _rel(gwb, gwa)}
+        good = all(e <= 1e-4 for e in errs.values())
+        ok &= good
+        lines.append(f"{str(dtype).replace('torch.', '')} packed vs padded: "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" {'PASS' if good else 'FAIL'}")
+    # The per-sequence reductions, the loss formulas and their backward on the packed stream, with CUDA's sync
+    # debugging set to raise on any host synchronisation (offset value checks off, as FASTDPO_CHECK_LABELS=0 does).
+    L = int(cu[-1])
+    g = torch.Generator(device="cpu").manual_seed(7)
+    logp = (-torch.rand(L, generator=g)).to(device).requires_grad_()
+    stats = {"logp": logp, "mean_logit": torch.zeros(L, device=device), "entropy": torch.zeros(L, device=device),
+             "is_top1": torch.zeros(L, dtype=torch.bool, device=device),
+             "log_sum_sq_probs": torch.zeros(L, device=device)}
+    mask = torch.rand(L, generator=g).to(device) > 0.3
+    config = LossConfig(loss_type=["sigmoid", "ipo", "sft", "simpo"], use_weighting=True, extra_metrics=True)
+    previous = os.environ.get("FASTDPO_CHECK_LABELS")
+    os.environ["FASTDPO_CHECK_LABELS"] = "0"
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = compute_dpo_loss(stats, mask, config, ref_token_logps=torch.zeros(L, device=device), cu_seqlens=cu)
+        out.loss.backward()
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        if previous is None:
+            del os.environ["FASTDPO_CHECK_LABELS"]
+        else:
+            os.environ["FASTDPO_CHECK_LABELS"] = previous
+    lines.append("packed loss reductions and backward without a host sync: "
+                 + ("PASS" if device == "cuda" else "not checked off CUDA (ran)"))
+    return ok, lines
+
+
 CHECKS = {
     "odd shapes vs float64": check_odd_shapes,
     "weight > 2^31 elements": check_large_weight,
     "hidden > 2^31 elements": check_large_hidden,
     "determinism, empty batch": check_determinism_and_empty,
+    "packed (padding-free) vs padded": check_packed,
 }
 
 
@@ -181,3 +269,31 @@ def run_checks(device="cuda", tiny=False):
         out.append(f"- **{name}** ({time.perf_counter() - t0:.1f} s): {'PASS' if ok else 'FAIL'}")
         out += [f"  - {line}" if not line.startswith(("`", "  ")) else line for line in lines]
     return all_ok, out
+
+
+def main(argv=None) -> int:
+    """``python3 benchmarks/gpu_checks.py [--device cpu --tiny]``: the checks alone; ``$OUT/gpu_checks.md``."""
+    import argparse
+    import os
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_checks.py: no CUDA device", file=sys.stderr)
+        return 2
+    ok, lines = run_checks(args.device, tiny=args.tiny)
+    text = "\n".join(["## Correctness checks (benchmarks/gpu_checks.py)", ""] + lines) + "\n"
+    print(text, flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "gpu_checks.md"), "w") as f:
+            f.write(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

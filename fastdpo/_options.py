@@ -23,6 +23,8 @@ class HeadOptions:
         vocab_start: the global id of the weight's first row (vocabulary-parallel head; 0 otherwise).
         vocab_total: the whole vocabulary ``V`` (the weight's rows unless vocabulary-parallel; -1 for that).
         group: the name of the vocabulary-parallel process group (see :mod:`fastdpo._merge`), or None.
+        memory: what the forward may keep for the backward, in GiB (see :mod:`fastdpo._fast`): 0 nothing (lean:
+            the backward recomputes the logits), ``inf`` everything it needs (fast), else a budget.
     """
 
     ignore_index: int = -100
@@ -33,6 +35,7 @@ class HeadOptions:
     vocab_start: int = 0
     vocab_total: int = -1
     group: str | None = None
+    memory: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -41,16 +41,19 @@ def _unit_stride(bias):
     return bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
 
 
-def forward(hidden, weight, bias, targets, opts: HeadOptions):
-    """As :func:`fastdpo._torch_path.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp."""
+def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None):
+    """As :func:`fastdpo._torch_path.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp.
+
+    ``launch`` replaces the forward kernel's launcher (same arguments and record; fast mode's also keeps tiles).
+    """
     N = hidden.shape[0]
     bias = _unit_stride(bias)
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
     # A vocabulary-parallel head's rows start at global id vocab_start: the kernels see local ids (a target
     # outside this rank's rows matches no column).
-    stats = logprob_fwd.logprob_forward(hidden, weight, bias, rows, tgt - opts.vocab_start, nv,
-                                        softcap=opts.softcap, scale=opts.scale, extras=opts.extras,
-                                        config=_config(hidden))
+    stats = (launch or logprob_fwd.logprob_forward)(hidden, weight, bias, rows, tgt - opts.vocab_start, nv,
+                                                    softcap=opts.softcap, scale=opts.scale, extras=opts.extras,
+                                                    config=_config(hidden))
     if opts.extras and opts.vocab_start:
         stats[_merge.ARGMAX] += opts.vocab_start
     # Columns past nv were never written: where() keeps them (NaN or not) out of the outputs; across ranks

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from . import _packing
 from . import _validate as check
 from . import _vocab_parallel
 from ._autograd import EXTRA_OUTPUTS, head
+from ._fast import resolve_memory
 from ._options import HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
@@ -15,7 +17,7 @@ __all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
 
 def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
                 temperature=1.0, backend="auto", extras=False, check_labels=True, names=None,
-                vocab_parallel=None) -> dict:
+                vocab_parallel=None, memory="lean") -> dict:
     """Per-token statistics of the fused head, each shaped like ``targets`` and 0 where ignored.
 
     Returns a dict: ``logp`` (differentiable w.r.t. hidden, weight, bias), ``mean_logit`` and, with
@@ -38,9 +40,14 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     vocab = vp.total if vp.group is not None else weight.shape[0]
     if check_labels and not torch.compiler.is_compiling():
         check.label_range(tn, targets, vocab, ignore_index)
+    memory = resolve_memory(memory)
+    if memory > 0 and vp.group is not None:
+        raise ValueError("memory='fast' (or a budget) is single-device: with vocab_parallel use memory='lean'")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        memory = 0.0  # no backward will read what the forward would keep
     opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale,
                        backend=resolved, extras=bool(extras), vocab_start=vp.start, vocab_total=vp.total,
-                       group=vp.group)
+                       group=vp.group, memory=memory)
     shape = targets.shape
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H).to(dtype)
@@ -55,7 +62,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
 
 
 def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
-                   temperature=1.0, backend="auto", vocab_parallel=None) -> torch.Tensor:
+                   temperature=1.0, backend="auto", vocab_parallel=None, memory="lean") -> torch.Tensor:
     """Per-token log-probabilities of the targets, without materializing the logits.
 
     ``z = hidden·weightᵀ + bias``; if ``softcap``: ``z = softcap·tanh(z/softcap)``;
@@ -78,6 +85,13 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
             ``hidden`` and ``targets`` (global token ids); the results are those of the whole head on every
             rank, the hidden gradient is summed over the ranks, the weight gradient is this rank's rows. A
             ``DTensor`` weight sharded on dim 0 over a 1-D mesh is split that way by itself. Default None.
+        memory: what the forward keeps for the backward. ``"lean"`` (default): nothing beyond ``O(tokens)``
+            statistics; the backward recomputes the logits (5 head-sized matmuls per DPO step with a
+            reference). ``"fast"``: every logit tile's ``exp(z − tile max)`` (in the inputs' dtype) and the tile
+            maxima (fp32), so the backward skips the recompute (4 matmuls), at about ``2·tokens·V`` bytes for
+            16-bit inputs (the torch backend keeps the fp32 logits, ``4·tokens·V``). A float: a budget in GiB; as
+            many vocabulary chunks (token chunks on the torch backend) as fit are kept, the rest recomputed.
+            Ignored when no gradient is needed; single-device (not with ``vocab_parallel``).
 
     Returns:
         fp32 (fp64 for fp64 inputs) log-probs shaped like ``targets``, 0 at ignored positions,
@@ -89,32 +103,43 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
     """
     return token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
-                       vocab_parallel=vocab_parallel)["logp"]
+                       vocab_parallel=vocab_parallel, memory=memory)["logp"]
 
 
 def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=-100, softcap=None,
-                      logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None) -> torch.Tensor:
+                      logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None,
+                      cu_seqlens=None, memory="lean") -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens: ``π_s = Σ_t mask_st·logp_st``.
 
     Args:
-        hidden: ``[S, T, H]`` hidden states, aligned with ``labels`` (label ``t`` is predicted from state ``t``).
+        hidden: ``[S, T, H]`` hidden states, aligned with ``labels`` (label ``t`` is predicted from state ``t``);
+            packed: ``[L, H]`` or ``[1, L, H]`` with ``cu_seqlens``.
         weight: ``[V, H]`` lm-head weight.
-        labels: ``[S, T]`` token ids, ``ignore_index`` on prompt and padding.
+        labels: ``[S, T]`` token ids, ``ignore_index`` on prompt and padding; packed: ``[L]`` or ``[1, L]``.
         average: the per-token mean instead of the sum (0 for a sequence without labelled tokens).
+        cu_seqlens: ``[S+1]`` int32/int64 offsets of the sequences in a packed stream (flash-attn's varlen
+            convention: ``0 = cu[0] <= cu[1] <= ... <= cu[S] = L``). Default None: padded rows.
         Other arguments as in :func:`fused_logprobs`.
 
     Returns:
         ``[S]`` sequence log-probs. Their backward takes one scalar per sequence to the kernel.
     """
-    check.tensor("hidden", hidden, ndim=3)
-    check.tensor("labels", labels, ndim=2)
     check.flag("average", average)
+    offsets = None
+    if cu_seqlens is None:
+        check.tensor("hidden", hidden, ndim=3)
+        check.tensor("labels", labels, ndim=2)
+    else:
+        hidden = _packing.flatten_packed("hidden", hidden, trailing=1)
+        labels = _packing.flatten_packed("labels", labels, trailing=0)
+        offsets = _packing.check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
     logp = token_stats(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
                        logit_scale=logit_scale, temperature=temperature, backend=backend,
-                       names={"targets": "labels"}, vocab_parallel=vocab_parallel)["logp"]
-    total = logp.sum(-1)
+                       names={"targets": "labels"}, vocab_parallel=vocab_parallel, memory=memory)["logp"]
+    seqs = _packing.Sequences(labels, offsets)
+    total = seqs.sum(logp)
     if average:
-        total = total / (labels != ignore_index).sum(-1).clamp(min=1)
+        total = total / seqs.sum(labels != ignore_index).clamp(min=1)
     return total
 
 
@@ -133,12 +158,7 @@ def loss_config(beta, config, loss_options) -> LossConfig:
     return config
 
 
-def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
-                      needs_reference=True):
-    check.tensor("hidden", hidden)
-    check.tensor("weight", weight, ndim=2)
-    check.tensor("labels", labels)
-    check.flag("reference_free", reference_free)
+def _check_padded_layout(hidden, labels):
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got shape {tuple(hidden.shape)}")
     if labels.dim() != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
@@ -149,6 +169,19 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
         raise ValueError(f"empty batch: hidden has shape {tuple(hidden.shape)}; need at least one pair and one token")
     if rows % 2:
         raise ValueError(f"hidden must hold an even number of rows (B chosen then B rejected), got {rows}")
+
+
+def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
+                      needs_reference=True, packed_rows=None):
+    """``packed_rows``: the number of sequences of a packed batch, whose layout
+    :func:`_packing.packed_dpo_inputs` has checked; None for the padded ``[2B, T, H]`` layout checked here."""
+    check.tensor("hidden", hidden)
+    check.tensor("weight", weight, ndim=2)
+    check.tensor("labels", labels)
+    check.flag("reference_free", reference_free)
+    if packed_rows is None:
+        _check_padded_layout(hidden, labels)
+    rows = hidden.shape[0] if packed_rows is None else packed_rows
     given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None]
     if reference_free:
         given.append("reference_free=True")
@@ -170,7 +203,7 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
         if ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"ref_weight must cover the policy's vocabulary of {weight.shape[0]} tokens: "
                              f"expected [{weight.shape[0]}, H_ref], got {tuple(ref_weight.shape)}")
-        if ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != tuple(hidden.shape[:2]):
+        if packed_rows is None and (ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != tuple(hidden.shape[:2])):
             raise ValueError(f"ref_hidden must be [2B, T, H_ref] with 2B, T = {tuple(hidden.shape[:2])}, got "
                              f"{tuple(ref_hidden.shape)}")
     if ref_logps is not None:
@@ -185,7 +218,8 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
 
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
              beta=None, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
-             backend="auto", config: LossConfig | None = None, vocab_parallel=None, **loss_options) -> DPOOutput:
+             backend="auto", config: LossConfig | None = None, vocab_parallel=None, cu_seqlens=None,
+             memory="lean", **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
 
     ``π_s = Σ_t mask_st·logp_st`` for the policy, ``ρ_s`` the same for the reference;
@@ -207,8 +241,13 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         ignore_index, softcap, logit_scale, temperature, backend, vocab_parallel: as in
             :func:`fused_logprobs`, applied to both heads (with ``vocab_parallel``, ``weight``, ``bias``,
             ``ref_weight`` and ``ref_bias`` are this rank's rows; every rank gets the same loss and metrics).
+        memory: as in :func:`fused_logprobs`, for the policy's head (the reference head needs no backward).
         config: a :class:`LossConfig`; or give its fields (``loss_type``, ``average_log_prob``, ...) as
             keyword arguments.
+        cu_seqlens: padding-free input: ``[2B+1]`` int32/int64 offsets (flash-attn's varlen convention,
+            ``0 = cu[0] <= ... <= cu[2B] = L``) of ``2B`` sequences packed back to back, chosen 1..B then rejected
+            1..B; ``hidden`` is then ``[L, H]`` (or ``[1, L, H]``), ``labels`` ``[L]`` (or ``[1, L]``) with the
+            same alignment, ``ref_hidden`` ``[L, H_ref]``. Gives the padded batch's numbers (to rounding).
 
     Returns:
         :class:`DPOOutput` with ``loss``, ``chosen_logps``/``rejected_logps`` ``[B]``,
@@ -216,15 +255,19 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
     """
     config = loss_config(beta, config, loss_options)
     labels = check.token_ids(labels) if isinstance(labels, torch.Tensor) else labels
+    offsets = None
+    if cu_seqlens is not None:
+        hidden, labels, ref_hidden, offsets = _packing.packed_dpo_inputs(hidden, labels, ref_hidden, cu_seqlens)
     _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
-                      needs_reference=config.needs_reference)
+                      needs_reference=config.needs_reference,
+                      packed_rows=None if offsets is None else offsets.numel() - 1)
     head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature,
                 backend=backend)
     if vocab_parallel is not None and ref_hidden is not None:
         # Check the split once for both heads (they share it and the labels).
         vocab_parallel = _vocab_parallel.with_vocab_size(vocab_parallel, labels)
     stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"},
-                        extras=config.needs_token_extras, vocab_parallel=vocab_parallel, **head)
+                        extras=config.needs_token_extras, vocab_parallel=vocab_parallel, memory=memory, **head)
     ref_token_logps = None
     if ref_hidden is not None:
         with torch.no_grad():
@@ -233,4 +276,4 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
                                                  "targets": "labels", "bias": "ref_bias"},
                                           vocab_parallel=vocab_parallel, **head)["logp"]
     return compute_dpo_loss(stats, labels != ignore_index, config, ref_token_logps=ref_token_logps,
-                            ref_logps=ref_logps, reference_free=reference_free)
+                            ref_logps=ref_logps, reference_free=reference_free, cu_seqlens=offsets)

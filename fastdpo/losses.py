@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
+from ._packing import Sequences
+
 __all__ = ["LossConfig", "DPOOutput", "compute_dpo_loss", "LOSS_TYPES", "TRL_LOSS_TYPES", "F_DIVERGENCE_TYPES",
            "F_DIVERGENCE_LOSS_TYPES", "REFERENCE_FREE_LOSS_TYPES"]
 
@@ -467,46 +469,49 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), torch.zeros_like(values.sum()))
 
 
-def _ld_weights(mask: torch.Tensor, alpha: float, dtype) -> torch.Tensor:
-    """LD-DPO token weights ``[2B, T]``: 1 on the first ``min(|c|, |r|)`` completion tokens of each row,
-    ``alpha`` on the rest (TRL's shared and tail masks), 0 off the completion."""
-    position = mask.cumsum(dim=1)
-    lengths = mask.sum(dim=1)
-    B = mask.shape[0] // 2
-    shared = torch.minimum(lengths[:B], lengths[B:]).repeat(2).unsqueeze(1)
+def _ld_weights(mask: torch.Tensor, alpha: float, dtype, seqs: Sequences) -> torch.Tensor:
+    """LD-DPO token weights (the tokens' layout): 1 on the first ``min(|c|, |r|)`` completion tokens of each
+    sequence, ``alpha`` on the rest (TRL's shared and tail masks), 0 off the completion."""
+    position = seqs.cumsum(mask)
+    lengths = seqs.sum(mask)
+    B = seqs.pairs
+    shared = seqs.per_token(torch.minimum(lengths[:B], lengths[B:]).repeat(2))
     tail = mask & (position > shared)
     return (mask & ~tail).to(dtype) + alpha * tail.to(dtype)
 
 
-def _sequence(token_logps, counts, config, ld):
+def _sequence(token_logps, counts, config, ld, seqs):
     if ld is not None:
-        return (token_logps * ld).sum(-1)
-    total = token_logps.sum(-1)
+        return seqs.sum(token_logps * ld)
+    total = seqs.sum(token_logps)
     return total / counts if config.average_log_prob else total
 
 
 def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref_token_logps=None,
-                     ref_logps=None, reference_free=False) -> DPOOutput:
+                     ref_logps=None, reference_free=False, cu_seqlens=None) -> DPOOutput:
     """The loss, rewards and metrics from per-token statistics of the policy (and reference).
 
     Args:
-        stats: per-token tensors ``[2B, T]`` as produced by the fused head, 0 off the mask: ``logp``
+        stats: per-token tensors ``[2B, T]`` (``[L]`` packed) as produced by the fused head, 0 off the mask: ``logp``
             (differentiable), ``mean_logit``; ``log_sum_sq_probs`` with ``use_weighting``; ``entropy`` and
             ``is_top1`` with ``extra_metrics`` (when present they are reported in any case).
-        mask: ``[2B, T]`` bool, the completion tokens.
+        mask: ``[2B, T]`` (``[L]`` packed) bool, the completion tokens.
         config: the loss options.
         ref_token_logps: ``[2B, T]`` reference per-token log-probs (0 off the mask), or None.
         ref_logps: ``[2B]`` precomputed reference sequence log-probs, used as given, or None.
         reference_free: no reference (``ρ = 0``); also what happens when neither reference is given.
+        cu_seqlens: ``[2B+1]`` offsets when the per-token tensors are a packed ``[L]`` stream (chosen 1..B then
+            rejected 1..B, see :mod:`fastdpo._packing`); per-sequence sums are then segment sums. Taken as checked.
     """
     logp = stats["logp"]
     dtype = logp.dtype
-    B = logp.shape[0] // 2
-    counts = mask.sum(-1).to(dtype).clamp(min=1)
-    ld = _ld_weights(mask, config.ld_alpha, dtype) if config.ld_alpha is not None else None
-    pol = _sequence(logp, counts, config, ld)
+    seqs = Sequences(mask, cu_seqlens)
+    B = seqs.pairs
+    counts = seqs.sum(mask).to(dtype).clamp(min=1)
+    ld = _ld_weights(mask, config.ld_alpha, dtype, seqs) if config.ld_alpha is not None else None
+    pol = _sequence(logp, counts, config, ld, seqs)
     if ref_token_logps is not None and not reference_free:
-        ref = _sequence(ref_token_logps.detach().to(dtype), counts, config, ld)
+        ref = _sequence(ref_token_logps.detach().to(dtype), counts, config, ld, seqs)
     elif ref_logps is not None and not reference_free:
         ref = ref_logps.detach().to(dtype)
     else:
@@ -525,9 +530,9 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
     )
     if used & {"sft", "cpo", "orpo"}:
         # Mean over all chosen tokens of the batch (TRL's sft, and the cross-entropy of CPO/ORPO), 0 without any.
-        pairs.nll = -logp[:B].sum() / mask[:B].sum().clamp(min=1).to(dtype)
+        pairs.nll = -seqs.chosen(logp).sum() / seqs.chosen(mask).sum().clamp(min=1).to(dtype)
     if used & _MEAN_LOGP_LOSS_TYPES:
-        means = logp.sum(-1) / counts
+        means = seqs.sum(logp) / counts
         pairs.chosen_mean_logps, pairs.rejected_mean_logps = means[:B], means[B:]
 
     pair_weights = None
@@ -536,7 +541,7 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
         if lssp is None:
             raise ValueError("use_weighting=True needs stats['log_sum_sq_probs'] (compute the head with extras=True)")
         with torch.no_grad():
-            aligned = ((logp.detach() - lssp.to(dtype)) * mask).sum(-1) / counts
+            aligned = seqs.sum((logp.detach() - lssp.to(dtype)) * mask) / counts
             w = torch.exp(aligned)
             pair_weights = w[:B] * w[B:]
 
@@ -550,7 +555,7 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
 
     chosen_rewards = config.beta * chosen_ratio.detach()
     rejected_rewards = config.beta * rejected_ratio.detach()
-    cmask, rmask = mask[:B], mask[B:]
+    cmask, rmask = seqs.chosen(mask), seqs.rejected(mask)
     mean_logit = stats["mean_logit"]
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
@@ -559,8 +564,8 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "logps/chosen": pc.detach().mean(),
         "logps/rejected": pr.detach().mean(),
-        "logits/chosen": _masked_mean(mean_logit[:B], cmask),
-        "logits/rejected": _masked_mean(mean_logit[B:], rmask),
+        "logits/chosen": _masked_mean(seqs.chosen(mean_logit), cmask),
+        "logits/rejected": _masked_mean(seqs.rejected(mean_logit), rmask),
     }
     if pairs.nll is not None:
         # As TRL's CPOTrainer, which skips (and logs 0 for) the NLL when its weight cpo_alpha is 0.
@@ -578,7 +583,7 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
     # Reported whenever the head computed them (they cost nothing more then), not only when asked.
     if have_extras:
         metrics["entropy"] = _masked_mean(stats["entropy"], mask)
-        metrics["mean_token_accuracy"] = _masked_mean(stats["is_top1"][:B], cmask)
+        metrics["mean_token_accuracy"] = _masked_mean(seqs.chosen(stats["is_top1"]), cmask)
     return DPOOutput(loss=loss, chosen_logps=pc, rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
                      chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, losses=losses,
                      metrics=metrics)

@@ -22,26 +22,30 @@ class FusedLinearDPOLoss(nn.Module):
     Args:
         beta: the DPO temperature. Default 0.1 (``config.beta`` with a config; a different ``beta`` raises).
         config: a :class:`fastdpo.LossConfig`, instead of its fields as keywords.
-        ignore_index, softcap, logit_scale, temperature, backend: head options, see :func:`fastdpo.fused_logprobs`.
+        ignore_index, softcap, logit_scale, temperature, backend, memory: head options, see
+            :func:`fastdpo.fused_logprobs`.
         vocab_parallel: a :class:`fastdpo.VocabParallel` when the weights passed to ``forward`` are this rank's
             rows of a vocabulary-parallel head (see :func:`fastdpo.dpo_loss`). Default None.
         **loss_options: other fields of :class:`fastdpo.LossConfig` (``loss_type``, ...), checked here.
     """
 
     def __init__(self, beta=None, *, config: LossConfig | None = None, ignore_index=-100, softcap=None,
-                 logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None, **loss_options):
+                 logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None, memory="lean",
+                 **loss_options):
         super().__init__()
         self.config = loss_config(beta, config, loss_options)
         check.head_options(ignore_index, softcap, logit_scale, temperature, backend)  # refused here, not at the call
         _vocab_parallel._checked_type(vocab_parallel)
         self.head_options = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
-                                 temperature=temperature, backend=backend, vocab_parallel=vocab_parallel)
+                                 temperature=temperature, backend=backend, vocab_parallel=vocab_parallel,
+                                 memory=memory)
 
     def forward(self, hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
-                reference_free=False, bias=None, ref_bias=None) -> DPOOutput:
+                reference_free=False, bias=None, ref_bias=None, cu_seqlens=None) -> DPOOutput:
+        """See :func:`fastdpo.dpo_loss`; ``cu_seqlens`` [2B+1] for packed (padding-free) ``hidden [L, H]``."""
         return dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps,
                         reference_free=reference_free, bias=bias, ref_bias=ref_bias, config=self.config,
-                        **self.head_options)
+                        cu_seqlens=cu_seqlens, **self.head_options)
 
     def extra_repr(self) -> str:
         return f"config={self.config}, head={self.head_options}"

@@ -23,6 +23,8 @@ class KernelConfig:
         dlogits_*: backward kernel that recomputes a logit tile and writes its gradient.
         gw_*: grad-weight GEMM (vocab × hidden tile, K-step over tokens).
         gh_*: grad-hidden GEMM (tokens × hidden tile, K-step over the vocabulary chunk).
+        kept_*: fast mode's elementwise kernel that turns kept ``exp(z − tile max)`` into the logit gradient
+            (memory-bound: 8 elements a thread keep it near 60 registers, 8 CTAs an SM).
         vocab_chunk: vocabulary columns per backward step; the logit-gradient workspace is
             ``tokens × vocab_chunk`` in the compute dtype.
         min_programs: the forward splits the vocabulary until it launches at least this many programs.
@@ -48,6 +50,9 @@ class KernelConfig:
     gh_block_k: int = 64
     gh_warps: int = 8
     gh_stages: int = 3
+    kept_block_m: int = 4
+    kept_block_v: int = 256
+    kept_warps: int = 4
     # 4096: at 8192 tokens × H=4096 the workspace (bf16 dZ + fp32 hidden-gradient sum) stays under 0.2 GiB.
     vocab_chunk: int = 4096
     min_programs: int = 528
@@ -55,8 +60,10 @@ class KernelConfig:
     def __post_init__(self):
         for name, value in self.__dict__.items():
             if name.endswith(("block_m", "block_v", "block_k", "block_h")):
-                if value < 16 or value & (value - 1):
-                    raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+                # The elementwise kernel's rows need no tensor-core shape.
+                low = 1 if name.startswith("kept_") else 16
+                if value < low or value & (value - 1):
+                    raise ValueError(f"{name} must be a power of two >= {low}, got {value}")
         if self.vocab_chunk < 1 or self.min_programs < 1:
             raise ValueError("vocab_chunk and min_programs must be >= 1")
 
@@ -76,6 +83,7 @@ INTERPRETER_DEFAULT = replace(
     dlogits_block_m=16, dlogits_block_v=16, dlogits_block_k=16,
     gw_block_v=16, gw_block_h=16, gw_block_k=16,
     gh_block_m=16, gh_block_h=16, gh_block_k=16,
+    kept_block_m=4, kept_block_v=16,
     vocab_chunk=24, min_programs=4,
 )
 

@@ -50,3 +50,18 @@ def block_rows(rows_ptr, row0, nv, BLOCK_M: tl.constexpr):
     row_mask = rows < nv
     src = tl.load(rows_ptr + rows, mask=row_mask, other=0)
     return rows, row_mask, src
+
+
+@triton.jit
+def vocab_split(nv, pid_s, n_tiles, min_programs, max_splits, BLOCK_M: tl.constexpr):
+    """Vocabulary tiles ``[t0, t1)`` of split ``pid_s`` when the vocabulary is split until the ``cdiv(nv, BLOCK_M)``
+    blocks of labelled rows make ``min_programs`` programs (at most ``max_splits``, the grid's second axis).
+
+    Sized from the labelled count ``nv`` read on the device, not from all rows, and without a host sync. A split
+    past the last one used gets ``t0 >= t1``: its program writes the neutral record (max -inf, sums 0).
+    """
+    blocks = tl.cdiv(nv, BLOCK_M)
+    splits = tl.minimum(tl.maximum(tl.cdiv(min_programs, blocks), 1), tl.minimum(n_tiles, max_splits))
+    per = tl.cdiv(n_tiles, splits)
+    t0 = pid_s * per
+    return t0, tl.minimum(t0 + per, n_tiles)

@@ -143,7 +143,7 @@ def _grad_hidden_kernel(
 
 
 def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, scale, needs,
-                     config: KernelConfig, grad_x_dtype=None):
+                     config: KernelConfig, grad_x_dtype=None, kept_chunk=None):
     """Launch the backward.
 
     Args:
@@ -152,6 +152,9 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
         grad: ``[N]`` fp32 upstream gradient of each entry's log-prob.
         needs: which of (hidden, weight, bias) gradients to produce.
         grad_x_dtype: the dtype of ``grad_x`` (default ``x.dtype``; fp32 for a sum over ranks).
+        kept_chunk: fast mode's hook (:mod:`.logprob_fast`), ``(v0, vc, grad, dz) -> bool``: fills the workspace
+            ``dz`` with the logit gradient of columns ``v0 .. v0+vc`` from what the forward kept, and says so,
+            instead of the recompute. ``grad`` is the upstream gradient as the recompute would read it.
 
     Returns:
         ``(grad_x [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None)`` in the inputs'
@@ -187,14 +190,15 @@ def logprob_backward(x, weight, bias, rows, targets, nv, lse, grad, *, softcap, 
     for c in range(n_chunks):
         v0 = c * chunk
         vc = min(chunk, V - v0)
-        _dlogits_kernel[(triton.cdiv(N, cfg.dlogits_block_m), triton.cdiv(vc, cfg.dlogits_block_v))](
-            x, weight, bias if bias is not None else weight, rows, targets, nv, lse, grad, dz,
-            H, v0, vc, float(softcap or 1.0), float(scale),
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **flags,
-            BLOCK_M=cfg.dlogits_block_m, BLOCK_V=cfg.dlogits_block_v, BLOCK_K=cfg.dlogits_block_k,
-            num_warps=cfg.dlogits_warps, num_stages=cfg.dlogits_stages,
-        )
+        if kept_chunk is None or not kept_chunk(v0, vc, grad, dz):
+            _dlogits_kernel[(triton.cdiv(N, cfg.dlogits_block_m), triton.cdiv(vc, cfg.dlogits_block_v))](
+                x, weight, bias if bias is not None else weight, rows, targets, nv, lse, grad, dz,
+                H, v0, vc, float(softcap or 1.0), float(scale),
+                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **flags,
+                BLOCK_M=cfg.dlogits_block_m, BLOCK_V=cfg.dlogits_block_v, BLOCK_K=cfg.dlogits_block_k,
+                num_warps=cfg.dlogits_warps, num_stages=cfg.dlogits_stages,
+            )
         if need_w or need_b:
             gw = grad_w if need_w else dz  # a placeholder pointer when only the bias is wanted
             _grad_weight_kernel[(triton.cdiv(vc, cfg.gw_block_v), triton.cdiv(H, cfg.gw_block_h) if need_w else 1)](

@@ -1,6 +1,7 @@
 """Forward: per-token online-logsumexp statistics of ``x·Wᵀ`` without storing the logits.
 
-Grid ``(token blocks, vocabulary splits)``. Each program walks its split's vocabulary tiles,
+Grid ``(token blocks, vocabulary splits)``, the splits sized on the device from the labelled count
+(:func:`.logit_tile.vocab_split`). Each program walks its split's vocabulary tiles,
 projecting only gathered (labelled) tokens, and writes one partial record per token and split:
 running max ``m``, ``Σ exp(z − m)``, the target logit (0 when the target is outside the split),
 ``Σ z`` and, with ``EXTRAS``, ``Σ exp(z − m)·z``, ``Σ exp(2(z − m))`` and the first argmax: the record
@@ -13,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
-from .logit_tile import block_rows, logit_tile
+from .logit_tile import block_rows, logit_tile, vocab_split
 
 # Rows of the stats record; the last three only with EXTRAS.
 STAT_MAX, STAT_SUMEXP, STAT_TARGET, STAT_SUM, STAT_XSUMEXP, STAT_SQSUMEXP, STAT_ARGMAX = range(7)
@@ -26,7 +27,7 @@ _ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7)
 @triton.jit
 def _logprob_fwd_kernel(
     x_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, nv_ptr, stats_ptr,
-    V, H, tiles_per_split, softcap, scale,
+    V, H, min_programs, max_splits, softcap, scale,
     stride_xn, stride_xh, stride_wv, stride_wh, stride_stat, stride_split,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXTRAS: tl.constexpr, DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -49,8 +50,7 @@ def _logprob_fwd_kernel(
     s2 = tl.zeros((BLOCK_M,), tl.float32)
     amax = tl.zeros((BLOCK_M,), tl.int64)
     n_tiles = tl.cdiv(V, BLOCK_V)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    t0, t1 = vocab_split(nv, pid_s, n_tiles, min_programs, max_splits, BLOCK_M)
     for tile in range(t0, t1):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
@@ -103,6 +103,14 @@ def dot_in_fp32(x: torch.Tensor) -> bool:
     return bool(knobs.runtime.interpret) and x.dtype == torch.bfloat16
 
 
+def max_splits(N: int, n_tiles: int, config: KernelConfig) -> int:
+    """The grid's vocabulary-split axis: enough for :func:`.logit_tile.vocab_split` to make ``min_programs`` work
+    when as few as N/8 rows are labelled (with fewer, fewer programs work). The splits a batch does not use
+    write neutral records, a few bytes each."""
+    rows = max(1, N // 8)
+    return max(1, min(n_tiles, triton.cdiv(config.min_programs, triton.cdiv(rows, config.fwd_block_m))))
+
+
 def logprob_forward(x, weight, bias, rows, targets, nv, *, softcap, scale, extras, config: KernelConfig):
     """Launch the forward.
 
@@ -122,14 +130,11 @@ def logprob_forward(x, weight, bias, rows, targets, nv, *, softcap, scale, extra
     token_blocks = triton.cdiv(N, bm)
     if token_blocks == 0:
         return torch.empty((N_STATS_EXTRAS if extras else N_STATS, 1, 0), dtype=torch.float32, device=x.device)
-    # Split the vocabulary until the grid fills the GPU; every split keeps at least one tile.
-    splits = max(1, min(n_tiles, triton.cdiv(config.min_programs, token_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
+    splits = max_splits(N, n_tiles, config)
     stats = torch.empty((N_STATS_EXTRAS if extras else N_STATS, splits, N), dtype=torch.float32, device=x.device)
     _logprob_fwd_kernel[(token_blocks, splits)](
         x, weight, bias if bias is not None else weight, rows, targets, nv, stats,
-        V, H, tiles_per_split, float(softcap or 1.0), float(scale),
+        V, H, config.min_programs, splits, float(softcap or 1.0), float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stats.stride(0), stats.stride(1),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, EXTRAS=bool(extras),
         DOT_F32=dot_in_fp32(x), INPUT_PRECISION=input_precision(x.dtype),

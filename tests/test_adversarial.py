@@ -39,30 +39,35 @@ def _relayout(t, how):
     raise AssertionError(how)
 
 
-def _run(t, backend):
+def _run(t, backend, memory="lean"):
     # detach() keeps the layout (clone() would make a gappy view contiguous).
     leaves = {k: t[k].detach().requires_grad_() if k in ("hidden", "weight", "bias") else t[k]
               for k in t}
     out = fastdpo.dpo_loss(leaves["hidden"], leaves["weight"], leaves["labels"], bias=leaves["bias"],
                            ref_hidden=leaves["ref_hidden"], ref_weight=leaves["ref_weight"],
-                           ref_bias=leaves["ref_bias"], beta=0.5, backend=backend)
+                           ref_bias=leaves["ref_bias"], beta=0.5, backend=backend, memory=memory)
     grads = torch.autograd.grad(out.loss, [leaves[k] for k in ("hidden", "weight", "bias")])
     return out.loss, out.chosen_rewards, grads
 
 
+LAYOUT_CASES = [(name, how, "lean") for name in ("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias",
+                                                 "labels") for how in ("strided", "transposed", "expanded")]
+# Fast mode keeps logits for its own backward: the policy head's inputs again.
+LAYOUT_CASES += [(name, how, "fast") for name in ("hidden", "weight", "bias") for how in ("strided", "expanded")]
+
+
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("how", ["strided", "transposed", "expanded"])
-@pytest.mark.parametrize("name", ["hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias", "labels"])
-def test_every_tensor_argument_in_any_layout(backend, how, name):
+@pytest.mark.parametrize("name, how, memory", LAYOUT_CASES)
+def test_every_tensor_argument_in_any_layout(backend, name, how, memory):
     """Each tensor argument alone in a non-contiguous layout gives the contiguous result, gradients included."""
     t = _inputs()
     if how == "expanded":
         # Expansion changes the values (every row the first): compare with the same values laid out contiguously.
         t[name] = t[name][:1].expand(t[name].shape).contiguous()
-    base = _run(t, backend)
+    base = _run(t, backend, memory)
     t[name] = _relayout(t[name], how)
     assert not t[name].is_contiguous()
-    got = _run(t, backend)
+    got = _run(t, backend, memory)
     assert rel_err(got[0], base[0]) <= 1e-6
     assert rel_err(got[1], base[1]) <= 1e-5
     for g, b in zip(got[2], base[2]):
@@ -88,6 +93,8 @@ def test_numpy_scalars_are_numbers():
     """NumPy scalars (what a config read with NumPy, or a sweep over np.linspace, hands over) are accepted as
     the Python numbers they equal; NumPy bools are not numbers."""
     t = _inputs()
+    assert fastdpo.dpo_loss(t["hidden"], t["weight"], t["labels"], reference_free=True, memory=np.float32(0.5),
+                            backend="torch").loss.isfinite()
     py = dict(beta=0.25, softcap=3.0, logit_scale=1.5, temperature=0.8, ignore_index=-100, label_smoothing=0.1,
               loss_type=["robust", "sft"], loss_weights=[1, 2])
     npy = dict(beta=np.float32(0.25), softcap=np.float32(3.0), logit_scale=np.float64(1.5),

@@ -8,10 +8,10 @@ import fastdpo
 from fdtest import backend_params, make_batch
 
 
-def _step(backend):
+def _step(backend, memory="lean"):
     def step(hidden, weight, bias, labels, ref_hidden):
         out = fastdpo.dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=weight,
-                               softcap=5.0, backend=backend, extra_metrics=True)
+                               softcap=5.0, backend=backend, extra_metrics=True, memory=memory)
         return out.loss, out.metrics["rewards/margins"], out.metrics["entropy"]
     return step
 
@@ -38,11 +38,12 @@ def _compare(compiled, eager, atol):
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("memory", ["lean", "fast"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_compiled_step_aot_eager_fullgraph_equals_eager(backend):
+def test_compiled_step_aot_eager_fullgraph_equals_eager(backend, memory):
     torch._dynamo.reset()
     inputs = _inputs()
-    step = _step(backend)
+    step = _step(backend, memory)
     eager = _run(step, *inputs)
     compiled = _run(torch.compile(step, backend="aot_eager", fullgraph=True), *inputs)
     _compare(compiled, eager, atol=1e-6)
@@ -61,12 +62,14 @@ def test_compiled_step_inductor_fullgraph_equals_eager():
     _compare(compiled, eager, atol=1e-5)
 
 
-def test_head_ops_pass_opcheck():
-    """Schema, fake (meta) implementation and autograd registration of the forward op, as torch checks them."""
+@pytest.mark.parametrize("memory", [0.0, float("inf"), 1e-5], ids=["lean", "fast", "budget"])
+def test_head_ops_pass_opcheck(memory):
+    """Schema, fake (meta) implementation and autograd registration of the forward op, as torch checks them, in
+    lean mode, fast mode and a budget (the fake implementation sizes what fast mode keeps)."""
     hidden, weight, labels = make_batch(dtype=torch.float32, seed=5)
     h = hidden.reshape(-1, hidden.shape[-1]).requires_grad_()
     w = weight.clone().requires_grad_()
-    args = (h, w, None, labels.reshape(-1), -100, None, 1.0, "torch", True)
+    args = (h, w, None, labels.reshape(-1), -100, None, 1.0, "torch", True, 0, -1, None, memory)
     torch.library.opcheck(torch.ops.fastdpo.head_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -4,8 +4,11 @@ The interpreter runs kernels as numpy and accepts code the compiler rejects (non
 mixed dtypes in a dot, unsupported control flow). This compiles them to cubin ahead of time for
 Hopper (sm_90) and Ampere (sm_80) with Triton's bundled ptxas, specialized as a launch on contiguous,
 16-byte-aligned tensors is (unit strides constant, pointers and other strides divisible by 16), and
-checks that the K loops are software-pipelined there (asynchronous copies into shared memory). It
-runs in a subprocess because the test session imports the kernels under the interpreter.
+checks, per kernel and target, what a GPU run relies on: the K loops are software-pipelined (asynchronous copies
+into shared memory); the products run on tensor cores (``wgmma`` on Hopper, ``mma.sync`` on Ampere, for 16-bit
+inputs); no register spills; and each kernel within its register budget (``REGISTER_BUDGET``). It runs in a
+subprocess because the test session imports the kernels under the interpreter; ``python
+tests/test_kernels_compile.py --table`` prints the figures.
 """
 
 import json
@@ -16,11 +19,38 @@ import sys
 import pytest
 
 CASES = [(90, "bf16"), (90, "fp16"), (90, "fp32"), (80, "bf16")]
-KERNEL_NAMES = ["forward", "dlogits", "grad_weight", "grad_hidden"]
+KERNEL_NAMES = ["forward", "forward+extras", "dlogits", "grad_weight", "grad_hidden", "forward_keep",
+                "forward_keep+extras", "dlogits_from_kept"]
+# The extras variants (entropy, Σp², argmax: what TRL's trainer logs) only for the 16-bit targets, to keep CI short.
+EXTRAS_CASES = [(90, "bf16"), (80, "bf16")]
+# Registers per thread each kernel may use. The GEMM-shaped kernels run 8 warps (256 threads) a CTA: at <= 255
+# registers one CTA fits an SM (65536 registers), which the default tiles are designed for (DESIGN §7: forward
+# 255, logit gradient 238, grad-hidden 190); two CTAs an SM would need <= 128, which none of them reaches yet.
+# The fast backward's elementwise kernel has no product and must leave room for 2+ CTAs an SM (<= 128).
+REGISTER_BUDGET = {"forward": 255, "forward+extras": 255, "dlogits": 255, "grad_weight": 255, "grad_hidden": 255,
+                   "forward_keep": 255, "forward_keep+extras": 255, "dlogits_from_kept": 64}
+# Spill-store bytes allowed: none, except the forwards with the extras, whose three more running statistics
+# spill a few bytes at the 128x128 tiles (measured: 32 lean, 40 fast on sm_90; a GPU run decides whether
+# smaller tiles pay, benchmarks/tune.py).
+SPILL_BUDGET = {"forward+extras": 64, "forward_keep+extras": 64,
+                # fp32 inputs take exact FMA products (the exactness path, not a speed target): 8 bytes measured.
+                ("forward_keep", "fp32"): 16}
+# Kernels whose main loop is a tensor-core product (the elementwise one has none).
+MMA_KERNELS = {"forward", "forward+extras", "dlogits", "grad_weight", "grad_hidden", "forward_keep",
+               "forward_keep+extras"}
+MMA_INSTRUCTION = {90: "wgmma.mma_async", 80: "mma.sync"}
 
 
-def _spill_bytes(ptx, arch):
-    """Register spill stores ptxas reports for this PTX (the same ptxas Triton uses for ``arch``)."""
+def cases_of(name):
+    return EXTRAS_CASES if name.endswith("+extras") else CASES
+
+
+def _params(cases=None, names=KERNEL_NAMES):
+    return [(n, a, d) for n in names for a, d in cases_of(n) if cases is None or (a, d) in cases]
+
+
+def _ptxas_report(ptx, arch):
+    """``(registers, spill-store bytes)`` ptxas reports for this PTX (the same ptxas Triton uses for ``arch``)."""
     import re
     import tempfile
 
@@ -31,8 +61,12 @@ def _spill_bytes(ptx, arch):
         f.flush()
         out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name,
                               "-o", os.devnull], capture_output=True, text=True)
-    found = re.findall(r"(\d+) bytes spill stores", out.stdout + out.stderr)
-    return sum(map(int, found)) if out.returncode == 0 and found else f"ptxas failed: {out.stderr[-300:]}"
+    text = out.stdout + out.stderr
+    spills = re.findall(r"(\d+) bytes spill stores", text)
+    regs = re.findall(r"Used (\d+) registers", text)
+    if out.returncode != 0 or not spills or not regs:
+        return f"ptxas failed: {out.stderr[-300:]}", None
+    return max(map(int, regs)), sum(map(int, spills))
 
 
 def _compile_all():
@@ -42,14 +76,17 @@ def _compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastdpo.kernels import logprob_bwd, logprob_fwd
+    from fastdpo.kernels import logprob_bwd, logprob_fast, logprob_fwd
     from fastdpo.kernels.config import default_config
 
     def kernels_for(C):
         return {
             "forward": (logprob_fwd._logprob_fwd_kernel, C.fwd_warps, C.fwd_stages,
-                        dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=True, BLOCK_M=C.fwd_block_m,
+                        dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=False, BLOCK_M=C.fwd_block_m,
                              BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k)),
+            "forward+extras": (logprob_fwd._logprob_fwd_kernel, C.fwd_warps, C.fwd_stages,
+                               dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=True, BLOCK_M=C.fwd_block_m,
+                                    BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k)),
             "dlogits": (logprob_bwd._dlogits_kernel, C.dlogits_warps, C.dlogits_stages,
                         dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_M=C.dlogits_block_m, BLOCK_V=C.dlogits_block_v,
                              BLOCK_K=C.dlogits_block_k)),
@@ -58,21 +95,34 @@ def _compile_all():
             "grad_hidden": (logprob_bwd._grad_hidden_kernel, C.gh_warps, C.gh_stages,
                             dict(FIRST=False, LAST=True, BLOCK_M=C.gh_block_m, BLOCK_H=C.gh_block_h,
                                  BLOCK_K=C.gh_block_k)),
+            "forward_keep": (logprob_fast._logprob_fwd_keep_kernel, C.fwd_warps, C.fwd_stages,
+                             dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=False, BLOCK_M=C.fwd_block_m,
+                                  BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k)),
+            "forward_keep+extras": (logprob_fast._logprob_fwd_keep_kernel, C.fwd_warps, C.fwd_stages,
+                                    dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=True, BLOCK_M=C.fwd_block_m,
+                                         BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k)),
+            "dlogits_from_kept": (logprob_fast._dlogits_from_kept_kernel, C.kept_warps, 1,
+                                  dict(HAS_SOFTCAP=True, FWD_BLOCK_V=C.fwd_block_v, BLOCK_M=C.kept_block_m,
+                                       BLOCK_V=C.kept_block_v)),
         }
     # Pointer arguments whose dtype does not follow the inputs'.
     fixed = {"rows_ptr": "*i64", "tgt_ptr": "*i64", "nv_ptr": "*i32", "stats_ptr": "*fp32", "lse_ptr": "*fp32",
-             "g_ptr": "*fp32", "acc_ptr": "*fp32", "gscale_ptr": "*fp32"}
+             "g_ptr": "*fp32", "acc_ptr": "*fp32", "gscale_ptr": "*fp32", "mt_ptr": "*fp32", "zt_ptr": "*fp32"}
     # Strides that are 1 on contiguous inputs; Triton's launcher turns those into constants.
     unit = {"forward": ("stride_xh", "stride_wh"), "dlogits": ("stride_xh", "stride_wh"),
-            "grad_weight": ("stride_xh", "stride_gwh"), "grad_hidden": ("stride_wh",)}
+            "grad_weight": ("stride_xh", "stride_gwh"), "grad_hidden": ("stride_wh",),
+            "forward_keep": ("stride_xh", "stride_wh"), "dlogits_from_kept": ()}
+    unit["forward+extras"], unit["forward_keep+extras"] = unit["forward"], unit["forward_keep"]
     results = {}
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for name in KERNEL_NAMES:
-        for arch, dtype in CASES:
+        for arch, dtype in cases_of(name):
             # The config the launcher picks for this dtype and GPU generation.
             config = default_config(torch_dtype[dtype], (arch // 10, 0))
             kernel, warps, stages, constexprs = kernels_for(config)[name]
-            const = dict(constexprs, DOT_F32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+            const = dict(constexprs)
+            if "DOT_F32" in kernel.arg_names:
+                const.update(DOT_F32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
             const.update({arg: 1 for arg in unit[name]})
             if name in ("grad_weight", "grad_hidden"):
                 const["RESCALE"] = dtype == "fp16"
@@ -92,9 +142,13 @@ def _compile_all():
                 compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                                           options=dict(num_warps=warps, num_stages=stages))
                 ttgir = compiled.asm["ttgir"]
+                ptx = compiled.asm["ptx"]
+                registers, spills = _ptxas_report(ptx, arch)
                 results[key] = {"shared": compiled.metadata.shared, "cubin": bool(compiled.asm.get("cubin")),
                                 "async_copies": ttgir.count("async_copy_global_to_local"),
-                                "spill_bytes": _spill_bytes(compiled.asm["ptx"], arch)}
+                                "registers": registers, "spill_bytes": spills, "warps": warps,
+                                "mma": {ins: ptx.count(ins) for ins in ("wgmma.mma_async", "mma.sync")},
+                                "tma": ptx.count("cp.async.bulk.tensor")}
             except Exception as err:  # noqa: BLE001 - reported per kernel by the test
                 results[key] = f"{type(err).__name__}: {err}"
     return results
@@ -108,20 +162,56 @@ def compiled():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("arch, dtype", CASES)
-@pytest.mark.parametrize("name", KERNEL_NAMES)
+@pytest.mark.parametrize("name, arch, dtype", _params())
 def test_kernel_compiles_for_gpu(compiled, name, arch, dtype):
     result = compiled[f"{name}/{arch}/{dtype}"]
     assert isinstance(result, dict), result
     assert result["cubin"]
     # The tiles must fit one SM's shared memory (227 KiB usable on sm_90, 163 KiB on sm_80).
     assert result["shared"] <= (232448 if arch == 90 else 166912)
-    assert result["async_copies"] > 0, "the K loop is not pipelined"
-    # A tile that spills registers to local memory slows every iteration; the forward with its extras
-    # (entropy, Σp², argmax) spills a few bytes at the default tiles, nothing else may.
-    assert isinstance(result["spill_bytes"], int), result["spill_bytes"]
-    assert result["spill_bytes"] <= 64, f"{result['spill_bytes']} bytes of register spills"
+    if name in MMA_KERNELS:
+        assert result["async_copies"] > 0, "the K loop is not pipelined"
+
+
+@pytest.mark.parametrize("name, arch, dtype", _params())
+def test_kernel_registers_fit_the_budget_without_spills(compiled, name, arch, dtype):
+    result = compiled[f"{name}/{arch}/{dtype}"]
+    assert isinstance(result, dict), result
+    assert isinstance(result["registers"], int), result["registers"]
+    # A spill to local memory costs every iteration of the K loop a round trip.
+    allowed = SPILL_BUDGET.get((name, dtype), SPILL_BUDGET.get(name, 0))
+    assert result["spill_bytes"] <= allowed, f"{result['spill_bytes']} bytes of register spills"
+    assert result["registers"] <= REGISTER_BUDGET[name], (
+        f"{result['registers']} registers a thread, budget {REGISTER_BUDGET[name]}")
+    # Registers decide how many CTAs share an SM (65536 registers each on sm_80 and sm_90).
+    assert result["registers"] * 32 * result["warps"] <= 65536
+
+
+@pytest.mark.parametrize("name, arch, dtype", _params([c for c in CASES if c[1] != "fp32"], sorted(MMA_KERNELS)))
+def test_products_run_on_tensor_cores(compiled, name, arch, dtype):
+    """16-bit products use the generation's MMA: warpgroup wgmma on Hopper, mma.sync on Ampere (fp32 inputs with
+    exact fp32 products run on the FMA units by design)."""
+    mma = compiled[f"{name}/{arch}/{dtype}"]["mma"]
+    assert mma[MMA_INSTRUCTION[arch]] > 0, mma
+    if arch == 80:
+        assert mma["wgmma.mma_async"] == 0
+
+
+def table(results: dict) -> str:
+    """The figures as a markdown table (``python tests/test_kernels_compile.py --table``)."""
+    lines = ["| kernel | target | registers | spill bytes | shared KiB | MMA | async copies | TMA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        name, arch, dtype = key.split("/")
+        if not isinstance(r, dict):
+            lines.append(f"| {name} | sm_{arch} {dtype} | failed: {r[:60]} | | | | | |")
+            continue
+        mma = ", ".join(f"{k.split('.')[0]} x{v}" for k, v in r["mma"].items() if v) or "none (FMA)"
+        lines.append(f"| {name} | sm_{arch} {dtype} | {r['registers']} | {r['spill_bytes']} | {r['shared'] / 1024:.0f} | "
+                     f"{mma} | {r['async_copies']} | {r['tma']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(json.dumps(_compile_all()))
+    results = _compile_all()
+    print(table(results) if "--table" in sys.argv else json.dumps(results))

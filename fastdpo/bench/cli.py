@@ -86,10 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget in GiB for the largest-batch search (default: the GPU's memory, or 2 on CPU, "
                    "less where the machine has less available)")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence (default 512 GPU, 256 CPU)")
-    p.add_argument("--pairs", type=_positive_int, default=None, help="pairs in the profiled step (default 1)")
+    p.add_argument("--pairs", type=_positive_int, default=None,
+                   help="pairs in the profiled step (default 1; 8 with --padding-free)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (default auto: CUDA when torch sees a GPU, else CPU)")
     p.add_argument("--no-search", action="store_true", help="skip the largest-batch search")
+    p.add_argument("--padding-free", action="store_true",
+                   help="instead: fastdpo's step on a ragged batch (long-tailed lengths up to --seq-len, shown), "
+                   "padded against packed (padding removed, one backbone row, cu_seqlens): backbone tokens, step "
+                   "time, peak memory side by side")
     _out_options(p, "profile")
     return parser
 
@@ -159,9 +164,10 @@ def _profile(args, parser) -> int:
     from .memory import TooBigError
 
     try:
+        pairs = args.pairs or (8 if args.padding_free else None)
         config = profiling.resolve_config(args.model, layers=args.layers, budget_gib=args.budget,
-                                          seq_len=args.seq_len, pairs=args.pairs, device=args.device,
-                                          search=not args.no_search)
+                                          seq_len=args.seq_len, pairs=pairs, device=args.device,
+                                          search=not (args.no_search or args.padding_free))
     except ValueError as err:
         parser.error(str(err))
     try:
@@ -174,12 +180,28 @@ def _profile(args, parser) -> int:
         return _fail("profile", err)
     except ValueError as err:  # a config.json that transformers cannot build
         parser.error(str(err))
+    if args.padding_free:
+        return _profile_padding_free(config, out, progress=not args.no_progress)
     try:
         report = profiling.run_profile(config, progress=not args.no_progress)
     except profiling.BudgetError as err:
         return _fail("profile", err)
     paths = _write("profile", out, lambda folder: profiling.write_outputs(report, folder))
     print(profiling.format_report(report, paths))
+    return 0 if paths is not None else 1
+
+
+def _profile_padding_free(config, out, progress=True) -> int:
+    from . import padding_free
+
+    try:
+        report = padding_free.run_padding_free(config, progress=progress)
+    except TypeError as err:  # a model that cannot run packed
+        return _fail("profile", err)
+    paths = _write("profile", out, lambda folder: padding_free.write_outputs(report, folder))
+    print(padding_free.format_padding_free(report))
+    if paths is not None:
+        print(f"results: {paths['json']}")
     return 0 if paths is not None else 1
 
 

@@ -6,11 +6,18 @@ states and lm-head weight, computing the reference log-probs from ``ref_hidden``
 (or none: reference-free). Competitors are imported only when used, so a missing package costs nothing but a row
 that says why it was skipped.
 
+Like with like: ``extras=True`` asks an implementation for the per-token statistics TRL's DPOTrainer logs besides
+the log-probs (entropy, mean logit, whether the target is the top-1 token): fastdpo through
+``extra_metrics=True``, TRL through the outputs its trainer requests. Implementations that cannot produce them
+(``supports_extras = False``: naive, Liger, CCE) are compared only without.
+
 Rows:
-- ``fastdpo``: :func:`fastdpo.dpo_loss` (Triton kernels on CUDA, the chunked torch path on CPU, or ``backend``).
+- ``fastdpo``: :func:`fastdpo.dpo_loss` (Triton kernels on CUDA, the chunked torch path on CPU, or ``backend``),
+  ``memory="lean"`` (the backward recomputes the logits).
+- ``fastdpo-fast``: the same with ``memory="fast"`` (the forward keeps what the backward needs).
 - ``naive``: :func:`fastdpo.reference.reference_dpo_loss`, which materializes the logits.
 - ``trl``: TRL's ``ChunkedLogProbFunction`` called as its DPOTrainer calls it (valid tokens only, vocabulary
-  tiles of 32768, the policy asking for entropy, mean logits and top-1 as DPOTrainer does).
+  tiles of 32768).
 - ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss`` (``torch.compile``d on CUDA, eager elsewhere).
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(reduction="none")`` summed per sequence, then DPO (CUDA).
 """
@@ -140,6 +147,8 @@ class Implementation:
     label = ""
     dist: str | None = None  # the PyPI distribution whose version is reported
     module: str | None = None  # imported to check availability
+    supports_extras = False  # can compute TRL's logged per-token extras (entropy, mean logit, top-1)
+    extras = False  # asked for them in this comparison
 
     @property
     def version(self) -> str | None:
@@ -173,12 +182,15 @@ class Implementation:
 
 
 class FastDPO(Implementation):
-    key = "fastdpo"
     dist = "fastdpo"
+    supports_extras = True
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", memory="lean", extras: bool = False):
         self.backend = backend
-        self.label = "fastdpo" if backend == "auto" else f"fastdpo[{backend}]"
+        self.memory = memory
+        self.extras = bool(extras)
+        self.key = "fastdpo" if memory == "lean" else "fastdpo-fast" if memory == "fast" else f"fastdpo-{memory}GiB"
+        self.label = self.key if backend == "auto" else f"{self.key}[{backend}]"
 
     def unavailable_reason(self, device, dtype):
         from .. import _validate
@@ -202,7 +214,7 @@ class FastDPO(Implementation):
 
         ref = dict(ref_hidden=inp.ref_hidden, ref_weight=inp.ref_weight) if inp.has_ref else dict(reference_free=True)
         return dpo_loss(inp.hidden, inp.weight, inp.labels, beta=inp.beta, ignore_index=inp.ignore_index,
-                        backend=self.backend, **ref).loss
+                        backend=self.backend, memory=self.memory, extra_metrics=self.extras, **ref).loss
 
 
 class Naive(Implementation):
@@ -223,6 +235,10 @@ class TRLChunked(Implementation):
     label = "TRL ChunkedLogProbFunction"
     dist = "trl"
     module = "trl.kernels.chunked_logprob"
+    supports_extras = True
+
+    def __init__(self, extras: bool = False):
+        self.extras = bool(extras)
 
     @staticmethod
     def _seq_logps(hidden, weight, labels, ignore_index, outputs):
@@ -240,7 +256,8 @@ class TRLChunked(Implementation):
             vocab, TRL_VOCAB_CHUNK) * 4
 
     def loss(self, inp):
-        pol = self._seq_logps(inp.hidden, inp.weight, inp.labels, inp.ignore_index, TRL_POLICY_OUTPUTS)
+        outputs = TRL_POLICY_OUTPUTS if self.extras else ()
+        pol = self._seq_logps(inp.hidden, inp.weight, inp.labels, inp.ignore_index, outputs)
         ref = None
         if inp.has_ref:
             with torch.no_grad():
@@ -305,19 +322,26 @@ class CCE(Implementation):
         return dpo_sigmoid(pol, ref, inp.beta)
 
 
-IMPLEMENTATIONS = ("fastdpo", "naive", "trl", "liger", "cce")
-_CLASSES = {"fastdpo": FastDPO, "naive": Naive, "trl": TRLChunked, "liger": Liger, "cce": CCE}
+IMPLEMENTATIONS = ("fastdpo", "fastdpo-fast", "naive", "trl", "liger", "cce")
+_CLASSES = {"naive": Naive, "trl": TRLChunked, "liger": Liger, "cce": CCE}
+_FASTDPO_MEMORY = {"fastdpo": "lean", "fastdpo-fast": "fast"}
 
 
-def get_implementations(keys=IMPLEMENTATIONS) -> list[Implementation]:
-    """Fresh adapters for ``keys`` (a subset of :data:`IMPLEMENTATIONS`, or ``fastdpo[torch]``-style names)."""
+def get_implementations(keys=IMPLEMENTATIONS, extras: bool = False) -> list[Implementation]:
+    """Fresh adapters for ``keys`` (a subset of :data:`IMPLEMENTATIONS`, or ``fastdpo[torch]``- and
+    ``fastdpo-fast[triton]``-style names). With ``extras`` every adapter that can is asked for TRL's per-token
+    extras; the others are returned as they are (callers comparing like with like leave them out)."""
     out = []
     for key in keys:
-        if key.startswith("fastdpo[") and key.endswith("]"):
-            out.append(FastDPO(key[len("fastdpo["):-1]))
+        base, _, backend = key.partition("[")
+        if base in _FASTDPO_MEMORY and (not backend or backend.endswith("]")):
+            out.append(FastDPO(backend[:-1] or "auto", memory=_FASTDPO_MEMORY[base], extras=extras))
         elif key in _CLASSES:
-            out.append(_CLASSES[key]())
+            impl = _CLASSES[key]()
+            if extras and impl.supports_extras:
+                impl.extras = True
+            out.append(impl)
         else:
             raise ValueError(f"unknown implementation {key!r}: choose from {list(IMPLEMENTATIONS)} "
-                             f"or fastdpo[auto|torch|triton]")
+                             f"or fastdpo[auto|torch|triton], fastdpo-fast[auto|torch|triton]")
     return out

@@ -48,6 +48,8 @@ SHAPES = {
     "llama3-8b": Shape("llama3-8b", 4096, 128256, 4, 1024, "Llama-3-8B head, 4 pairs x 1024"),
     "gemma2-2b": Shape("gemma2-2b", 2304, 256000, 4, 1024, "Gemma-2-2B head (its softcap not applied), 4 pairs x 1024"),
     "qwen2.5-7b": Shape("qwen2.5-7b", 3584, 152064, 8, 512, "Qwen2.5-7B head, 8 pairs x 512"),
+    # Issue 10's small batch: one pair at llama3-8b, where launches and the grid's fill matter most.
+    "llama3-8b-1x512": Shape("llama3-8b-1x512", 4096, 128256, 1, 512, "Llama-3-8B head, 1 pair x 512"),
     "llama3.2-1b": Shape("llama3.2-1b", 2048, 128256, 4, 1024, "Llama-3.2-1B head, 4 pairs x 1024"),
     "mistral-7b": Shape("mistral-7b", 4096, 32768, 4, 1024, "Mistral-7B-v0.3 head, 4 pairs x 1024"),
     # The CPU default: a 32k vocabulary and 1024 tokens (what the memory at stake scales with), and a narrow H
@@ -489,6 +491,10 @@ def summary(report: BenchReport, out_dir: str | None = None) -> str:
     if ours and trl:
         lines.append(f"vs TRL: {ours.ms_median / trl.ms_median:.2f}x its time; TRL peaks "
                      f"{format_bytes(trl.peak_bytes)}: {compare_peaks(ours.peak_bytes, trl.peak_bytes)}")
+    fast = report.row("fastdpo-fast")
+    if fast and trl:
+        lines.append(f"fastdpo-fast (memory='fast') vs TRL: {fast.ms_median / trl.ms_median:.2f}x its time; "
+                     f"{compare_peaks(fast.peak_bytes, trl.peak_bytes)}")
     if out_dir:
         lines.append(f"results: {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.json')}")
         chart = os.path.join(out_dir, "bench.png")

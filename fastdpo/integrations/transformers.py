@@ -17,19 +17,24 @@ Works with a PEFT-wrapped model (LoRA-style adapters injected into the layers) a
 with the same model with its adapter disabled (``ref_model="disable_adapter"``). A model loaded with a
 tensor-parallel ``tp_plan`` has a ``DTensor`` lm-head sharded over the vocabulary: the head is then
 vocabulary-parallel by itself (see :class:`fastdpo.VocabParallel`), without a gather.
+
+``padding_free=True`` removes the padding of a batch and runs the backbone once on its sequences packed into one
+row (:func:`pack_batch`, :func:`check_packable`); the loss then reduces over ``cu_seqlens`` segments.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import sys
 import types
 from dataclasses import dataclass
 
 import torch
 
+from .. import _packing, functional
 from .. import _validate as check
-from .. import functional
 from ..losses import DPOOutput, LossConfig, compute_dpo_loss
 
 __all__ = [
@@ -41,6 +46,9 @@ __all__ = [
     "causal_lm_token_stats",
     "causal_lm_logprobs",
     "causal_lm_dpo_loss",
+    "PackedBatch",
+    "pack_batch",
+    "check_packable",
     "DISABLE_ADAPTER",
 ]
 
@@ -253,8 +261,134 @@ def _check_inputs(input_ids, labels, attention_mask=None):
                          f"{tuple(input_ids.shape)}")
 
 
+# --- padding-free (packed) batches ----------------------------------------------------------------------------
+
+# Attention implementations that keep packed sequences apart when given restarting `position_ids` (and no
+# attention mask): transformers' masking_utils turns them into a block-diagonal causal mask for eager, sdpa
+# and flex attention, and flash-attn's varlen kernels read the sequence starts from them.
+_PACKABLE_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+_MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+
+
+@dataclass
+class PackedBatch:
+    """A padded ``[S, T]`` batch with its padding removed: the ``L`` real tokens back to back in one row.
+
+    Attributes:
+        input_ids: ``[1, L]`` the tokens of every sequence (row order), without padding.
+        position_ids: ``[1, L]`` each token's position inside its own sequence (restarts at 0).
+        targets: ``[L]`` the next-token labels of the packed tokens, ``ignore_index`` on the last token of every
+            sequence (its "next token" belongs to the following sequence) — the padded ``labels[:, 1:]``.
+        cu_seqlens: ``[S+1]`` int32 offsets of the sequences (flash-attn's varlen convention).
+        index: ``[L]`` where each packed token sits in the flattened ``[S·T]`` padded batch.
+        shape: ``(S, T)`` of the padded batch.
+        model_kwargs: other per-token model inputs (e.g. ``token_type_ids``), packed as ``[1, L]``.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    cu_seqlens: torch.Tensor
+    index: torch.Tensor
+    shape: tuple
+    model_kwargs: dict
+
+    def backbone_kwargs(self) -> dict:
+        """Keyword arguments of the backbone's forward: no attention mask and no cache, so that transformers
+        builds the block-causal mask from the restarting ``position_ids`` (with a cache it would not)."""
+        return dict(self.model_kwargs, input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=None,
+                    use_cache=False)
+
+    def to_padded(self, values: torch.Tensor) -> torch.Tensor:
+        """``[L]`` per-token values of the packed stream as the padded ``[S, T-1]`` layout of
+        :func:`causal_lm_token_stats` (0 elsewhere); differentiable."""
+        S, T = self.shape
+        flat = values.new_zeros(S * T).index_copy(0, self.index, values)
+        return flat.view(S, T)[:, :-1]
+
+
+def pack_batch(input_ids, labels, attention_mask=None, *, ignore_index=-100, **model_kwargs) -> PackedBatch:
+    """Remove the padding of a ``[S, T]`` batch (right or left padded); see :class:`PackedBatch`.
+
+    ``labels`` are unshifted (as for ``model(labels=...)``). Positions restart at 0 with every sequence, as in the
+    padded batch when it is right-padded (TRL's collators pad on the right). Labels under ``attention_mask == 0``
+    are dropped with their tokens. Other ``[S, T]`` tensors in ``model_kwargs`` are packed alike; the rest is
+    passed on unchanged. On a GPU, the packed length is read on the host (one synchronisation).
+    """
+    _check_inputs(input_ids, labels)
+    if model_kwargs.get("position_ids") is not None:
+        raise ValueError("position_ids: padding_free=True computes its own position ids (restarting at every "
+                         "sequence); do not pass any")
+    model_kwargs.pop("position_ids", None)
+    S, T = input_ids.shape
+    keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+            else attention_mask.to(input_ids.device) != 0)
+    if tuple(keep.shape) != (S, T):
+        raise ValueError(f"attention_mask must be shaped like input_ids {(S, T)}, got {tuple(keep.shape)}")
+    index = keep.flatten().nonzero().squeeze(1)
+    positions = (keep.long().cumsum(1) - 1).flatten()[index]
+    row = index // T
+    packed_labels = labels.to(input_ids.device).flatten()[index]
+    # Token i predicts token i+1 only inside its own sequence.
+    same = torch.zeros_like(keep.flatten()[index])
+    same[:-1] = row[1:] == row[:-1]
+    following = torch.cat([packed_labels[1:], packed_labels.new_full((1,), ignore_index)])
+    targets = torch.where(same, following, torch.full_like(following, ignore_index))
+    packed_kwargs = {k: (v.flatten()[index].unsqueeze(0) if isinstance(v, torch.Tensor) and tuple(v.shape) == (S, T)
+                         else v) for k, v in model_kwargs.items()}
+    return PackedBatch(input_ids=input_ids.flatten()[index].unsqueeze(0), position_ids=positions.unsqueeze(0),
+                       targets=targets, cu_seqlens=_packing.cu_seqlens_from_lengths(keep.sum(1)), index=index,
+                       shape=(S, T), model_kwargs=packed_kwargs)
+
+
+def check_packable(model) -> None:
+    """Raise ``TypeError`` unless ``model``'s backbone keeps packed sequences apart.
+
+    Packed training needs attention that isolates sequences by their restarting ``position_ids``:
+    transformers' mask builders (``masking_utils.create_causal_mask`` and kin, which detect packed position ids
+    and build a block-diagonal causal mask for eager/sdpa/flex attention) or flash-attn's varlen kernels
+    (``attn_implementation="flash_attention_2"``, the GPU path: flash-attn does not install without CUDA).
+    Refused: other attention implementations, backbones that build their own masks, and layers that carry state
+    along the sequence (Mamba/linear-attention/convolution layers would leak from one sequence into the next).
+    """
+    lm = unwrap_causal_lm(model)
+    backbone = _backbone(lm)
+    name = type(lm).__name__
+    impl = getattr(lm.config, "_attn_implementation", None)
+    if impl not in _PACKABLE_ATTENTION:
+        raise TypeError(f"padding_free=True: {name} uses attn_implementation={impl!r}, which cannot keep packed "
+                        f"sequences apart; use one of {list(_PACKABLE_ATTENTION)} (flash_attention_2 on GPU)")
+    if "position_ids" not in inspect.signature(backbone.forward).parameters:
+        raise TypeError(f"padding_free=True: the backbone of {name} takes no position_ids, so packed sequences "
+                        f"cannot restart their positions")
+    module = sys.modules.get(type(backbone).__module__)
+    if not any(hasattr(module, builder) for builder in _MASK_BUILDERS):
+        raise TypeError(f"padding_free=True: {name} does not build its attention mask with transformers' "
+                        f"masking_utils, so packed sequences would attend to each other; use padding_free=False")
+    text = _text_config(lm.config)
+    layer_types = getattr(text, "layer_types", None) or getattr(text, "layers_block_type", None) or ()
+    stateful = sorted({t for t in layer_types if not isinstance(t, str) or "attention" not in t or "linear" in t})
+    if stateful:
+        raise TypeError(f"padding_free=True: {name} has layers of type {stateful}, which carry state along the "
+                        f"sequence across packed sequence boundaries; use padding_free=False")
+
+
+def _packed_token_stats(model, packed: PackedBatch, *, temperature, extras, ignore_index, backend,
+                        hidden_states=None) -> dict:
+    """Per-token statistics ``[L]`` of ``packed.targets`` from one backbone pass over the packed row."""
+    head = lm_head_spec(model)
+    if hidden_states is None:
+        check_packable(model)
+        hidden_states = _run_backbone(unwrap_causal_lm(model), **packed.backbone_kwargs())
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).to(head.weight.device)
+    return functional.token_stats(hidden, head.weight, packed.targets.to(head.weight.device), bias=head.bias,
+                                  ignore_index=ignore_index, temperature=temperature, backend=backend, extras=extras,
+                                  names={"targets": "labels"}, **head.options())
+
+
 def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temperature=1.0, extras=False,
-                          ignore_index=-100, backend="auto", hidden_states=None, **model_kwargs) -> dict:
+                          ignore_index=-100, backend="auto", hidden_states=None, padding_free=False,
+                          **model_kwargs) -> dict:
     """Per-token statistics of the next-token labels, as ``model(...).logits`` would give them.
 
     Args:
@@ -267,6 +401,11 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         temperature: divisor of the logits after the model's own transform.
         extras: also return ``entropy``, ``log_sum_sq_probs`` and ``is_top1``.
         hidden_states: the backbone's ``[B, T, H]`` output when already computed (the backbone is then not run).
+        padding_free: remove the padding and run the backbone once on all sequences packed into one row, positions
+            restarting at each sequence (see :func:`pack_batch`, :func:`check_packable`); the results are those of
+            the right-padded batch, to rounding. Default False. Eager and sdpa attention compute the packed row as
+            one ``L × L`` product under a block-diagonal mask (work in ``L²``, not ``Σ T_s²``);
+            ``flash_attention_2``'s varlen kernels compute only the diagonal blocks.
         **model_kwargs: passed to the backbone (e.g. ``position_ids``).
 
     Returns:
@@ -274,6 +413,14 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         and the extras; 0 where the shifted label is ignored.
     """
     _check_inputs(input_ids, labels, attention_mask)
+    if padding_free:
+        if hidden_states is not None:
+            raise ValueError("hidden_states: with padding_free=True the backbone runs on the packed batch; do not "
+                             "pass padded hidden states")
+        packed = pack_batch(input_ids, labels, attention_mask, ignore_index=ignore_index, **model_kwargs)
+        stats = _packed_token_stats(model, packed, temperature=temperature, extras=extras,
+                                    ignore_index=ignore_index, backend=backend)
+        return {name: packed.to_padded(value) for name, value in stats.items()}
     head = lm_head_spec(model)
     if hidden_states is None:
         hidden_states = backbone_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask,
@@ -286,7 +433,8 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
 
 
 def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, **kwargs) -> torch.Tensor:
-    """``[B, T-1]`` log-probs of the next-token labels (0 where ignored); see :func:`causal_lm_token_stats`."""
+    """``[B, T-1]`` log-probs of the next-token labels (0 where ignored); see :func:`causal_lm_token_stats`
+    (``padding_free=True`` runs the backbone on the packed batch)."""
     return causal_lm_token_stats(model, input_ids, labels, attention_mask, **kwargs)["logp"]
 
 
@@ -299,7 +447,7 @@ def _adapter_disabled(model):
 
 def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, ref_logps=None,
                        reference_free=False, beta=None, temperature=1.0, ignore_index=-100, backend="auto",
-                       config: LossConfig | None = None, **loss_options) -> DPOOutput:
+                       config: LossConfig | None = None, padding_free=False, **loss_options) -> DPOOutput:
     """The DPO loss of a causal LM on a batch of ``2B`` rows (``B`` chosen, then ``B`` rejected).
 
     Args:
@@ -314,6 +462,10 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
         beta, config, **loss_options: the loss, as in :func:`fastdpo.dpo_loss` (``beta`` 0.1 by default, or
             ``config.beta``; a ``beta`` that differs from ``config.beta`` raises a ``ValueError``).
         temperature, ignore_index, backend: as in :func:`fastdpo.token_stats`.
+        padding_free: remove the padding and run the policy's (and the reference model's) backbone once on the
+            ``2B`` sequences packed into one row (see :func:`causal_lm_token_stats`); the loss then sums over the
+            packed stream's segments. Gives the right-padded batch's results, to rounding, with fewer tokens through
+            the backbone. Default False.
 
     Returns:
         :class:`fastdpo.DPOOutput`; ``metrics`` include ``entropy`` and ``mean_token_accuracy`` like TRL's
@@ -336,8 +488,13 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
     # One rule with dpo_loss: beta defaults to 0.1 (config.beta with a config), a different beta raises.
     config = functional.loss_config(beta, config, loss_options)
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
-    stats = causal_lm_token_stats(model, input_ids, labels, attention_mask, extras=config.needs_token_extras,
-                                  **common)
+    packed = None
+    if padding_free:
+        packed = pack_batch(input_ids, labels, attention_mask, ignore_index=ignore_index)
+        stats = _packed_token_stats(model, packed, extras=config.needs_token_extras, **common)
+    else:
+        stats = causal_lm_token_stats(model, input_ids, labels, attention_mask, extras=config.needs_token_extras,
+                                      **common)
     ref_token_logps = None
     if ref_model is not None:
         if isinstance(ref_model, str):
@@ -347,12 +504,19 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
         else:
             ctx, ref = contextlib.nullcontext(), ref_model
         with torch.no_grad(), ctx:
-            ref_token_logps = causal_lm_token_stats(ref, input_ids, labels, attention_mask, **common)["logp"]
+            if packed is not None:
+                ref_token_logps = _packed_token_stats(ref, packed, extras=False, **common)["logp"]
+            else:
+                ref_token_logps = causal_lm_token_stats(ref, input_ids, labels, attention_mask, **common)["logp"]
     if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) !=
                                   (input_ids.shape[0],)):
         raise ValueError(f"ref_logps must be a [2B] = [{input_ids.shape[0]}] tensor, got "
                          f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
-    mask = labels[:, 1:].to(stats["logp"].device) != ignore_index
+    if packed is None:
+        mask, cu_seqlens = labels[:, 1:].to(stats["logp"].device) != ignore_index, None
+    else:
+        mask = packed.targets.to(stats["logp"].device) != ignore_index
+        cu_seqlens = packed.cu_seqlens.to(stats["logp"].device)
     return compute_dpo_loss(stats, mask, config, ref_token_logps=ref_token_logps,
                             ref_logps=None if ref_logps is None else ref_logps.to(stats["logp"].device),
-                            reference_free=reference_free)
+                            reference_free=reference_free, cu_seqlens=cu_seqlens)

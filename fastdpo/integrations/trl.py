@@ -75,7 +75,9 @@ from .._torch_path import _compute_dtype, chunked_backward  # noqa: E402
 from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
 from .transformers import (  # noqa: E402
     add_hidden_states_forward,
+    check_packable,
     lm_head_spec,
+    pack_batch,
     to_fastdpo_transform,
     unwrap_causal_lm,
 )
@@ -318,10 +320,20 @@ class FastDPOTrainer(DPOTrainer):
 
     MoE models train with the router's load-balancing loss as in TRL (``router_aux_loss_coef``, by default the
     model's own coefficient; logged as ``aux_loss``), and ``bf16``/``fp16`` run the backbone and the head under
-    the trainer's autocast as TRL's forward does. Options of ``DPOConfig`` that fastdpo does not support raise
-    ``ValueError`` at construction, before any of the parent's set-up: loss options missing from
-    :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT, DeepSpeed ZeRO-3 and FSDP (they shard the
-    lm-head that fastdpo reads directly).
+    the trainer's autocast as TRL's forward does.
+
+    ``DPOConfig(padding_free=True)`` trains padding-free, which TRL 1.16's own DPOTrainer no longer does (it warns
+    and pads): TRL's collator still pads the batch, then each step removes the padding and runs the policy's and
+    the reference's backbones (and the precompute pass) once on all sequences packed into one row, positions
+    restarting at each sequence (see :func:`fastdpo.integrations.transformers.pack_batch`); the loss sums over the
+    packed segments. Same losses and logged metrics as padded training (``num_tokens`` counts the real tokens in
+    both). The model must be able to run packed (:func:`~fastdpo.integrations.transformers.check_packable`);
+    ``flash_attention_2`` is the intended GPU attention. Unlike TRL's former padding-free mode, no
+    ``flash_attention_2`` is required: on CPU, eager and sdpa attention get a block-diagonal mask from transformers.
+
+    Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction, before any of the
+    parent's set-up: loss options missing from :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT,
+    DeepSpeed ZeRO-3 and FSDP (they shard the lm-head that fastdpo reads directly).
     """
 
     _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
@@ -357,7 +369,22 @@ class FastDPOTrainer(DPOTrainer):
                 raise ValueError(f"router_aux_loss_coef={coef} is set but {type(lm).__name__} is not a "
                                  f"Mixture-of-Experts model that returns router logits: there is no auxiliary loss "
                                  f"to weight")
-        super().__init__(model, ref_model, args, *pos, **kwargs)
+        # TRL 1.16 warns that it cannot train padding-free and pads; fastdpo packs, so TRL must not see the flag.
+        # Set before DPOTrainer.__init__, whose precompute pass already packs.
+        self.fastdpo_padding_free = padding_free = bool(getattr(args, "padding_free", False))
+        if padding_free:
+            if not isinstance(model, str):
+                check_packable(model)
+            args.padding_free = False
+        try:
+            super().__init__(model, ref_model, args, *pos, **kwargs)
+        finally:
+            if padding_free:
+                args.padding_free = True
+        if padding_free:
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    check_packable(m)
 
     @staticmethod
     def _check_unsupported(args):
@@ -373,13 +400,22 @@ class FastDPOTrainer(DPOTrainer):
 
     # -- the fused head ------------------------------------------------------------------------------------------
 
-    def _token_stats(self, model, model_kwargs, labels, *, extras, aux_loss=False):
-        """fastdpo's per-token stats ``[2B, T-1]`` of the shifted labels, from ``model``'s backbone; with ``aux_loss``
-        also the MoE router's load-balancing loss (else None)."""
+    def _token_stats(self, model, model_kwargs, labels, *, extras, aux_loss=False, packed=None):
+        """fastdpo's per-token stats of the shifted labels from ``model``'s backbone, with ``aux_loss`` the MoE
+        router's load-balancing loss (else None), and the packed batch.
+
+        Padded: stats ``[2B, T-1]`` and None. ``padding_free``: stats ``[L]`` of the packed stream and its
+        :class:`~fastdpo.integrations.transformers.PackedBatch` (``packed``, when the batch was packed already).
+        """
         unwrapped = self.accelerator.unwrap_model(model)
         # Through `model(...)`, so that DDP / PEFT / accelerate wrappers see the forward.
         add_hidden_states_forward(unwrapped)
         kwargs = {**model_kwargs, "use_cache": False}
+        if self.fastdpo_padding_free:
+            check_packable(unwrapped)
+            if packed is None:
+                packed = pack_batch(kwargs.pop("input_ids"), labels, kwargs.pop("attention_mask", None), **kwargs)
+            kwargs = packed.backbone_kwargs()
         if aux_loss:
             kwargs["output_router_logits"] = True
         # Stock TRL runs backbone, head and router loss inside `model.forward`, which accelerate wraps in the
@@ -387,13 +423,25 @@ class FastDPOTrainer(DPOTrainer):
         with self.accelerator.autocast():
             out = model(**kwargs, fastdpo_hidden_states=True)
             head = lm_head_spec(unwrapped)
-            stats = functional.token_stats(out.last_hidden_state[:, :-1].to(head.weight.device), head.weight,
-                                           labels[:, 1:].to(head.weight.device), bias=head.bias, extras=extras,
-                                           backend=self.fastdpo_backend, names={"targets": "labels"},
-                                           **head.options())
+            if packed is None:
+                hidden, targets = out.last_hidden_state[:, :-1], labels[:, 1:]
+            else:
+                hidden, targets = out.last_hidden_state[0], packed.targets
+            stats = functional.token_stats(hidden.to(head.weight.device), head.weight, targets.to(head.weight.device),
+                                           bias=head.bias, extras=extras, backend=self.fastdpo_backend,
+                                           names={"targets": "labels"}, **head.options())
+            # Packed, every token is real: no attention mask, and the router loss averages over the same tokens.
             aux = (self._router_aux_loss(unwrapped, out.router_logits, kwargs.get("attention_mask")) if aux_loss
                    else None)
-        return stats, aux
+        return stats, aux, packed
+
+    @staticmethod
+    def _loss_layout(stats, labels, packed):
+        """The completion mask in the stats' layout, and the packed offsets (None when padded)."""
+        device = stats["logp"].device
+        if packed is None:
+            return labels[:, 1:].to(device) != -100, None
+        return packed.targets.to(device) != -100, packed.cu_seqlens.to(device)
 
     @staticmethod
     def _router_aux_loss(model, router_logits, attention_mask):
@@ -418,12 +466,12 @@ class FastDPOTrainer(DPOTrainer):
             return _trl_utils.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return nullcontext()
 
-    def _reference_sequence_logps(self, token_logps, mask):
+    def _reference_sequence_logps(self, token_logps, mask, cu_seqlens=None):
         """Reduce reference per-token log-probs exactly as :func:`compute_dpo_loss` reduces the policy's."""
         # WPO weights only scale the loss, and need head extras the reference pass does not compute.
         config = dataclasses.replace(self.fastdpo_config, use_weighting=False)
         stats = {"logp": token_logps, "mean_logit": torch.zeros_like(token_logps)}
-        out = compute_dpo_loss(stats, mask, config, reference_free=True)
+        out = compute_dpo_loss(stats, mask, config, reference_free=True, cu_seqlens=cu_seqlens)
         return out.chosen_logps.detach(), out.rejected_logps.detach()
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -439,8 +487,8 @@ class FastDPOTrainer(DPOTrainer):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._adapter_context(), self.accelerator.autocast()):
-            logp = self._token_stats(model, model_kwargs, labels, extras=False)[0]["logp"]
-        return self._reference_sequence_logps(logp, labels[:, 1:].to(logp.device) != -100)
+            stats, _, packed = self._token_stats(model, model_kwargs, labels, extras=False)
+        return self._reference_sequence_logps(stats["logp"], *self._loss_layout(stats, labels, packed))
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -449,8 +497,9 @@ class FastDPOTrainer(DPOTrainer):
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        stats, aux_loss = self._token_stats(model, model_kwargs, labels, extras=True, aux_loss=self.aux_loss_enabled)
-        mask = labels[:, 1:].to(stats["logp"].device) != -100
+        stats, aux_loss, packed = self._token_stats(model, model_kwargs, labels, extras=True,
+                                                    aux_loss=self.aux_loss_enabled)
+        mask, cu_seqlens = self._loss_layout(stats, labels, packed)
 
         ref_token_logps = ref_logps = None
         if self.precompute_ref_logps:
@@ -459,15 +508,22 @@ class FastDPOTrainer(DPOTrainer):
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 if self.ref_model is None:
                     with self._adapter_context():
-                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False)[0]["logp"]
+                        ref_token_logps = self._token_stats(self.model, model_kwargs, labels, extras=False,
+                                                            packed=packed)[0]["logp"]
                 else:
-                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False)[0]["logp"]
-        out = compute_dpo_loss(stats, mask, self.fastdpo_config, ref_token_logps=ref_token_logps, ref_logps=ref_logps)
+                    ref_token_logps = self._token_stats(self.ref_model, model_kwargs, labels, extras=False,
+                                                        packed=packed)[0]["logp"]
+        out = compute_dpo_loss(stats, mask, self.fastdpo_config, ref_token_logps=ref_token_logps, ref_logps=ref_logps,
+                               cu_seqlens=cu_seqlens)
         loss = out.loss
         if aux_loss is not None:
             # As TRL: the router loss weighted by `router_aux_loss_coef`, logged unweighted as `aux_loss`.
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        if packed is not None:
+            # The metrics are logged from the padded layout, as TRL's; only their per-token inputs are unpacked.
+            stats = {k: packed.to_padded(stats[k].detach()) for k in ("entropy", "mean_logit", "is_top1")}
+            mask = packed.to_padded(mask)
         self._log_fastdpo_metrics(mode, out, stats, mask, inputs)
 
         if return_outputs:
