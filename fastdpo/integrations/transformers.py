@@ -18,6 +18,12 @@ with the same model with its adapter disabled (``ref_model="disable_adapter"``).
 tensor-parallel ``tp_plan`` has a ``DTensor`` lm-head sharded over the vocabulary: the head is then
 vocabulary-parallel by itself (see :class:`fastdpo.VocabParallel`), without a gather.
 
+Data-parallel wrappers (DDP, FSDP1, FSDP2 ``fully_shard``, DeepSpeed ZeRO-1/2/3): pass the wrapped model itself.
+The head's statistics are computed *inside the lm-head module's own forward*, and that module is called from
+inside the model's forward (see :func:`add_hidden_states_forward`), so every wrapper gathers, casts and reduces the
+head exactly as for an ordinary forward; fastdpo never gathers a parameter itself. The backward recomputes the
+logits from the weight that the wrapper's own pre-backward hooks gathered again.
+
 ``padding_free=True`` removes the padding of a batch and runs the backbone once on its sequences packed into one
 row (:func:`pack_batch`, :func:`check_packable`); the loss then reduces over ``cu_seqlens`` segments.
 """
@@ -41,8 +47,11 @@ __all__ = [
     "HeadSpec",
     "lm_head_spec",
     "unwrap_causal_lm",
+    "call_lm_head",
+    "call_head_module",
     "backbone_hidden_states",
     "add_hidden_states_forward",
+    "HeadOutput",
     "causal_lm_token_stats",
     "causal_lm_logprobs",
     "causal_lm_dpo_loss",
@@ -55,8 +64,16 @@ __all__ = [
 #: ``ref_model`` value of :func:`causal_lm_dpo_loss`: the reference is the policy with its PEFT adapter disabled.
 DISABLE_ADAPTER = "disable_adapter"
 
-# The keyword that :func:`add_hidden_states_forward` adds to a model's forward.
+# The keywords that :func:`add_hidden_states_forward` adds to a model's forward.
 HIDDEN_STATES_KWARG = "fastdpo_hidden_states"
+HEAD_KWARG = "fastdpo_head"
+
+# Data-parallel wrappers that hold the model as `.module` and run it from their own forward. Matched by class name
+# so that DeepSpeed is never imported here.
+_WRAPPER_CLASSES = ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+# Module wrappers that hold the wrapped module under these attributes and call it from their forward (FSDP1 units,
+# activation-checkpoint wrappers).
+_INNER_MODULE_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 @dataclass(frozen=True)
@@ -90,13 +107,34 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def unwrap_wrappers(model):
+    """The module under data-parallel wrappers (DDP, FSDP1's root unit, a DeepSpeed engine), or the model itself.
+
+    FSDP2 (``fully_shard``) and DeepSpeed ZeRO-3 keep the module itself (with hooks), so it is returned as is.
+    """
+    while type(model).__name__ in _WRAPPER_CLASSES and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _innermost(module):
+    """The module under FSDP1 unit and activation-checkpoint wrappers (whose forward calls it)."""
+    while True:
+        inner = next((getattr(module, a) for a in _INNER_MODULE_ATTRS if isinstance(getattr(module, a, None),
+                                                                                   torch.nn.Module)), None)
+        if inner is None:
+            return module
+        module = inner
+
+
 def unwrap_causal_lm(model):
-    """The ``*ForCausalLM`` module under a PEFT wrapper (or the model itself).
+    """The ``*ForCausalLM`` module under data-parallel and PEFT wrappers (or the model itself).
 
     Raises:
         TypeError: for prompt-learning PEFT methods (prefix/prompt tuning), whose virtual tokens only exist in
             ``PeftModel.forward`` and so are skipped when the backbone is run directly.
     """
+    model = unwrap_wrappers(model)
     if _is_peft_model(model):
         if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
             raise TypeError("model: prompt-learning PEFT adapters (prefix/prompt/p-tuning) are not supported by "
@@ -140,26 +178,71 @@ def to_fastdpo_transform(softcap, scale) -> tuple[float | None, float]:
     return float(softcap) / abs(float(scale)), float(scale)
 
 
+def _lm_head_module(lm):
+    """The output-embedding module of the causal LM ``lm`` (possibly an FSDP1 unit), checked."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    inner = _innermost(head) if isinstance(head, torch.nn.Module) else None
+    if inner is None or not isinstance(getattr(inner, "weight", None), torch.Tensor):
+        raise TypeError(f"model: {type(lm).__name__} has no output embedding (lm-head) with a weight")
+    if inner.__class__.__module__.startswith("peft."):
+        raise TypeError("model: a PEFT adapter on the lm-head is not supported: fastdpo reads lm_head.weight "
+                        "directly, so the adapter would never be applied or trained; remove 'lm_head' from "
+                        "target_modules")
+    return head
+
+
+def _head_transform(lm) -> dict:
+    softcap, scale = to_fastdpo_transform(*_model_transform(lm.config))
+    return {"softcap": softcap, "logit_scale": scale}
+
+
 def lm_head_spec(model) -> HeadSpec:
     """The lm-head (tied or not) of a causal LM and its logit transform in fastdpo's order.
 
+    The weight is read as the module holds it *outside* a forward: under FSDP and ZeRO-3 that is a shard (or a
+    ``DTensor``); the loss helpers below never read it this way but call the head as a module
+    (:func:`call_lm_head`).
+
     Args:
-        model: a ``transformers`` causal LM, optionally PEFT-wrapped.
+        model: a ``transformers`` causal LM, optionally PEFT- or data-parallel-wrapped.
 
     Raises:
         TypeError: when the model has no linear output embedding, or a PEFT adapter wraps the lm-head
             (fastdpo reads ``lm_head.weight`` directly, so the adapter would be silently ignored).
     """
     lm = unwrap_causal_lm(model)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise TypeError(f"model: {type(lm).__name__} has no output embedding (lm-head) with a weight")
-    if head.__class__.__module__.startswith("peft."):
-        raise TypeError("model: a PEFT adapter on the lm-head is not supported: fastdpo reads lm_head.weight "
-                        "directly, so the adapter would never be applied or trained; remove 'lm_head' from "
-                        "target_modules")
-    softcap, scale = to_fastdpo_transform(*_model_transform(lm.config))
-    return HeadSpec(weight=head.weight, bias=getattr(head, "bias", None), softcap=softcap, logit_scale=scale)
+    head = _innermost(_lm_head_module(lm))
+    return HeadSpec(weight=head.weight, bias=getattr(head, "bias", None), **_head_transform(lm))
+
+
+def _head_forward(self, *args, fastdpo_head=None, **kwargs):
+    # Inside the module's own forward the data-parallel wrappers have gathered (and cast) its parameters.
+    if fastdpo_head is None:
+        return self._fastdpo_original_forward(*args, **kwargs)
+    return fastdpo_head(*args, self.weight, getattr(self, "bias", None), **kwargs)
+
+
+def call_lm_head(model, hidden, fn):
+    """Call the lm-head module of ``model`` so that its forward returns ``fn(hidden, weight, bias)``.
+
+    ``weight`` and ``bias`` are the head's parameters as its own forward sees them: gathered by FSDP1/FSDP2/ZeRO-3,
+    cast by a mixed-precision policy, and tracked by DDP and by the wrappers' backward hooks (which gather them
+    again for a backward that recomputes from them, and reduce their gradients). Call it from inside the model's
+    forward (as :func:`add_hidden_states_forward` does) under DDP; FSDP and ZeRO-3 also accept a direct call.
+    ``fn`` should return tensors in a tuple, list, dict or dataclass, so that the wrappers find them.
+    """
+    return call_head_module(_lm_head_module(unwrap_causal_lm(model)), hidden, fn)
+
+
+def call_head_module(head, hidden, fn):
+    """:func:`call_lm_head` given the lm-head module itself (an FSDP1 unit or the module under it)."""
+    inner = _innermost(head)
+    if inner.__dict__.get("forward") is None or not getattr(inner, "_fastdpo_head_forward", False):
+        # An instance attribute (not a closure), so that a deep copy of the model calls its own forward.
+        inner._fastdpo_original_forward = inner.forward
+        inner.forward = types.MethodType(_head_forward, inner)
+        inner._fastdpo_head_forward = True
+    return head(hidden, fastdpo_head=fn)
 
 
 def _backbone(lm):
@@ -190,34 +273,48 @@ def backbone_hidden_states(model, input_ids=None, attention_mask=None, **kwargs)
     """The final hidden states ``[B, T, H]`` of a causal LM: its backbone only, no lm-head.
 
     For a PEFT model the adapters take part (they live inside the backbone's layers); run it under
-    ``model.disable_adapter()`` for the base model. When the model is wrapped for distributed training
-    (DDP), call the wrapper with ``fastdpo_hidden_states=True`` after :func:`add_hidden_states_forward`
-    instead, so that the wrapper's forward hooks run.
+    ``model.disable_adapter()`` for the base model. This calls the backbone module directly; under a
+    data-parallel wrapper use ``model(..., fastdpo_head=fn)`` (:func:`add_hidden_states_forward`) instead, so that
+    the wrapper sees one ordinary forward.
     """
     return _run_backbone(unwrap_causal_lm(model), input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def add_hidden_states_forward(model) -> None:
-    """Let ``model(..., fastdpo_hidden_states=True)`` return the backbone's final hidden states.
+def _hidden_states_forward(self, *args, fastdpo_hidden_states=False, fastdpo_head=None, **kwargs):
+    if fastdpo_head is None and not fastdpo_hidden_states:
+        return self._fastdpo_original_forward(*args, **kwargs)
+    out = _backbone_outputs(self, *args, **kwargs)
+    hidden, router_logits = _last_hidden_state(out), getattr(out, "router_logits", None)
+    if fastdpo_head is not None:
+        # The router logits leave through the same forward as the head's result, so that a wrapper sees both.
+        return HeadOutput(head=call_lm_head(self, hidden, fastdpo_head), router_logits=router_logits)
+    return _HiddenStates(last_hidden_state=hidden, router_logits=router_logits)
 
-    The call then returns a ``BaseModelOutput``-like object whose ``last_hidden_state`` is ``[B, T, H]`` (and
-    ``router_logits`` the backbone's MoE router logits when ``output_router_logits=True`` is passed, else None);
-    without the keyword the model's forward is unchanged. Going through ``model(...)`` keeps wrappers
-    (PEFT, DDP, accelerate hooks) in the loop. Idempotent.
+
+def add_hidden_states_forward(model) -> None:
+    """Add two keywords to the forward of a causal LM (``model`` may be PEFT- or data-parallel-wrapped).
+
+    - ``model(..., fastdpo_hidden_states=True)`` returns an object whose ``last_hidden_state`` is the backbone's
+      ``[B, T, H]`` output;
+    - ``model(..., fastdpo_head=fn)`` runs the backbone, then the lm-head module on its output, and returns a
+      :class:`HeadOutput` whose ``head`` is ``fn(hidden [B, T, H], weight, bias)`` computed inside the lm-head's
+      own forward (see :func:`call_lm_head`): the way to run a fused head under DDP, FSDP and ZeRO.
+
+    Both also carry ``router_logits``: the backbone's MoE router logits when ``output_router_logits=True`` is
+    passed, else None. Without the keywords the model's forward is unchanged. Going through ``model(...)`` keeps
+    wrappers (PEFT, DDP, FSDP, DeepSpeed, accelerate hooks) in the loop. Idempotent.
     """
     lm = unwrap_causal_lm(model)
-    if getattr(lm, "_fastdpo_hidden_states_forward", False):
+    if lm.__dict__.get("forward") is not None and getattr(lm, "_fastdpo_hidden_states_forward", False):
         return
-    original_forward = lm.forward
+    # The forward it replaces is kept as an instance attribute, not in a closure, so that a deep copy of the model
+    # (a reference model) runs its own forward.
+    lm._fastdpo_original_forward = lm.forward
 
     # Keep the original signature: `generate` validates its model kwargs against it.
     @functools.wraps(type(lm).forward)
-    def forward(self, *args, fastdpo_hidden_states=False, **kwargs):
-        if not fastdpo_hidden_states:
-            return original_forward(*args, **kwargs)
-        out = _backbone_outputs(self, *args, **kwargs)
-        return _HiddenStates(last_hidden_state=_last_hidden_state(out),
-                             router_logits=getattr(out, "router_logits", None))
+    def forward(self, *args, **kwargs):
+        return _hidden_states_forward(self, *args, **kwargs)
 
     lm.forward = types.MethodType(forward, lm)
     lm._fastdpo_hidden_states_forward = True
@@ -226,6 +323,16 @@ def add_hidden_states_forward(model) -> None:
 @dataclass
 class _HiddenStates:
     last_hidden_state: torch.Tensor
+    router_logits: tuple | None = None
+
+
+@dataclass
+class HeadOutput:
+    """What ``model(..., fastdpo_head=fn)`` returns: ``head`` is ``fn``'s result, ``router_logits`` the backbone's
+    MoE router logits (a tuple of ``[N, num_experts]`` tensors) when ``output_router_logits=True`` was passed, else
+    None."""
+
+    head: object
     router_logits: tuple | None = None
 
 
@@ -259,6 +366,61 @@ def _check_inputs(input_ids, labels, attention_mask=None):
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must hold at least 2 tokens per row to predict one, got shape "
                          f"{tuple(input_ids.shape)}")
+
+
+class _TokenStatsHead:
+    """``fn`` of :func:`call_lm_head`: fastdpo's per-token statistics of the shifted labels.
+
+    ``layout``: ``"shift"`` (the backbone's ``[B, T, H]``: drop the last position), ``"shifted"`` (hidden states
+    already aligned with ``targets``) or ``"packed"`` (a ``[1, L, H]`` packed row, ``targets`` ``[L]``). A plain
+    callable (not a dataclass or container), so that wrappers that walk a forward's arguments leave it and its label
+    tensor alone.
+    """
+
+    def __init__(self, targets, layout, options):
+        self.targets, self.layout, self.options = targets, layout, options
+
+    def __call__(self, hidden, weight, bias):
+        if self.layout == "shift":
+            hidden = hidden[:, :-1]
+        elif self.layout == "packed":
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        stats = functional.token_stats(hidden, weight, self.targets.to(hidden.device), bias=bias,
+                                       names={"targets": "labels"}, **self.options)
+        # FSDP2 warns about views returned by a unit's forward (an in-place op on one would skip its backward hook);
+        # these are per-token ([B, T-1] or [L]), so owning copies cost nothing.
+        return {name: value.clone() if value._base is not None else value for name, value in stats.items()}
+
+
+def model_head_output(model, labels, *, packed=None, hidden_states=None, temperature=1.0, extras=False,
+                      ignore_index=-100, backend="auto", **model_kwargs) -> HeadOutput:
+    """:func:`causal_lm_token_stats` without the input checks, as the :class:`HeadOutput` of one forward.
+
+    ``model_kwargs`` go to the model's forward; with ``output_router_logits=True`` the MoE router logits come back
+    in ``router_logits``, from the same forward that computed the statistics (``head``). With ``packed`` (a
+    :class:`PackedBatch`; ``labels`` unused) the backbone runs on the packed row and ``head`` holds ``[L]`` stats
+    of ``packed.targets``.
+    """
+    lm = unwrap_causal_lm(model)
+    options = dict(ignore_index=ignore_index, temperature=temperature, backend=backend, extras=extras,
+                   **_head_transform(lm))
+    if packed is not None:
+        check_packable(lm)
+        model_kwargs = {**model_kwargs, **packed.backbone_kwargs()}
+        fn = _TokenStatsHead(packed.targets, "packed", options)
+    elif hidden_states is not None:
+        return HeadOutput(head=call_lm_head(lm, hidden_states[:, :-1],
+                                            _TokenStatsHead(labels[:, 1:], "shifted", options)))
+    else:
+        fn = _TokenStatsHead(labels[:, 1:], "shift", options)
+    add_hidden_states_forward(lm)
+    # Through `model(...)`, so that every wrapper (DDP, FSDP, DeepSpeed, PEFT, accelerate) sees one ordinary forward.
+    return model(**model_kwargs, fastdpo_head=fn)
+
+
+def model_token_stats(model, labels, **kwargs) -> dict:
+    """:func:`causal_lm_token_stats` without the input checks; see :func:`model_head_output`."""
+    return model_head_output(model, labels, **kwargs).head
 
 
 # --- padding-free (packed) batches ----------------------------------------------------------------------------
@@ -373,17 +535,10 @@ def check_packable(model) -> None:
                         f"sequence across packed sequence boundaries; use padding_free=False")
 
 
-def _packed_token_stats(model, packed: PackedBatch, *, temperature, extras, ignore_index, backend,
-                        hidden_states=None) -> dict:
-    """Per-token statistics ``[L]`` of ``packed.targets`` from one backbone pass over the packed row."""
-    head = lm_head_spec(model)
-    if hidden_states is None:
-        check_packable(model)
-        hidden_states = _run_backbone(unwrap_causal_lm(model), **packed.backbone_kwargs())
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).to(head.weight.device)
-    return functional.token_stats(hidden, head.weight, packed.targets.to(head.weight.device), bias=head.bias,
-                                  ignore_index=ignore_index, temperature=temperature, backend=backend, extras=extras,
-                                  names={"targets": "labels"}, **head.options())
+def _packed_token_stats(model, packed: PackedBatch, *, temperature, extras, ignore_index, backend) -> dict:
+    """Per-token statistics ``[L]`` of ``packed.targets`` from one forward of ``model`` over the packed row."""
+    return model_head_output(model, None, packed=packed, temperature=temperature, extras=extras,
+                             ignore_index=ignore_index, backend=backend).head
 
 
 def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temperature=1.0, extras=False,
@@ -392,7 +547,9 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
     """Per-token statistics of the next-token labels, as ``model(...).logits`` would give them.
 
     Args:
-        model: a ``transformers`` causal LM, optionally PEFT-wrapped.
+        model: a ``transformers`` causal LM, optionally PEFT-wrapped, and optionally wrapped for data-parallel
+            training (DDP, FSDP1, FSDP2, a DeepSpeed engine): pass the wrapper itself. The backbone and the lm-head
+            run inside one call of ``model(...)``, the head as a module (see :func:`call_lm_head`).
         input_ids: ``[B, T]`` token ids.
         labels: ``[B, T]`` *unshifted* labels as for ``model(labels=...)``: position ``t+1``'s label is
             predicted from position ``t``; ``ignore_index`` on prompt and padding. Only labelled tokens are
@@ -400,7 +557,8 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         attention_mask: ``[B, T]`` or None.
         temperature: divisor of the logits after the model's own transform.
         extras: also return ``entropy``, ``log_sum_sq_probs`` and ``is_top1``.
-        hidden_states: the backbone's ``[B, T, H]`` output when already computed (the backbone is then not run).
+        hidden_states: the backbone's ``[B, T, H]`` output when already computed (the backbone is then not run and
+            the lm-head module is called directly: fine in one process, under FSDP and under ZeRO-3, not under DDP).
         padding_free: remove the padding and run the backbone once on all sequences packed into one row, positions
             restarting at each sequence (see :func:`pack_batch`, :func:`check_packable`); the results are those of
             the right-padded batch, to rounding. Default False. Eager and sdpa attention compute the packed row as
@@ -421,15 +579,13 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         stats = _packed_token_stats(model, packed, temperature=temperature, extras=extras,
                                     ignore_index=ignore_index, backend=backend)
         return {name: packed.to_padded(value) for name, value in stats.items()}
-    head = lm_head_spec(model)
-    if hidden_states is None:
-        hidden_states = backbone_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask,
-                                               **model_kwargs)
-    hidden = hidden_states[:, :-1].to(head.weight.device)
-    targets = labels[:, 1:].to(head.weight.device)
-    return functional.token_stats(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index,
-                                  temperature=temperature, backend=backend, extras=extras,
-                                  names={"targets": "labels"}, **head.options())
+    if hidden_states is not None and type(model).__name__ == "DistributedDataParallel":
+        raise ValueError("hidden_states: with a DDP-wrapped model the lm-head would run outside DDP's forward (its "
+                         "gradient would arrive unannounced); leave hidden_states out so that model(...) runs the "
+                         "backbone and the head in one forward")
+    return model_token_stats(model, labels, hidden_states=hidden_states, temperature=temperature, extras=extras,
+                             ignore_index=ignore_index, backend=backend, input_ids=input_ids,
+                             attention_mask=attention_mask, **model_kwargs)
 
 
 def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -439,6 +595,7 @@ def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, **kwargs) 
 
 
 def _adapter_disabled(model):
+    model = unwrap_wrappers(model)
     if not _is_peft_model(model):
         raise TypeError(f"ref_model={DISABLE_ADAPTER!r} needs a PEFT model (the reference is the policy without "
                         f"its adapter), got {type(model).__name__}")
@@ -451,10 +608,11 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
     """The DPO loss of a causal LM on a batch of ``2B`` rows (``B`` chosen, then ``B`` rejected).
 
     Args:
-        model: the policy, a ``transformers`` causal LM, optionally PEFT-wrapped.
+        model: the policy, a ``transformers`` causal LM, optionally PEFT-wrapped; under DDP, FSDP or DeepSpeed
+            the wrapped model itself (see :func:`causal_lm_token_stats`).
         input_ids, labels, attention_mask: ``[2B, T]``; ``labels`` unshifted (as for ``model(labels=...)``)
             with ``ignore_index`` on prompt and padding.
-        ref_model: the reference causal LM (run without gradient), or ``"disable_adapter"`` for the PEFT
+        ref_model: the reference causal LM (run without gradient; wrapped or not), or ``"disable_adapter"`` for the PEFT
             policy with its adapter disabled. Exactly one of ``ref_model``, ``ref_logps`` and
             ``reference_free`` is required.
         ref_logps: ``[2B]`` precomputed reference sequence log-probs.

@@ -24,8 +24,12 @@ fastdpo's kernels).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import importlib.metadata
+import sys
+import types
 import warnings
 from contextlib import nullcontext
 
@@ -68,15 +72,16 @@ from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
-from .. import _validate, functional  # noqa: E402
+from .. import _validate  # noqa: E402
 from .._autograd import _backend_module  # noqa: E402
 from .._options import BACKENDS, HeadOptions  # noqa: E402
 from .._torch_path import _compute_dtype, chunked_backward  # noqa: E402
 from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
 from .transformers import (  # noqa: E402
-    add_hidden_states_forward,
+    _innermost,
+    call_head_module,
     check_packable,
-    lm_head_spec,
+    model_head_output,
     pack_batch,
     to_fastdpo_transform,
     unwrap_causal_lm,
@@ -112,6 +117,78 @@ _NO_IGNORE = -100
 class _PatchState:
     patched = False
     backend = "auto"
+    # The TRL modules whose `add_fused_lm_head` the patch replaced.
+    replaced = []
+
+
+# TRL's functions that the patch wraps (kept so that unpatching restores them).
+_TRL_ADD_FUSED_LM_HEAD = _trl_utils.add_fused_lm_head
+_TRL_GATHER_CTX = _trl_utils.maybe_gather_lm_head_ctx
+
+
+class _RoutedHead:
+    """Stands in for the lm-head inside TRL's fused forward while the patch is on.
+
+    TRL's forward reads ``lm_head.weight``/``lm_head.bias`` outside the head's forward (an FSDP2 ``DTensor`` it then
+    ``full_tensor()``-s, whose backward nobody reduces when the head is its own unit; a shard under FSDP1; an empty
+    partition under ZeRO-3) and hands them to ``_ChunkedLogProbFunction.apply``. Here they are empty placeholders:
+    the patched function recognizes them and calls the real head module instead, so the wrapper gathers, casts and
+    reduces it as for an ordinary forward.
+    """
+
+    def __init__(self, module):
+        self.module = module
+        inner = _innermost(module)
+        w, b = inner.weight, getattr(inner, "bias", None)
+        self.weight = torch.empty(0, dtype=w.dtype, device=w.device)
+        self.bias = None if b is None else torch.empty(0, dtype=b.dtype, device=b.device)
+
+    def __call__(self):
+        return self
+
+
+_ROUTE: contextvars.ContextVar = contextvars.ContextVar("fastdpo_trl_route", default=None)
+
+
+def _routed_fused_forward(self, *args, fused_lm_head=False, **kwargs):
+    if not (fused_lm_head and _PatchState.patched):
+        return self._fastdpo_trl_forward(*args, fused_lm_head=fused_lm_head, **kwargs)
+    route = _RoutedHead(self.get_output_embeddings())
+    token = _ROUTE.set(route)
+    # TRL's forward looks the head up through `get_output_embeddings()` on each call.
+    self.get_output_embeddings = route
+    try:
+        return self._fastdpo_trl_forward(*args, fused_lm_head=True, **kwargs)
+    finally:
+        del self.get_output_embeddings
+        _ROUTE.reset(token)
+
+
+def _add_fused_lm_head(model, *args, **kwargs):
+    """TRL's ``add_fused_lm_head``, whose forward then runs the head as a module while :func:`patch_trl` is on."""
+    _TRL_ADD_FUSED_LM_HEAD(model, *args, **kwargs)
+    # An instance attribute (not a closure), so that a deep copy of the model calls its own forward.
+    model._fastdpo_trl_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *a, **kw):
+        return _routed_fused_forward(self, *a, **kw)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _gather_ctx(*params):
+    # The placeholders of a routed head are no parameters: the head module's own hooks gather the real ones.
+    route = _ROUTE.get()
+    if route is not None and any(p is route.weight for p in params):
+        return nullcontext()
+    return _TRL_GATHER_CTX(*params)
+
+
+def _module_call(args, dtype, hidden, weight, bias):
+    # A mixed-precision wrapper casts the head's input to its parameter dtype; TRL's `cast_lm_head_to_fp32` asked
+    # for the dtype the hidden states had when TRL handed them over.
+    return FastChunkedLogProbFunction.apply(hidden.to(dtype), weight, bias, *args)
 
 
 def _entropy_backward(hidden, weight, bias, grad_entropy, opts: HeadOptions, needs):
@@ -141,6 +218,18 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
     entropy gradient (which TRL supports, fastdpo's kernels do not) falls back to an exact chunked PyTorch
     computation.
     """
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, *args):
+        route = _ROUTE.get()
+        if route is not None and weight is route.weight:
+            # Inside TRL's forward under the patch: compute inside the head module's forward instead.
+            return call_head_module(route.module, hidden, functools.partial(_module_call, args, hidden.dtype))
+        if type(weight.grad_fn).__name__ == "_ToTorchTensorBackward":
+            raise RuntimeError("the lm-head weight reached the patched TRL head through DTensor.full_tensor(), whose "
+                               "backward is a local slice that FSDP2 never reduces: call patch_trl() before "
+                               "building the trainer, so that the head runs as a module")
+        return super().apply(hidden, weight, bias, *args)
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
@@ -180,9 +269,9 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
         if not any(needs) or (grad_logp is None and grad_entropy is None):
             return none
         grads = [None, None, None]
-        # Under DeepSpeed ZeRO-3 the lm-head is partitioned outside its module's forward: gather it again, as
-        # TRL's own backward does.
-        with _trl_utils.maybe_gather_lm_head_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+        # A head routed through its module was fetched again by ZeRO-3's pre-backward hook (this is then a no-op);
+        # one that TRL read directly (a fused head added before patch_trl()) is gathered here, as TRL's backward does.
+        with _TRL_GATHER_CTX(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
             b = bias.to(ctx.dtype) if bias is not None else None
             if grad_logp is not None:
@@ -230,6 +319,13 @@ def patch_trl(backend: str = "auto") -> _Patch:
     _PatchState.backend = backend
     for module, name in _PATCH_SITES:
         setattr(module, name, FastChunkedLogProbFunction)
+    _trl_utils.maybe_gather_lm_head_ctx = _gather_ctx
+    # Every TRL module that imported `add_fused_lm_head` (modules imported later take it from `trl.trainer.utils`).
+    for module in list(sys.modules.values()):
+        if (getattr(module, "__name__", "").startswith("trl")
+                and module.__dict__.get("add_fused_lm_head") is _TRL_ADD_FUSED_LM_HEAD):
+            module.add_fused_lm_head = _add_fused_lm_head
+            _PatchState.replaced.append(module)
     _PatchState.patched = True
     return handle
 
@@ -239,6 +335,11 @@ def unpatch_trl() -> bool:
     was = _PatchState.patched
     for module, name in _PATCH_SITES:
         setattr(module, name, _TRL_FUNCTION)
+    _trl_utils.maybe_gather_lm_head_ctx = _TRL_GATHER_CTX
+    for module in _PatchState.replaced:
+        if module.__dict__.get("add_fused_lm_head") is _add_fused_lm_head:
+            module.add_fused_lm_head = _TRL_ADD_FUSED_LM_HEAD
+    _PatchState.replaced = []
     _PatchState.patched = False
     _PatchState.backend = "auto"
     return was
@@ -320,7 +421,9 @@ class FastDPOTrainer(DPOTrainer):
 
     MoE models train with the router's load-balancing loss as in TRL (``router_aux_loss_coef``, by default the
     model's own coefficient; logged as ``aux_loss``), and ``bf16``/``fp16`` run the backbone and the head under
-    the trainer's autocast as TRL's forward does.
+    the trainer's autocast as TRL's forward does. Works under DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-1/2/3 as set up
+    by accelerate: the lm-head runs as a module inside the model's forward, so each wrapper gathers and reduces it
+    as usual.
 
     ``DPOConfig(padding_free=True)`` trains padding-free, which TRL 1.16's own DPOTrainer no longer does (it warns
     and pads): TRL's collator still pads the batch, then each step removes the padding and runs the policy's and
@@ -333,7 +436,7 @@ class FastDPOTrainer(DPOTrainer):
 
     Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction, before any of the
     parent's set-up: loss options missing from :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT,
-    DeepSpeed ZeRO-3 and FSDP (they shard the lm-head that fastdpo reads directly).
+    ``router_aux_loss_coef`` on a model without router logits, ``padding_free`` on a model that cannot run packed.
     """
 
     _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
@@ -346,7 +449,6 @@ class FastDPOTrainer(DPOTrainer):
             raise ValueError(f"fastdpo_backend must be one of {list(BACKENDS)}, got {fastdpo_backend!r}")
         self.fastdpo_backend = fastdpo_backend
         self.fastdpo_config = loss_config_from_dpo_config(args)
-        self._check_unsupported(args)
         train_dataset = kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None)
         if train_dataset is not None:
             try:
@@ -386,54 +488,34 @@ class FastDPOTrainer(DPOTrainer):
                 if m is not None:
                     check_packable(m)
 
-    @staticmethod
-    def _check_unsupported(args):
-        if args is None:  # DPOTrainer builds a default DPOConfig, which asks for nothing unsupported
-            return
-        plugin = getattr(args, "deepspeed_plugin", None)
-        if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-            raise ValueError("deepspeed: ZeRO-3 is not supported by FastDPOTrainer (it partitions the lm-head that "
-                             "fastdpo reads directly); use ZeRO-1/2, or trl.DPOTrainer with patch_trl()")
-        if getattr(args, "fsdp", None):
-            raise ValueError("fsdp: FSDP is not supported by FastDPOTrainer (it shards the lm-head that fastdpo reads "
-                             "directly); use trl.DPOTrainer with patch_trl()")
-
     # -- the fused head ------------------------------------------------------------------------------------------
 
     def _token_stats(self, model, model_kwargs, labels, *, extras, aux_loss=False, packed=None):
-        """fastdpo's per-token stats of the shifted labels from ``model``'s backbone, with ``aux_loss`` the MoE
+        """fastdpo's per-token stats of the shifted labels from one forward of ``model``, with ``aux_loss`` the MoE
         router's load-balancing loss (else None), and the packed batch.
 
         Padded: stats ``[2B, T-1]`` and None. ``padding_free``: stats ``[L]`` of the packed stream and its
         :class:`~fastdpo.integrations.transformers.PackedBatch` (``packed``, when the batch was packed already).
+        ``model`` is called itself (DDP, FSDP, DeepSpeed, PEFT wrappers included), and the lm-head runs as a module
+        inside that forward, so every wrapper gathers and reduces it as for an ordinary forward. The router logits
+        come out of that same forward.
         """
-        unwrapped = self.accelerator.unwrap_model(model)
-        # Through `model(...)`, so that DDP / PEFT / accelerate wrappers see the forward.
-        add_hidden_states_forward(unwrapped)
         kwargs = {**model_kwargs, "use_cache": False}
-        if self.fastdpo_padding_free:
-            check_packable(unwrapped)
-            if packed is None:
-                packed = pack_batch(kwargs.pop("input_ids"), labels, kwargs.pop("attention_mask", None), **kwargs)
-            kwargs = packed.backbone_kwargs()
+        if self.fastdpo_padding_free and packed is None:
+            packed = pack_batch(kwargs.pop("input_ids"), labels, kwargs.pop("attention_mask", None), **kwargs)
+        if packed is not None:
+            kwargs = {}  # the packed row's own inputs (its backbone_kwargs) go to the forward
         if aux_loss:
             kwargs["output_router_logits"] = True
         # Stock TRL runs backbone, head and router loss inside `model.forward`, which accelerate wraps in the
-        # trainer's autocast (bf16=True / fp16=True); fastdpo's head runs outside that forward, so enter it here.
+        # trainer's autocast (bf16=True / fp16=True); fastdpo's forward replaces that wrapped one, so enter it here.
         with self.accelerator.autocast():
-            out = model(**kwargs, fastdpo_hidden_states=True)
-            head = lm_head_spec(unwrapped)
-            if packed is None:
-                hidden, targets = out.last_hidden_state[:, :-1], labels[:, 1:]
-            else:
-                hidden, targets = out.last_hidden_state[0], packed.targets
-            stats = functional.token_stats(hidden.to(head.weight.device), head.weight, targets.to(head.weight.device),
-                                           bias=head.bias, extras=extras, backend=self.fastdpo_backend,
-                                           names={"targets": "labels"}, **head.options())
+            out = model_head_output(model, labels, packed=packed, extras=extras, backend=self.fastdpo_backend,
+                                    **kwargs)
             # Packed, every token is real: no attention mask, and the router loss averages over the same tokens.
-            aux = (self._router_aux_loss(unwrapped, out.router_logits, kwargs.get("attention_mask")) if aux_loss
+            aux = (self._router_aux_loss(model, out.router_logits, kwargs.get("attention_mask")) if aux_loss
                    else None)
-        return stats, aux, packed
+        return out.head, aux, packed
 
     @staticmethod
     def _loss_layout(stats, labels, packed):
