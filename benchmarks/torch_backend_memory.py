@@ -1,9 +1,8 @@
 """Peak memory of one DPO step on the torch backend, above its inputs, in units of the lm-head weight's size.
 
-Counts the bytes of every tensor the step creates from the op that makes it until it is freed (a
-TorchDispatchMode that sees inside fastdpo's custom ops, and a finalizer on each new storage): exact live
-tensor bytes, independent of the allocator. Policy and reference share the head, as with a frozen reference
-model's own hidden states.
+Counts the bytes of every tensor the step creates from the op that makes it until it is freed
+(:class:`fastdpo.bench.memory.LiveBytes`): exact live tensor bytes, independent of the allocator. Policy and
+reference share the head, as with a frozen reference model's own hidden states.
 
     python benchmarks/torch_backend_memory.py --vocab 32000 --hidden 1024 --tokens 1024 --dtype bf16
 """
@@ -11,47 +10,13 @@ model's own hidden states.
 from __future__ import annotations
 
 import argparse
-import weakref
 
 import torch
-from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdpo
+from fastdpo.bench.memory import LiveBytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak of the bytes held by tensors created inside the mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = set()
-
-    def _free(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fastdpo":
-            with self:
-                out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
-        owned = {t.untyped_storage().data_ptr() for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key not in self._seen and key not in owned and storage.nbytes():
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._free, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
 
 
 def main(argv=None) -> int:

@@ -22,8 +22,9 @@ import math
 
 import torch
 
-from . import _validate
+from . import _torch_path, _validate
 from ._options import HeadOptions
+from ._torch_path import _compute_dtype, _logits
 
 _GIB = float(1 << 30)
 # Elements of one [tokens, V] logits chunk on the torch backend (fp32: 16 MiB).
@@ -79,22 +80,6 @@ def kept_like(hidden, weight, opts: HeadOptions):
 # ---------------------------------------------------------------------------------------------- torch backend
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _logits(x, w, b, opts: HeadOptions):
-    """Transformed logits of one chunk and ``tanh`` of the capped ones (None without a softcap)."""
-    z = x @ w.t()
-    if b is not None:
-        z = z + b
-    t = None
-    if opts.softcap is not None:
-        t = torch.tanh(z / opts.softcap)
-        z = opts.softcap * t
-    return z * opts.scale, t
-
-
 def _torch_step(V: int) -> int:
     return max(1, TORCH_CHUNK_ELEMENTS // max(V, 1))
 
@@ -147,40 +132,27 @@ def _torch_forward(hidden, weight, bias, targets, opts: HeadOptions):
 
 
 def _torch_backward(hidden, weight, bias, targets, lse_all, grad_logp, opts: HeadOptions, needs, kept):
-    need_h, need_w, need_b = needs
     cd = _compute_dtype(hidden.dtype)
     idx = (targets != opts.ignore_index).nonzero().squeeze(1)
-    w = weight.to(cd)
-    b = bias.to(cd) if bias is not None else None
     g_all = grad_logp.to(cd)
     lse_all = lse_all.to(cd)
     rows_kept = kept.shape[0] if kept.dim() == 2 else 0
-    grad_h = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
-    step = _torch_step(weight.shape[0])
-    for s in range(0, idx.numel(), step):
-        rows = idx[s:s + step]
-        x = hidden[rows].to(cd)
+
+    def chunk_logits(x, w, b, s, rows):
         if s + rows.numel() <= rows_kept:
             z = kept[s:s + rows.numel()]
-            t = z / (opts.softcap * opts.scale) if opts.softcap is not None else None
-        else:
-            z, t = _logits(x, w, b, opts)
+            return z, (z / (opts.softcap * opts.scale) if opts.softcap is not None else None)
+        return _logits(x, w, b, opts)
+
+    def dlogp(z, s, rows):
         g = g_all[rows].unsqueeze(1)
         # Out of place: the kept z serves a second backward too.
         dz = torch.exp(z - lse_all[rows].unsqueeze(1)).mul_(-g)
-        dz.scatter_add_(1, targets[rows].unsqueeze(1), g).mul_(opts.scale)
-        if t is not None:
-            dz.mul_(1 - t * t)
-        if need_h:
-            grad_h[rows] = dz @ w
-        if need_w:
-            grad_w.addmm_(dz.t(), x)
-        if need_b:
-            grad_b += dz.sum(0)
-    return tuple(None if g is None else g.to(t.dtype) for g, t in zip((grad_h, grad_w, grad_b),
-                                                                       (hidden, weight, bias)))
+        return dz.scatter_add_(1, targets[rows].unsqueeze(1), g)
+
+    grads = _torch_path.chunked_backward(hidden, weight, bias, idx, dlogp, opts, needs, logits=chunk_logits,
+                                         step=_torch_step(weight.shape[0]))
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
 
 
 # --------------------------------------------------------------------------------------------- Triton backend
@@ -191,6 +163,7 @@ def _triton_forward(hidden, weight, bias, targets, opts: HeadOptions):
 
     from . import _triton_path
     from .kernels import logprob_fast as K
+    from .kernels import logprob_fwd
 
     config = _triton_path._config(hidden)
     N, V = hidden.shape[0], weight.shape[0]
@@ -200,7 +173,7 @@ def _triton_forward(hidden, weight, bias, targets, opts: HeadOptions):
         return out, (hidden.new_empty(0), hidden.new_empty(0))
     kept = K.allocate_kept(N, v_keep, hidden.dtype, hidden.device, config)
     out, _ = _triton_path.forward(hidden, weight, bias, targets, opts,
-                                  launch=functools.partial(K.logprob_forward_keep, kept=kept))
+                                  launch=functools.partial(logprob_fwd.logprob_forward, kept=kept))
     return out, (kept.e, kept.m_tile)
 
 

@@ -138,3 +138,15 @@ def merge(stats: torch.Tensor, vocab: int, extras: bool, targets: torch.Tensor, 
         out["log_sum_sq_probs"] = torch.log(sums[4]) - 2 * torch.log(s)
         out["argmax"] = argmax
     return out
+
+
+def token_outputs(merged: dict, extras: bool, scatter, is_top1) -> dict:
+    """The backends' ``[N]`` outputs from :func:`merge`'s ``[n]`` statistics: ``scatter(values)`` places the
+    labelled tokens' values (0 elsewhere); ``is_top1 [n]`` bool (None without ``extras``)."""
+    out = {"logp": scatter(merged["logp"]), "mean_logit": scatter(merged["mean_logit"]),
+           "lse": scatter(merged["lse"])}
+    if extras:
+        out["entropy"] = scatter(merged["entropy"])
+        out["log_sum_sq_probs"] = scatter(merged["log_sum_sq_probs"])
+        out["is_top1"] = scatter(is_top1)
+    return out

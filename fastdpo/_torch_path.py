@@ -90,15 +90,11 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions):
     merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else V, opts.extras, tgt,
                           _merge.resolve_group(opts.group))
 
-    def scatter(values, dtype=cd):
-        return torch.zeros(N, dtype=dtype, device=hidden.device).index_copy_(0, idx, values.to(dtype))
+    def scatter(values):
+        return torch.zeros(N, dtype=values.dtype, device=hidden.device).index_copy_(0, idx, values)
 
-    out = {"logp": scatter(merged["logp"]), "mean_logit": scatter(merged["mean_logit"]),
-           "lse": scatter(merged["lse"])}
-    if opts.extras:
-        out["entropy"] = scatter(merged["entropy"])
-        out["log_sum_sq_probs"] = scatter(merged["log_sum_sq_probs"])
-        out["is_top1"] = scatter(merged["argmax"] == tgt.to(cd), torch.bool)
+    top1 = merged["argmax"] == tgt.to(cd) if opts.extras else None
+    out = _merge.token_outputs(merged, opts.extras, scatter, top1)
     return out, out["lse"]
 
 
@@ -160,14 +156,17 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     return grad_h, grad_w, grad_b
 
 
-def chunked_backward(hidden, weight, bias, rows_all, dlogits, opts: HeadOptions, needs):
+def chunked_backward(hidden, weight, bias, rows_all, dlogits, opts: HeadOptions, needs, *, logits=None, step=None):
     """Gradients for (hidden, weight, bias) of a sum of per-row functions of the transformed logits.
 
     Walks ``rows_all`` in chunks of whole rows (the function may need a row's every logit, as TRL's entropy
     gradient does); ``dlogits(z, start, rows)`` returns the function's gradient w.r.t. the chunk's transformed
-    logits ``z`` (it may reuse ``z``'s memory), which is taken back through the scale and the softcap here.
-    Returns the gradients in the compute dtype, None where not needed. Unlike :func:`backward` it upcasts the
-    whole weight and sums its gradient over the token chunks in the compute dtype.
+    logits ``z`` (it may reuse ``z``'s memory unless ``logits`` hands out kept logits), which is taken back through
+    the scale and the softcap here. ``logits(x, w, b, start, rows)`` returns the chunk's ``(z, tanh)`` as
+    :func:`_logits` does (the default: recomputed), e.g. kept from the forward (fast mode); ``step`` is the
+    chunk's row count (default: a ``CHUNK_ELEMENTS`` tile). Returns the gradients in the compute dtype, None where
+    not needed. Unlike :func:`backward` it upcasts the whole weight and sums its gradient over the token chunks in
+    the compute dtype.
     """
     need_h, need_w, need_b = needs
     cd = _compute_dtype(hidden.dtype)
@@ -175,11 +174,11 @@ def chunked_backward(hidden, weight, bias, rows_all, dlogits, opts: HeadOptions,
     grad_h = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
-    step = _rows_per_chunk(weight.shape[0])
+    step = step or _rows_per_chunk(weight.shape[0])
     for s in range(0, rows_all.numel(), step):
         rows = rows_all[s:s + step]
         x = hidden[rows].to(cd)
-        z, t = _logits(x, w, b, opts)
+        z, t = logits(x, w, b, s, rows) if logits is not None else _logits(x, w, b, opts)
         dz = dlogits(z, s, rows).mul_(opts.scale)
         if t is not None:
             dz.mul_(1 - t * t)

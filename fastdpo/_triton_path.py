@@ -65,12 +65,8 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None):
         out = torch.zeros(N, dtype=values.dtype, device=hidden.device)
         return out.index_copy_(0, rows, torch.where(valid, values, torch.zeros_like(values)))
 
-    out = {"logp": scatter(merged["logp"]), "mean_logit": scatter(merged["mean_logit"]),
-           "lse": scatter(merged["lse"])}
-    if opts.extras:
-        out["entropy"] = scatter(merged["entropy"])
-        out["log_sum_sq_probs"] = scatter(merged["log_sum_sq_probs"])
-        out["is_top1"] = scatter(valid & (merged["argmax"] == tgt.to(torch.float32)))
+    top1 = valid & (merged["argmax"] == tgt.to(torch.float32)) if opts.extras else None
+    out = _merge.token_outputs(merged, opts.extras, scatter, top1)
     return out, out["lse"]
 
 

@@ -18,90 +18,10 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
-from .logit_tile import block_rows, logit_tile, vocab_split
 from .logprob_bwd import logprob_backward
-from .logprob_fwd import N_STATS, N_STATS_EXTRAS, dot_in_fp32, input_precision, max_splits
 
-_ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in range(4))
-_ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7))
 # Rows of e are padded to this many elements so that every row starts 16-byte aligned (vector loads, TMA strides).
 ROW_PAD = 8
-
-
-@triton.jit
-def _logprob_fwd_keep_kernel(
-    x_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, nv_ptr, stats_ptr, e_ptr, mt_ptr,
-    V, H, V_keep, min_programs, max_splits, softcap, scale,
-    stride_xn, stride_xh, stride_wv, stride_wh, stride_stat, stride_split, stride_en, stride_mn,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXTRAS: tl.constexpr, DOT_F32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The lean forward's statistics (same record layout), each tile's sum taken relative to its own max, and
-    ``e``/``m_tile`` stored for the tiles below ``V_keep``."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    nv = tl.load(nv_ptr).to(tl.int64)
-    row0 = pid_m * BLOCK_M
-    if row0 >= nv:
-        return
-    rows, row_mask, src = block_rows(rows_ptr, row0, nv, BLOCK_M)
-    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_M,), tl.float32)
-    zt = tl.zeros((BLOCK_M,), tl.float32)
-    zsum = tl.zeros((BLOCK_M,), tl.float32)
-    sz = tl.zeros((BLOCK_M,), tl.float32)
-    s2 = tl.zeros((BLOCK_M,), tl.float32)
-    amax = tl.zeros((BLOCK_M,), tl.int64)
-    n_tiles = tl.cdiv(V, BLOCK_V)
-    t0, t1 = vocab_split(nv, pid_s, n_tiles, min_programs, max_splits, BLOCK_M)
-    for tile in range(t0, t1):
-        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < V
-        z, _ = logit_tile(x_ptr, w_ptr, b_ptr, src, row_mask, cols, col_mask, H, softcap, scale,
-                          stride_xn, stride_xh, stride_wv, stride_wh,
-                          HAS_BIAS, HAS_SOFTCAP, DOT_F32, INPUT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
-        z_valid = tl.where(col_mask[None, :], z, 0.0)
-        if EXTRAS:
-            # Every reduction of z first, then e: fewer tiles live at once (300 -> 40 spilled bytes on sm_90).
-            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
-            zsum += tl.sum(z_valid, axis=1)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        tile_max = tl.max(z, axis=1)
-        if EXTRAS:
-            tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + tile * BLOCK_V
-            amax = tl.where(tile_max > m, tile_arg, amax)
-        # A tile whose logits are all -inf (a masking bias) keeps e = 0 instead of exp(-inf + inf) = NaN.
-        tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-        e = tl.exp(z - tile_ref[:, None])
-        if tile * BLOCK_V < V_keep:
-            keep = row_mask[:, None] & (cols < V_keep)[None, :]
-            tl.store(e_ptr + rows[:, None] * stride_en + cols[None, :], e.to(e_ptr.dtype.element_ty), mask=keep)
-            tl.store(mt_ptr + rows * stride_mn + tile, tile_max, mask=row_mask)
-        m_new = tl.maximum(m, tile_max)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        beta = tl.exp(tile_ref - m_ref)
-        s = s * alpha + tl.sum(e, axis=1) * beta
-        if EXTRAS:
-            sz = sz * alpha + tl.sum(e * z_valid, axis=1) * beta
-            s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1) * beta * beta
-        else:
-            # Without the extras, these after e keep the kernel spill-free (116 spilled bytes the other way).
-            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
-            zsum += tl.sum(z_valid, axis=1)
-        m = m_new
-
-    base = stats_ptr + pid_s * stride_split + rows
-    tl.store(base + _ROW_MAX * stride_stat, m, mask=row_mask)
-    tl.store(base + _ROW_SUMEXP * stride_stat, s, mask=row_mask)
-    tl.store(base + _ROW_TARGET * stride_stat, zt, mask=row_mask)
-    tl.store(base + _ROW_SUM * stride_stat, zsum, mask=row_mask)
-    if EXTRAS:
-        tl.store(base + _ROW_XSUMEXP * stride_stat, sz, mask=row_mask)
-        tl.store(base + _ROW_SQSUMEXP * stride_stat, s2, mask=row_mask)
-        tl.store(base + _ROW_ARGMAX * stride_stat, amax.to(tl.float32), mask=row_mask)
 
 
 @triton.jit
@@ -185,34 +105,6 @@ def allocate_kept(N: int, v_keep: int, dtype: torch.dtype, device, config: Kerne
     (e_shape, e_dtype), (m_shape, m_dtype) = kept_shapes(N, v_keep, dtype, config)
     return Kept(torch.empty(e_shape, dtype=e_dtype, device=device), torch.empty(m_shape, dtype=m_dtype, device=device),
                 v_keep, config.fwd_block_v)
-
-
-def logprob_forward_keep(x, weight, bias, rows, targets, nv, *, softcap, scale, extras, config: KernelConfig,
-                         kept: Kept):
-    """The forward of :func:`.logprob_fwd.logprob_forward` (same arguments, same ``stats``), also filling ``kept``."""
-    N, H = x.shape
-    V = weight.shape[0]
-    bm, bv = config.fwd_block_m, config.fwd_block_v
-    if bv != kept.fwd_block_v:
-        raise ValueError(f"kept tiles were laid out for fwd_block_v={kept.fwd_block_v}, config has {bv}")
-    n_tiles = triton.cdiv(V, bv)
-    token_blocks = triton.cdiv(N, bm)
-    n_stats = N_STATS_EXTRAS if extras else N_STATS
-    if token_blocks == 0:
-        return torch.empty((n_stats, 1, 0), dtype=torch.float32, device=x.device)
-    splits = max_splits(N, n_tiles, config)
-    stats = torch.empty((n_stats, splits, N), dtype=torch.float32, device=x.device)
-    _logprob_fwd_keep_kernel[(token_blocks, splits)](
-        x, weight, bias if bias is not None else weight, rows, targets, nv, stats, kept.e, kept.m_tile,
-        V, H, kept.v_keep, config.min_programs, splits, float(softcap or 1.0), float(scale),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stats.stride(0), stats.stride(1),
-        kept.e.stride(0), kept.m_tile.stride(0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, EXTRAS=bool(extras),
-        DOT_F32=dot_in_fp32(x), INPUT_PRECISION=input_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=config.fwd_block_k,
-        num_warps=config.fwd_warps, num_stages=config.fwd_stages,
-    )
-    return stats
 
 
 def logprob_backward_kept(x, weight, bias, rows, targets, nv, lse, grad, zt, kept: Kept, *, softcap, scale,

@@ -6,7 +6,8 @@ projecting only gathered (labelled) tokens, and writes one partial record per to
 running max ``m``, ``Σ exp(z − m)``, the target logit (0 when the target is outside the split),
 ``Σ z`` and, with ``EXTRAS``, ``Σ exp(z − m)·z``, ``Σ exp(2(z − m))`` and the first argmax: the record
 that ``fastdpo._merge`` defines and merges (a few ``[splits, tokens]`` ops on the host). A split whose
-logits are all ``-inf`` writes ``m = -inf`` and ``Σ exp = 0``.
+logits are all ``-inf`` writes ``m = -inf`` and ``Σ exp = 0``. With ``KEEP`` the same kernel also stores what
+fast mode keeps (``kernels/logprob_fast.py``).
 """
 
 import torch
@@ -25,13 +26,38 @@ _ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7)
 
 
 @triton.jit
+def _target_and_sum(zt, zsum, cols, tgt, z_valid):
+    """Adds a tile's target logit (0 when the target is outside the tile) and its sum of logits."""
+    zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
+    # Σz also carries any NaN of the inputs, which tl.maximum would drop.
+    zsum += tl.sum(z_valid, axis=1)
+    return zt, zsum
+
+
+@triton.jit
+def _first_argmax(amax, z, tile_max, m, tile, BLOCK_V: tl.constexpr):
+    """The running first argmax after a tile whose row max is ``tile_max`` (``m``: the max before it)."""
+    tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + tile * BLOCK_V
+    # Tiles go left to right, so a strictly greater max keeps the first argmax.
+    return tl.where(tile_max > m, tile_arg, amax)
+
+
+@triton.jit
 def _logprob_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, nv_ptr, stats_ptr,
-    V, H, min_programs, max_splits, softcap, scale,
-    stride_xn, stride_xh, stride_wv, stride_wh, stride_stat, stride_split,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXTRAS: tl.constexpr, DOT_F32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, nv_ptr, stats_ptr, e_ptr, mt_ptr,
+    V, H, V_keep, min_programs, max_splits, softcap, scale,
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_stat, stride_split, stride_en, stride_mn,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EXTRAS: tl.constexpr, KEEP: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
+    """The statistics record of every token and split. With ``KEEP`` (fast mode, ``kernels/logprob_fast.py``)
+    each tile's sums are taken relative to the tile's own max and ``e = exp(z − m_tile)``/``m_tile`` are stored
+    for the tiles below ``V_keep`` (``e_ptr``, ``mt_ptr``, ``V_keep`` and their strides are read only then).
+
+    The order of the reductions differs per specialization on purpose: it decides which tiles are live at once,
+    hence the registers and spills tests/test_kernels_compile.py checks.
+    """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     # The number of labelled tokens lives on the device, so the host never waits for it.
@@ -58,24 +84,43 @@ def _logprob_fwd_kernel(
                           stride_xn, stride_xh, stride_wv, stride_wh,
                           HAS_BIAS, HAS_SOFTCAP, DOT_F32, INPUT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         z_valid = tl.where(col_mask[None, :], z, 0.0)
+        if KEEP and EXTRAS:
+            # Every reduction of z first, then e: fewer tiles live at once (300 -> 40 spilled bytes on sm_90).
+            zt, zsum = _target_and_sum(zt, zsum, cols, tgt, z_valid)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
+        if KEEP:
+            if EXTRAS:
+                amax = _first_argmax(amax, z, tile_max, m, tile, BLOCK_V)
+            # A tile whose logits are all -inf (a masking bias) keeps e = 0 instead of exp(-inf + inf) = NaN.
+            tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+            e = tl.exp(z - tile_ref[:, None])
+            if tile * BLOCK_V < V_keep:
+                keep = row_mask[:, None] & (cols < V_keep)[None, :]
+                tl.store(e_ptr + rows[:, None] * stride_en + cols[None, :], e.to(e_ptr.dtype.element_ty), mask=keep)
+                tl.store(mt_ptr + rows * stride_mn + tile, tile_max, mask=row_mask)
         m_new = tl.maximum(m, tile_max)
         # While every logit so far is -inf (a masked vocabulary), subtract 0: exp(-inf - -inf) would be NaN.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z_valid, 0.0), axis=1)
-        # Σz also carries any NaN of the inputs, which tl.maximum would drop.
-        zsum += tl.sum(z_valid, axis=1)
-        if EXTRAS:
-            # p·z → 0 for a masked logit (p = 0, z = -inf): drop the terms whose exp is 0.
-            sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1)
-            s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1)
-            # Tiles go left to right, so a strictly greater max keeps the first argmax.
-            tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + tile * BLOCK_V
-            amax = tl.where(tile_max > m, tile_arg, amax)
+        if KEEP:
+            beta = tl.exp(tile_ref - m_ref)
+            s = s * alpha + tl.sum(e, axis=1) * beta
+            if EXTRAS:
+                sz = sz * alpha + tl.sum(e * z_valid, axis=1) * beta
+                s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1) * beta * beta
+            else:
+                # Without the extras, these after e keep the kernel spill-free (116 spilled bytes the other way).
+                zt, zsum = _target_and_sum(zt, zsum, cols, tgt, z_valid)
+        else:
+            e = tl.exp(z - m_ref[:, None])
+            s = s * alpha + tl.sum(e, axis=1)
+            zt, zsum = _target_and_sum(zt, zsum, cols, tgt, z_valid)
+            if EXTRAS:
+                # p·z → 0 for a masked logit (p = 0, z = -inf): drop the terms whose exp is 0.
+                sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1)
+                s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1)
+                amax = _first_argmax(amax, z, tile_max, m, tile, BLOCK_V)
         m = m_new
 
     base = stats_ptr + pid_s * stride_split + rows
@@ -111,7 +156,8 @@ def max_splits(N: int, n_tiles: int, config: KernelConfig) -> int:
     return max(1, min(n_tiles, triton.cdiv(config.min_programs, triton.cdiv(rows, config.fwd_block_m))))
 
 
-def logprob_forward(x, weight, bias, rows, targets, nv, *, softcap, scale, extras, config: KernelConfig):
+def logprob_forward(x, weight, bias, rows, targets, nv, *, softcap, scale, extras, config: KernelConfig,
+                    kept=None):
     """Launch the forward.
 
     Args:
@@ -119,6 +165,7 @@ def logprob_forward(x, weight, bias, rows, targets, nv, *, softcap, scale, extra
         rows: ``[N]`` int64, the labelled rows of ``x`` first (only the first ``nv`` are read).
         targets: ``[N]`` int64 target of each entry of ``rows``.
         nv: one-element int32 device tensor, the number of labelled rows.
+        kept: a :class:`.logprob_fast.Kept` to fill as well (fast mode), or None.
 
     Returns:
         ``stats [n_stats, splits, N]`` fp32; columns ``>= nv`` are not written.
@@ -126,17 +173,24 @@ def logprob_forward(x, weight, bias, rows, targets, nv, *, softcap, scale, extra
     N, H = x.shape
     V = weight.shape[0]
     bm, bv = config.fwd_block_m, config.fwd_block_v
+    if kept is not None and bv != kept.fwd_block_v:
+        raise ValueError(f"kept tiles were laid out for fwd_block_v={kept.fwd_block_v}, config has {bv}")
     n_tiles = triton.cdiv(V, bv)
     token_blocks = triton.cdiv(N, bm)
+    n_stats = N_STATS_EXTRAS if extras else N_STATS
     if token_blocks == 0:
-        return torch.empty((N_STATS_EXTRAS if extras else N_STATS, 1, 0), dtype=torch.float32, device=x.device)
+        return torch.empty((n_stats, 1, 0), dtype=torch.float32, device=x.device)
     splits = max_splits(N, n_tiles, config)
-    stats = torch.empty((N_STATS_EXTRAS if extras else N_STATS, splits, N), dtype=torch.float32, device=x.device)
+    stats = torch.empty((n_stats, splits, N), dtype=torch.float32, device=x.device)
+    # Without kept tiles the KEEP-only arguments are never read: any pointer and zeros do.
+    e, m_tile = (kept.e, kept.m_tile) if kept is not None else (stats, stats)
+    v_keep, stride_en, stride_mn = (kept.v_keep, e.stride(0), m_tile.stride(0)) if kept is not None else (0, 0, 0)
     _logprob_fwd_kernel[(token_blocks, splits)](
-        x, weight, bias if bias is not None else weight, rows, targets, nv, stats,
-        V, H, config.min_programs, splits, float(softcap or 1.0), float(scale),
+        x, weight, bias if bias is not None else weight, rows, targets, nv, stats, e, m_tile,
+        V, H, v_keep, config.min_programs, splits, float(softcap or 1.0), float(scale),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stats.stride(0), stats.stride(1),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, EXTRAS=bool(extras),
+        stride_en, stride_mn,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, EXTRAS=bool(extras), KEEP=kept is not None,
         DOT_F32=dot_in_fp32(x), INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=config.fwd_block_k,
         num_warps=config.fwd_warps, num_stages=config.fwd_stages,

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: the runnable backends, an odd-shape DPO batch, a relative error."""
+"""Helpers shared by the tests: the runnable backends, an odd-shape DPO batch, a relative error, options for
+every loss type."""
 
 import pytest
 import torch
@@ -6,6 +7,13 @@ import torch
 from fastdpo import _validate
 
 BACKENDS = ["torch", "triton"]
+# Options that make each loss type do something worth checking (non-zero smoothing, a margin, ...).
+TYPE_OPTIONS = {
+    "sigmoid": {}, "hinge": {}, "ipo": {}, "exo_pair": {"label_smoothing": 1e-3}, "nca_pair": {},
+    "robust": {"label_smoothing": 0.1}, "bco_pair": {}, "sppo_hard": {}, "aot": {"label_smoothing": 0.05},
+    "aot_unpaired": {"label_smoothing": 0.05}, "apo_zero": {}, "apo_down": {}, "discopop": {"discopop_tau": 0.3},
+    "sft": {}, "sigmoid_norm": {}, "simpo": {"simpo_gamma": 0.3}, "cpo": {"cpo_alpha": 0.7}, "orpo": {},
+}
 
 
 def backend_params():
@@ -34,3 +42,16 @@ def rel_err(a, b):
     a, b = a.double(), b.double()
     denom = b.abs().max().clamp(min=1e-30)
     return ((a - b).abs().max() / denom).item()
+
+
+def record_ref_logps(monkeypatch, module):
+    """Patches ``module.compute_dpo_loss`` to record the ``ref_token_logps`` of each call; returns the record."""
+    seen = []
+    original = module.compute_dpo_loss
+
+    def spy(stats, mask, config, *, ref_token_logps=None, **kwargs):
+        seen.append(ref_token_logps)
+        return original(stats, mask, config, ref_token_logps=ref_token_logps, **kwargs)
+
+    monkeypatch.setattr(module, "compute_dpo_loss", spy)
+    return seen

@@ -236,11 +236,8 @@ def test_forward_splits_the_vocabulary_by_the_labelled_count(keep, labelled):
     tgt = torch.randint(0, Vx, (N,), generator=g)
     nv = torch.tensor([labelled], dtype=torch.int32)
     kw = dict(softcap=None, scale=1.0, extras=True, config=cfg)
-    if keep:
-        kept = K.allocate_kept(N, Vx, x.dtype, x.device, cfg)
-        stats = K.logprob_forward_keep(x, w, None, rows, tgt, nv, kept=kept, **kw)
-    else:
-        stats = F.logprob_forward(x, w, None, rows, tgt, nv, **kw)
+    kept = K.allocate_kept(N, Vx, x.dtype, x.device, cfg) if keep else None
+    stats = F.logprob_forward(x, w, None, rows, tgt, nv, kept=kept, **kw)
     assert stats.shape[1] == F.max_splits(N, 10, cfg) == 4  # sized for N/8 = 8 labelled rows: 1 block x 4
     used = min(4, -(-cfg.min_programs // -(-labelled // 16)))
     per = -(-10 // used)

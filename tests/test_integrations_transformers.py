@@ -12,6 +12,7 @@ import torch
 import fastdpo
 from fastdpo.integrations import transformers as fx
 from fastdpo.reference import reference_dpo_loss
+from fdtest import record_ref_logps
 
 transformers = pytest.importorskip("transformers")
 
@@ -420,14 +421,7 @@ def test_reference_head_that_differs_and_gets_no_gradient(backend, monkeypatch):
     with torch.no_grad():
         reference.lm_head.weight.add_(torch.randn_like(reference.lm_head.weight) * 3.0)
         reference.lm_head.bias.add_(torch.randn_like(reference.lm_head.bias))
-    seen = []
-    original = fx.compute_dpo_loss
-
-    def spy(stats, mask, config, *, ref_token_logps=None, **kwargs):
-        seen.append(ref_token_logps)
-        return original(stats, mask, config, ref_token_logps=ref_token_logps, **kwargs)
-
-    monkeypatch.setattr(fx, "compute_dpo_loss", spy)
+    seen = record_ref_logps(monkeypatch, fx)
     ids, labels, attention = make_uneven_batch()
     out = fx.causal_lm_dpo_loss(policy, ids, labels, attention, ref_model=reference, beta=0.3, backend=backend)
     out.loss.backward()

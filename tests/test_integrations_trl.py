@@ -24,6 +24,7 @@ from fastdpo import _validate  # noqa: E402
 
 from fastdpo.integrations import trl as ftrl  # noqa: E402
 from fastdpo.integrations.trl import FastDPOTrainer, patch_trl, unpatch_trl  # noqa: E402
+from fdtest import record_ref_logps  # noqa: E402
 
 V = 96
 WORDS = [f"w{i}" for i in range(V - 3)]
@@ -230,14 +231,7 @@ def test_options_trl_accepts_train_like_stock(tmp_path, trl_head_forbidden):
 def test_reference_pass_runs_without_gradient(tmp_path, monkeypatch, trl_head_forbidden):
     """The reference log-probs come out of the trainer's reference pass with no autograd graph, and no parameter of
     the reference model receives a gradient (the separate reference model, and the PEFT base weights)."""
-    seen = []
-    original = ftrl.compute_dpo_loss
-
-    def spy(stats, mask, config, *, ref_token_logps=None, **kwargs):
-        seen.append(ref_token_logps)
-        return original(stats, mask, config, ref_token_logps=ref_token_logps, **kwargs)
-
-    monkeypatch.setattr(ftrl, "compute_dpo_loss", spy)
+    seen = record_ref_logps(monkeypatch, ftrl)
     grads = {}
 
     class Grab(transformers.TrainerCallback):

@@ -30,7 +30,7 @@ EXTRAS_CASES = [(90, "bf16"), (80, "bf16")]
 REGISTER_BUDGET = {"forward": 255, "forward+extras": 255, "dlogits": 255, "grad_weight": 255, "grad_hidden": 255,
                    "forward_keep": 255, "forward_keep+extras": 255, "dlogits_from_kept": 64}
 # Spill-store bytes allowed: none, except the forwards with the extras, whose three more running statistics
-# spill a few bytes at the 128x128 tiles (measured: 32 lean, 40 fast on sm_90; a GPU run decides whether
+# spill a few bytes at the 128x128 tiles (measured: 32 lean, 60 fast on sm_90; a GPU run decides whether
 # smaller tiles pay, benchmarks/tune.py).
 SPILL_BUDGET = {"forward+extras": 64, "forward_keep+extras": 64,
                 # fp32 inputs take exact FMA products (the exactness path, not a speed target): 8 bytes measured.
@@ -80,13 +80,14 @@ def _compile_all():
     from fastdpo.kernels.config import default_config
 
     def kernels_for(C):
+        def forward(extras, keep):
+            return (logprob_fwd._logprob_fwd_kernel, C.fwd_warps, C.fwd_stages,
+                    dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=extras, KEEP=keep, BLOCK_M=C.fwd_block_m,
+                         BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k))
+
         return {
-            "forward": (logprob_fwd._logprob_fwd_kernel, C.fwd_warps, C.fwd_stages,
-                        dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=False, BLOCK_M=C.fwd_block_m,
-                             BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k)),
-            "forward+extras": (logprob_fwd._logprob_fwd_kernel, C.fwd_warps, C.fwd_stages,
-                               dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=True, BLOCK_M=C.fwd_block_m,
-                                    BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k)),
+            "forward": forward(False, False), "forward+extras": forward(True, False),
+            "forward_keep": forward(False, True), "forward_keep+extras": forward(True, True),
             "dlogits": (logprob_bwd._dlogits_kernel, C.dlogits_warps, C.dlogits_stages,
                         dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_M=C.dlogits_block_m, BLOCK_V=C.dlogits_block_v,
                              BLOCK_K=C.dlogits_block_k)),
@@ -95,12 +96,6 @@ def _compile_all():
             "grad_hidden": (logprob_bwd._grad_hidden_kernel, C.gh_warps, C.gh_stages,
                             dict(FIRST=False, LAST=True, BLOCK_M=C.gh_block_m, BLOCK_H=C.gh_block_h,
                                  BLOCK_K=C.gh_block_k)),
-            "forward_keep": (logprob_fast._logprob_fwd_keep_kernel, C.fwd_warps, C.fwd_stages,
-                             dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=False, BLOCK_M=C.fwd_block_m,
-                                  BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k)),
-            "forward_keep+extras": (logprob_fast._logprob_fwd_keep_kernel, C.fwd_warps, C.fwd_stages,
-                                    dict(HAS_BIAS=True, HAS_SOFTCAP=True, EXTRAS=True, BLOCK_M=C.fwd_block_m,
-                                         BLOCK_V=C.fwd_block_v, BLOCK_K=C.fwd_block_k)),
             "dlogits_from_kept": (logprob_fast._dlogits_from_kept_kernel, C.kept_warps, 1,
                                   dict(HAS_SOFTCAP=True, FWD_BLOCK_V=C.fwd_block_v, BLOCK_M=C.kept_block_m,
                                        BLOCK_V=C.kept_block_v)),

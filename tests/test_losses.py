@@ -16,16 +16,9 @@ import torch.nn.functional as F
 import fastdpo
 from fastdpo import LossConfig
 from fastdpo.losses import LOSS_TYPES, TRL_LOSS_TYPES
-from fdtest import backend_params, make_batch, rel_err
+from fdtest import TYPE_OPTIONS, backend_params, make_batch, rel_err
 
 IGNORE = -100
-# Options that make each loss type do something worth checking (non-zero smoothing, a margin, ...).
-TYPE_OPTIONS = {
-    "sigmoid": {}, "hinge": {}, "ipo": {}, "exo_pair": {"label_smoothing": 1e-3}, "nca_pair": {},
-    "robust": {"label_smoothing": 0.1}, "bco_pair": {}, "sppo_hard": {}, "aot": {"label_smoothing": 0.05},
-    "aot_unpaired": {"label_smoothing": 0.05}, "apo_zero": {}, "apo_down": {}, "discopop": {"discopop_tau": 0.3},
-    "sft": {}, "sigmoid_norm": {}, "simpo": {"simpo_gamma": 0.3}, "cpo": {"cpo_alpha": 0.7}, "orpo": {},
-}
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------

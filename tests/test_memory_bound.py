@@ -1,43 +1,14 @@
 """No ``[tokens, vocab]`` tensor ever exists on the fused paths: every tensor the forward and the
 backward create is recorded (a TorchDispatchMode sees each op's outputs) and the largest is bounded."""
 
-import weakref
-
 import pytest
 import torch
-from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdpo
 from fastdpo import _torch_path
+from fastdpo.bench.memory import LargestTensor, LiveBytes
 from fastdpo.kernels.config import KernelConfig, use_config
 from fdtest import backend_params, make_batch
-
-
-def _call(mode, func, args, kwargs):
-    """Run ``func``; fastdpo's custom ops run their Python body with the mode active, so it sees inside them."""
-    if func.namespace == "fastdpo":
-        with mode:
-            return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-    return func(*args, **kwargs)
-
-
-class LargestTensor(TorchDispatchMode):
-    """The size in bytes of the largest tensor any op allocates (outputs that alias an input, like
-    in-place ops and the interpreter's copies back into its arguments, allocate nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.nbytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = _call(self, func, args, kwargs or {})
-        flat = list(args) + list((kwargs or {}).values())
-        owned = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
-                self.nbytes = max(self.nbytes, t.numel() * t.element_size())
-        return out
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -60,35 +31,6 @@ def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
     bound = 4 * max(V * H, N * H, 4 * V if backend == "torch" else N * chunk)  # fp32 bytes
     assert seen.nbytes <= bound < N * V
     assert w.grad is not None and torch.isfinite(w.grad).all()
-
-
-class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes held by tensors created inside the mode: every new storage counts from the op that
-    makes it until it is freed (a finalizer on the storage)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = set()
-
-    def _free(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = _call(self, func, args, kwargs or {})
-        flat = list(args) + list((kwargs or {}).values())
-        owned = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key not in self._seen and key not in owned and storage.nbytes():
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._free, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
 
 
 def test_torch_backend_bf16_step_peak_under_twice_the_weight(monkeypatch):

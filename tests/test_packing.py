@@ -15,15 +15,9 @@ import fastdpo
 import fastdpo.integrations.transformers  # noqa: F401  (fastdpo.integrations.transformers.causal_lm_dpo_loss)
 from fastdpo import LossConfig
 from fastdpo.losses import LOSS_TYPES
-from fdtest import backend_params
+from fdtest import TYPE_OPTIONS, backend_params
 
 IGNORE = -100
-TYPE_OPTIONS = {
-    "sigmoid": {}, "hinge": {}, "ipo": {}, "exo_pair": {"label_smoothing": 1e-3}, "nca_pair": {},
-    "robust": {"label_smoothing": 0.1}, "bco_pair": {}, "sppo_hard": {}, "aot": {"label_smoothing": 0.05},
-    "aot_unpaired": {"label_smoothing": 0.05}, "apo_zero": {}, "apo_down": {}, "discopop": {"discopop_tau": 0.3},
-    "sft": {}, "sigmoid_norm": {}, "simpo": {"simpo_gamma": 0.3}, "cpo": {"cpo_alpha": 0.7}, "orpo": {},
-}
 # Options that change how the per-sequence sums are formed, each on a loss type that accepts it.
 OPTION_CASES = {
     "average_log_prob": dict(loss_type="sigmoid", average_log_prob=True),

@@ -107,6 +107,16 @@ def _out_options(parser, command):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _out_dir(args, parser, command):
+    """The ``--out`` folder to write into (checked, not created yet); a usage error where it cannot be used."""
+    from . import run
+
+    try:
+        return run.check_out_dir(args.out, command, overwrite=args.overwrite)
+    except run.OutputDirError as err:
+        parser.error(f"argument --out: {err}")
+
+
 def _fail(command, message) -> int:
     print(f"fastdpo {command}: error: {message}", file=sys.stderr)
     return 2
@@ -139,10 +149,7 @@ def _bench(args, parser) -> int:
                                     impls=args.impl)
     except ValueError as err:
         parser.error(str(err))
-    try:
-        out = run.check_out_dir(args.out, "bench", overwrite=args.overwrite)
-    except run.OutputDirError as err:
-        parser.error(f"argument --out: {err}")
+    out = _out_dir(args, parser, "bench")
     try:
         run.check_memory(config)
     except TooBigError as err:
@@ -170,10 +177,7 @@ def _profile(args, parser) -> int:
                                           search=not (args.no_search or args.padding_free))
     except ValueError as err:
         parser.error(str(err))
-    try:
-        out = run.check_out_dir(args.out, "profile", overwrite=args.overwrite)
-    except run.OutputDirError as err:
-        parser.error(f"argument --out: {err}")
+    out = _out_dir(args, parser, "profile")
     try:
         config = profiling.check_memory(config)
     except (TooBigError, profiling.BudgetError) as err:

@@ -12,6 +12,9 @@ stays resident in the heap and the next allocation reuses it unseen) and first h
 (``malloc_trim``). Where that is not possible the meter
 falls back to sampling the RSS from a thread every millisecond, which can miss short peaks; ``method`` says
 which one ran.
+
+Tensor meters (:class:`LiveBytes`, :class:`LargestTensor`): a ``TorchDispatchMode`` sees every op's outputs, also
+inside fastdpo's custom ops, and counts the bytes of the tensors created: exact, independent of the allocator.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import re
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["PeakMeter", "RssSampler", "current_rss", "cpu_peak_method", "DeviceMemory", "device_memory",
-           "TooBigError", "check_fits", "format_bytes", "compare_peaks"]
+           "TooBigError", "check_fits", "format_bytes", "compare_peaks", "LiveBytes", "LargestTensor"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -369,3 +375,62 @@ def compare_peaks(ours: int | None, theirs: int | None) -> str:
         return text + (f" ({ours / theirs:.1f}x)" if theirs >= RESOLUTION_BYTES else "")
     text = f"{format_bytes(diff)} saved"
     return text + (f" ({theirs / ours:.1f}x less)" if ours >= RESOLUTION_BYTES else "")
+
+
+def _run_op(mode, func, args, kwargs):
+    """Run ``func``; fastdpo's custom ops run their Python body with ``mode`` active, so that it sees inside them."""
+    if func.namespace == "fastdpo":
+        with mode:
+            return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+    return func(*args, **kwargs)
+
+
+def _new_outputs(args, kwargs, out):
+    """The tensors among ``out`` whose storage is none of the inputs' (in-place ops and the Triton interpreter's
+    copies back into its arguments allocate nothing)."""
+    owned = {t.untyped_storage().data_ptr() for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)}
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,))
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Context manager: ``peak`` is the peak of the bytes held by host tensors created inside it (``live``: those
+    held now). Every new storage counts from the op that makes it until it is freed (a finalizer on the storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = set()
+
+    def _free(self, key, nbytes):
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _run_op(self, func, args, kwargs)
+        for t in _new_outputs(args, kwargs, out):
+            if t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self._seen and storage.nbytes():
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+class LargestTensor(TorchDispatchMode):
+    """Context manager: ``nbytes`` is the size in bytes of the largest tensor any op inside it allocates."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _run_op(self, func, args, kwargs)
+        for t in _new_outputs(args, kwargs, out):
+            self.nbytes = max(self.nbytes, t.numel() * t.element_size())
+        return out
