@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import _torch_path
+from . import _torch_path, _validate
 from ._options import HeadOptions
 from ._torch_path import _compute_dtype, _logits
 
@@ -36,7 +36,7 @@ def resolve_memory(memory) -> float:
     if isinstance(memory, str):
         if memory in ("lean", "fast"):
             return 0.0 if memory == "lean" else math.inf
-    elif isinstance(memory, (int, float)) and not isinstance(memory, bool) and math.isfinite(memory) and memory >= 0:
+    elif _validate.is_real(memory) and math.isfinite(memory) and memory >= 0:
         return float(memory)
     raise ValueError(f"memory must be 'lean', 'fast' or a budget in GiB (a finite number >= 0), got {memory!r}")
 
@@ -196,5 +196,6 @@ def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs,
     g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), zero).contiguous()
     # The transformed target logit, for the softcap's derivative at the target: logp + lse.
     zt = torch.where(valid, logp.to(torch.float32).gather(0, rows), zero) + lse_c
-    return K.logprob_backward_kept(hidden, weight, bias, rows, tgt, nv, lse_c, g, zt.contiguous(), kept,
+    return K.logprob_backward_kept(hidden, weight, _triton_path._unit_stride(bias), rows, tgt, nv, lse_c, g,
+                                   zt.contiguous(), kept,
                                    softcap=opts.softcap, scale=opts.scale, needs=needs, config=config)

@@ -35,12 +35,19 @@ def _compact(targets: torch.Tensor, ignore_index: int):
     return rows, tgt, nv, valid
 
 
+def _unit_stride(bias):
+    """The kernels index the bias as ``b_ptr + v`` (no stride argument): an expanded or strided ``[V]`` bias is
+    copied (``[V]`` is small); hidden states and weight go with their strides."""
+    return bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
+
+
 def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None):
     """As :func:`fastdpo._torch_path.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp.
 
     ``launch`` replaces the forward kernel's launcher (same arguments and record; fast mode's also keeps tiles).
     """
     N = hidden.shape[0]
+    bias = _unit_stride(bias)
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
     # A vocabulary-parallel head's rows start at global id vocab_start: the kernels see local ids (a target
     # outside this rank's rows matches no column).
@@ -64,6 +71,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None):
 
 
 def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions, needs):
+    bias = _unit_stride(bias)
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
     zero = torch.zeros((), device=hidden.device)
     lse = torch.where(valid, saved.to(torch.float32).gather(0, rows), zero)

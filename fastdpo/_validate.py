@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -38,14 +39,39 @@ def token_ids(labels):
     return labels.to(torch.int64)
 
 
+def is_real(value) -> bool:
+    """A real number (Python or NumPy scalar), not a bool: ``True`` is an int to Python but never meant as one."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def integer(name, value) -> int:
+    """An integer option (Python or NumPy scalar, not a bool) as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
 def number(name, value, *, positive=False, allow_none=False):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return float(value)
+
+
+def head_options(ignore_index, softcap, logit_scale, temperature, backend_name):
+    """The head's scalar options as ``(ignore_index, softcap, scale)`` Python numbers, ``scale`` =
+    ``logit_scale / temperature``; checked where they are given (a module checks them when built)."""
+    ignore_index = integer("ignore_index", ignore_index)
+    softcap = number("softcap", softcap, positive=True, allow_none=True)
+    scale = number("logit_scale", logit_scale) / number("temperature", temperature, positive=True)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
+    if not isinstance(backend_name, str) or backend_name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend_name!r}")
+    return ignore_index, softcap, scale
 
 
 def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="weight", targets_name="targets",
@@ -90,6 +116,8 @@ def label_range(name, labels, vocab, ignore_index):
     On GPU tensors this is the one host synchronisation of a call; ``FASTDPO_CHECK_LABELS=0`` skips
     it there (an out-of-range label then yields a log-prob of NaN).
     """
+    if labels.device.type == "meta":
+        return  # no values to check: shapes only (the fake implementation runs there)
     if labels.device.type != "cpu" and os.environ.get("FASTDPO_CHECK_LABELS", "1") == "0":
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
@@ -99,13 +127,22 @@ def label_range(name, labels, vocab, ignore_index):
                          f"found {example}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): never under autocast
+        return False
+
+
 def common_dtype(hidden, weight, hidden_name="hidden", weight_name="weight"):
-    """The dtype the head computes in: the inputs' own, or the autocast dtype when they differ under autocast."""
+    """The dtype the head computes in: under ``torch.autocast`` the autocast dtype, as ``F.linear`` (the lm-head
+    stock TRL and transformers run) would cast to (fp64 inputs excepted, which autocast leaves alone); otherwise
+    the inputs' own, which must then agree."""
+    dev = hidden.device.type
+    if _autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
+        return torch.get_autocast_dtype(dev)
     if hidden.dtype == weight.dtype:
         return hidden.dtype
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
     raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype "
                     f"(or run under torch.autocast)")
 

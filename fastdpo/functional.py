@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _packing
@@ -33,13 +31,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
                                  labels_name=tn)
     weight, bias = vp.weight, vp.bias
     check.head(hidden, weight, targets, bias, hidden_name=hn, weight_name=wn, targets_name=tn, bias_name=bn)
-    if softcap is not None:
-        check.number("softcap", softcap, positive=True)
-    scale = check.number("logit_scale", logit_scale) / check.number("temperature", temperature, positive=True)
-    if not math.isfinite(scale):
-        raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index, softcap, scale = check.head_options(ignore_index, softcap, logit_scale, temperature, backend)
     check.flag("extras", extras)
     check.flag("check_labels", check_labels)
     dtype = check.common_dtype(hidden, weight, hn, wn)
@@ -53,7 +45,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
         raise ValueError("memory='fast' (or a budget) is single-device: with vocab_parallel use memory='lean'")
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         memory = 0.0  # no backward will read what the forward would keep
-    opts = HeadOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap), scale=scale,
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale,
                        backend=resolved, extras=bool(extras), vocab_start=vp.start, vocab_total=vp.total,
                        group=vp.group, memory=memory)
     shape = targets.shape
@@ -78,7 +70,8 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
 
     Args:
         hidden: ``[..., H]`` hidden states (bf16, fp16, fp32; fp64 on the torch backend).
-        weight: ``[V, H]`` lm-head weight, same dtype as ``hidden`` (or any dtypes under autocast).
+        weight: ``[V, H]`` lm-head weight, same dtype as ``hidden``. Under ``torch.autocast`` any float dtypes:
+            the head computes in the autocast dtype, as ``F.linear`` would (fp64 inputs are left in fp64).
         targets: integer token ids shaped ``hidden.shape[:-1]``, in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` lm-head bias.
         ignore_index: targets with this value are skipped: never projected, log-prob 0.

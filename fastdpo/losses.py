@@ -19,6 +19,7 @@ Notation (per pair ``b``; ``c`` chosen, ``r`` rejected):
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -237,7 +238,7 @@ def _f_scores(logratios, cfg):
 def _check_number(name, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
@@ -313,6 +314,12 @@ class LossConfig:
     extra_metrics: bool = False
 
     def __post_init__(self):
+        # NumPy scalars are numbers too; stored as Python floats so that the config compares, hashes and prints
+        # the same whatever the caller's scalar type (bools are refused by _check_number below).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value) not in (int, float):
+                object.__setattr__(self, f.name, float(value))
         _check_number("beta", self.beta)
         types = self._normalise_loss_type(self.loss_type)
         object.__setattr__(self, "loss_type", types if isinstance(self.loss_type, (list, tuple)) else types[0])
@@ -322,6 +329,7 @@ class LossConfig:
             weights = tuple(self.loss_weights)
             for w in weights:
                 _check_number("each of loss_weights", w)
+            weights = tuple(float(w) for w in weights)
             if len(weights) != len(types):
                 raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
                                  f"{len(types)} loss types {list(types)}")

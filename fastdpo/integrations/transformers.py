@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _packing, functional
+from .. import _validate as check
 from ..losses import DPOOutput, LossConfig, compute_dpo_loss
 
 __all__ = [
@@ -335,14 +336,33 @@ class HeadOutput:
     router_logits: tuple | None = None
 
 
-def _check_inputs(input_ids, labels):
+def _is_integer_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _check_inputs(input_ids, labels, attention_mask=None):
+    """The batch tensors, checked before the backbone sees them (its own errors would not name the argument)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise TypeError(f"input_ids must be a [B, T] tensor, got "
                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
+    if not _is_integer_tensor(input_ids):
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor shaped like input_ids, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(input_ids.shape):
         raise ValueError(f"labels must be a tensor shaped like input_ids {tuple(input_ids.shape)} (unshifted, "
-                         f"as for model(labels=...)), got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+                         f"as for model(labels=...)), got {tuple(labels.shape)}")
+    if not _is_integer_tensor(labels):
+        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask must be shaped like input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
+    for name, t in (("labels", labels), ("attention_mask", attention_mask)):
+        if t is not None and t.device != input_ids.device:
+            raise ValueError(f"{name} must be on the device of input_ids ({input_ids.device}), got {t.device}")
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must hold at least 2 tokens per row to predict one, got shape "
                          f"{tuple(input_ids.shape)}")
@@ -550,7 +570,7 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         dict of ``[B, T-1]`` tensors (see :func:`fastdpo.token_stats`): ``logp`` (differentiable), ``mean_logit``,
         and the extras; 0 where the shifted label is ignored.
     """
-    _check_inputs(input_ids, labels)
+    _check_inputs(input_ids, labels, attention_mask)
     if padding_free:
         if hidden_states is not None:
             raise ValueError("hidden_states: with padding_free=True the backbone runs on the packed batch; do not "
@@ -583,7 +603,7 @@ def _adapter_disabled(model):
 
 
 def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, ref_logps=None,
-                       reference_free=False, beta=0.1, temperature=1.0, ignore_index=-100, backend="auto",
+                       reference_free=False, beta=None, temperature=1.0, ignore_index=-100, backend="auto",
                        config: LossConfig | None = None, padding_free=False, **loss_options) -> DPOOutput:
     """The DPO loss of a causal LM on a batch of ``2B`` rows (``B`` chosen, then ``B`` rejected).
 
@@ -597,7 +617,8 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
             ``reference_free`` is required.
         ref_logps: ``[2B]`` precomputed reference sequence log-probs.
         reference_free: no reference model.
-        beta, config, **loss_options: the loss, as in :func:`fastdpo.dpo_loss`.
+        beta, config, **loss_options: the loss, as in :func:`fastdpo.dpo_loss` (``beta`` 0.1 by default, or
+            ``config.beta``; a ``beta`` that differs from ``config.beta`` raises a ``ValueError``).
         temperature, ignore_index, backend: as in :func:`fastdpo.token_stats`.
         padding_free: remove the padding and run the policy's (and the reference model's) backbone once on the
             ``2B`` sequences packed into one row (see :func:`causal_lm_token_stats`); the loss then sums over the
@@ -608,7 +629,8 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
         :class:`fastdpo.DPOOutput`; ``metrics`` include ``entropy`` and ``mean_token_accuracy`` like TRL's
         (``extra_metrics`` defaults to True here when the options are given as keywords).
     """
-    _check_inputs(input_ids, labels)
+    _check_inputs(input_ids, labels, attention_mask)
+    check.flag("reference_free", reference_free)
     if input_ids.shape[0] % 2:
         raise ValueError(f"input_ids must hold an even number of rows (B chosen then B rejected), got "
                          f"{input_ids.shape[0]}")
@@ -621,9 +643,8 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
     if config is None:
         # TRL logs the entropy and token accuracy too; they come from the same kernel pass.
         loss_options.setdefault("extra_metrics", True)
-        config = LossConfig(beta=beta, **loss_options)
-    elif loss_options:
-        raise ValueError(f"give loss options either in config or as keywords, not both: {sorted(loss_options)}")
+    # One rule with dpo_loss: beta defaults to 0.1 (config.beta with a config), a different beta raises.
+    config = functional.loss_config(beta, config, loss_options)
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend)
     packed = None
     if padding_free:
