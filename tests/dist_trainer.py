@@ -14,6 +14,7 @@ import sys
 import uuid
 
 import torch
+from fdtest import word_tokenizer
 
 V = 64
 WORDS = [f"w{i}" for i in range(V - 3)]
@@ -23,14 +24,7 @@ METRICS = ("loss", "entropy", "logits/chosen", "logits/rejected", "mean_token_ac
 
 
 def make_tokenizer():
-    import tokenizers
-    import transformers
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 def make_dataset(n=4):

@@ -55,3 +55,15 @@ def record_ref_logps(monkeypatch, module):
 
     monkeypatch.setattr(module, "compute_dpo_loss", spy)
     return seen
+
+
+def word_tokenizer(words):
+    """A word-level tokenizer over ``words`` (ids from 3; 0 pad, 1 eos, 2 unk), built offline for tiny trainer runs."""
+    import tokenizers
+    import transformers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")

@@ -24,7 +24,7 @@ from fastdpo import _validate  # noqa: E402
 
 from fastdpo.integrations import trl as ftrl  # noqa: E402
 from fastdpo.integrations.trl import FastDPOTrainer, patch_trl, unpatch_trl  # noqa: E402
-from fdtest import record_ref_logps  # noqa: E402
+from fdtest import record_ref_logps, word_tokenizer  # noqa: E402
 
 V = 96
 WORDS = [f"w{i}" for i in range(V - 3)]
@@ -35,11 +35,7 @@ METRICS = ("loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "logit
 
 
 def make_tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 def make_dataset(n=8, seed=0):
