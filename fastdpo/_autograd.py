@@ -34,10 +34,6 @@ def _backend_module(opts: HeadOptions):
     return _torch_path
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("fastdpo::head_forward", mutates_args=())
 def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
                  softcap: Optional[float], scale: float, backend: str, extras: bool, vocab_start: int = 0,
@@ -59,7 +55,7 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
         else:
             out, _ = _backend_module(opts).forward(hidden, weight, bias, targets, opts)
             kept = (hidden.new_empty(0), hidden.new_empty(0))
-    cd = _compute_dtype(hidden.dtype)
+    cd = _torch_path._compute_dtype(hidden.dtype)
     empty = hidden.new_empty(0, dtype=cd)
     extra = [out[k] if extras else (empty.bool() if k == "is_top1" else empty.clone()) for k in EXTRA_OUTPUTS]
     return (out["logp"].to(cd), out["mean_logit"].to(cd), *(t.to(cd) if t.dtype.is_floating_point else t
@@ -70,7 +66,7 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
 def _head_forward_fake(hidden, weight, bias, targets, ignore_index, softcap, scale, backend, extras, vocab_start=0,
                        vocab_total=-1, group=None, memory=0.0):
     N = hidden.shape[0]
-    cd = _compute_dtype(hidden.dtype)
+    cd = _torch_path._compute_dtype(hidden.dtype)
     n_extra = N if extras else 0
     if memory > 0:
         from . import _fast
