@@ -4,7 +4,7 @@ Each wheel of ``.wheels/`` that fits this interpreter is installed on its own, w
 an index (a failed one is reported and skipped: a missing competitor costs a row, not the run). fastdpo is then
 installed editable without build isolation (setuptools/wheel from ``.wheels/build`` where this Python lacks
 them); if that fails, or the import does not resolve to this checkout, a copy of the package laid out as an
-install would be (``kernels/`` as ``fastdpo/kernels``) is made under ``--shim`` and ``--env-file`` gets the
+install would be (``kernels/fastdpo_kernels/`` as ``fastdpo/kernels``) is made under ``--shim`` and ``--env-file`` gets the
 ``PYTHONPATH`` line that makes it importable.
 
     python3 benchmarks/install_wheels.py [--wheels .wheels] [--env-file FILE] [--json FILE]
@@ -56,13 +56,13 @@ def fastdpo_location(env=None) -> str | None:
 
 
 def make_shim(shim: pathlib.Path) -> pathlib.Path:
-    """A copy of the package as installed: ``shim/fastdpo`` with ``kernels/`` as ``shim/fastdpo/kernels``."""
+    """A copy of the package as installed: ``shim/fastdpo`` with ``kernels/fastdpo_kernels/`` as ``shim/fastdpo/kernels``."""
     target = shim / "fastdpo"
     if target.exists():
         shutil.rmtree(target)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "fastdpo", target, ignore=ignore)
-    shutil.copytree(ROOT / "kernels", target / "kernels", ignore=ignore)
+    shutil.copytree(ROOT / "kernels" / "fastdpo_kernels", target / "kernels", ignore=ignore)
     return shim
 
 

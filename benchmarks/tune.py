@@ -5,7 +5,7 @@
 Coordinate descent from ``default_config``: the forward's tiles (and vocabulary split), then each backward
 kernel's tiles with the others held at the best so far, then the backward's vocabulary chunk (which also
 sets the workspace, so its peak memory is printed beside its time). Each row reports the registers
-spilled by the compiled kernel. The result is a ``KernelConfig(...)`` to put into ``kernels/config.py``
+spilled by the compiled kernel. The result is a ``KernelConfig(...)`` to put into ``kernels/fastdpo_kernels/config.py``
 (the one place tiles are chosen), and a JSON file under ``$OUT`` when set. Nothing here runs in
 the library: tuning is opt-in. ``--tiny --device cpu`` runs the same flow through the Triton
 interpreter at toy sizes (the tests use it).

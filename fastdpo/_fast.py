@@ -6,7 +6,7 @@ everything the backward reads (4 matmuls); a float is a budget in GiB: as many c
 recomputed. What is kept travels through the head's custom op as two tensors.
 
 - Triton: each logit tile's ``e = exp(z − m_tile)`` in the inputs' dtype and ``m_tile`` in fp32 for the first
-  ``V_keep`` vocabulary columns (``kernels/logprob_fast.py``); about ``2·N·V`` bytes for 16-bit inputs, where
+  ``V_keep`` vocabulary columns (``kernels/fastdpo_kernels/logprob_fast.py``); about ``2·N·V`` bytes for 16-bit inputs, where
   ``N`` counts every row (the labelled count stays on the device, so the buffer is sized without a host sync).
 - torch: the transformed logits of whole token chunks in fp32 (fp64 for fp64 inputs), up to ``4·N·V`` bytes
   (sized by all rows, like the Triton buffer); the backward reuses them. This path walks token chunks with an

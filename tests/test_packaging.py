@@ -1,7 +1,8 @@
-"""Packaging: ``kernels/`` ships as ``fastdpo.kernels`` (never a top-level ``kernels`` module: PyPI has a popular
-package of that name) and the measuring tools as ``fastdpo.bench``, in both the wheel and the editable install;
+"""Packaging: ``kernels/fastdpo_kernels/`` ships as ``fastdpo.kernels`` (``kernels/`` is never a top-level ``kernels``
+package: Hugging Face's ``kernels``, which transformers imports, must win even when Python runs from the repository root) and the measuring tools as ``fastdpo.bench``, in both the wheel and the editable install;
 the library never imports the tools; the ``fastdpo`` console script and ``python -m fastdpo`` both reach them."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -15,10 +16,32 @@ BENCH_MODULES = ("__init__", "cli", "run", "competitors", "profiling", "memory")
 
 
 def test_editable_install_maps_kernels_and_bench_folders():
-    assert pathlib.Path(fastdpo.kernels.__file__).resolve().parent == ROOT / "kernels"
+    assert pathlib.Path(fastdpo.kernels.__file__).resolve().parent == ROOT / "kernels" / "fastdpo_kernels"
     assert pathlib.Path(fastdpo.bench.__file__).resolve().parent == ROOT / "fastdpo" / "bench"
     from fastdpo.kernels import logprob_bwd, logprob_fwd  # noqa: F401
     from fastdpo.bench import cli, competitors, memory, profiling, run  # noqa: F401
+
+
+def test_kernels_folder_is_no_package():
+    # A folder without __init__.py is only a namespace portion: any regular package named `kernels` beats it.
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    assert [p.name for p in (ROOT / "kernels").glob("*.py")] == []
+
+
+def test_repo_root_does_not_shadow_an_installed_kernels_package(tmp_path):
+    """From the repository root (on ``sys.path`` as ``''``), ``import kernels`` finds a regular package installed
+    elsewhere, and ``fastdpo.kernels`` still imports."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("CUDAProperties = 'installed kernels package'\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    code = ("import kernels, fastdpo.kernels.logprob_fwd as m; from kernels import CUDAProperties; "
+            "print(CUDAProperties); print(m.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().splitlines()
+    assert first == "installed kernels package"
+    assert pathlib.Path(second).resolve().parent == ROOT / "kernels" / "fastdpo_kernels"
 
 
 def test_tools_left_the_package_root():

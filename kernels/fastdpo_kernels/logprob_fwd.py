@@ -7,7 +7,7 @@ running max ``m``, ``Σ exp(z − m)``, the target logit (0 when the target is o
 ``Σ z`` and, with ``EXTRAS``, ``Σ exp(z − m)·z``, ``Σ exp(2(z − m))`` and the first argmax: the record
 that ``fastdpo._merge`` defines and merges (a few ``[splits, tokens]`` ops on the host). A split whose
 logits are all ``-inf`` writes ``m = -inf`` and ``Σ exp = 0``. With ``KEEP`` the same kernel also stores what
-fast mode keeps (``kernels/logprob_fast.py``).
+fast mode keeps (``kernels/fastdpo_kernels/logprob_fast.py``).
 """
 
 import torch
@@ -51,7 +51,7 @@ def _logprob_fwd_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The statistics record of every token and split. With ``KEEP`` (fast mode, ``kernels/logprob_fast.py``)
+    """The statistics record of every token and split. With ``KEEP`` (fast mode, ``kernels/fastdpo_kernels/logprob_fast.py``)
     each tile's sums are taken relative to the tile's own max and ``e = exp(z − m_tile)``/``m_tile`` are stored
     for the tiles below ``V_keep`` (``e_ptr``, ``mt_ptr``, ``V_keep`` and their strides are read only then).
 
