@@ -132,6 +132,13 @@ def main(out_path, per_device_batch, mode=None):
     if trainer.accelerator.is_main_process:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
+    # Left to interpreter shutdown, gloo's threads can abort a rank ("terminate called without an active
+    # exception") after the work is done; close the group while every rank is still alive.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
