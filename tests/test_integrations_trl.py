@@ -452,7 +452,9 @@ def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
                 dict(loss_type=["aot"], use_weighting=True)):
         with pytest.raises(ValueError, match="DPOConfig"):
             FastDPOTrainer(args=make_args(tmp_path, **bad), **kwargs)
-    # FSDP is supported (the head runs as a module inside the wrapped forward): it reaches the parent.
+    # FSDP is supported (the head runs as a module inside the wrapped forward): it reaches the parent. transformers
+    # before 5.0 exports ACCELERATE_USE_FSDP=true from TrainingArguments(fsdp=...): restored after this test.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", os.environ.get("ACCELERATE_USE_FSDP", "false"))
     with pytest.raises(AssertionError, match="DPOTrainer.__init__ ran"):
         FastDPOTrainer(args=make_args(tmp_path, fsdp=True), **kwargs)
     with pytest.raises(ValueError, match="router_aux_loss_coef=0.5.*not a Mixture-of-Experts"):
