@@ -87,9 +87,13 @@ def make_model(kind, seed=0):
 
 
 def make_args(tmp_path, **overrides):
+    # adam_epsilon: Adam's first update is lr·g/(|g| + eps). A parameter element whose exact gradient is zero (an
+    # expert's weight where the tokens' contributions cancel) gets fp32 rounding noise of ~1e-11 from either head, and
+    # with eps=1e-8 that noise alone moves it by up to ~1e-4, its sign set by the order of the sums. With eps=1e-6 such
+    # elements move < 1e-6, while elements with gradients well above 1e-6 still take full lr-sized steps.
     options = dict(output_dir=str(tmp_path / uuid.uuid4().hex), per_device_train_batch_size=4, max_steps=3,
                    learning_rate=1e-2, report_to="none", logging_steps=1, save_strategy="no", seed=0, use_cpu=True,
-                   bf16=False, dataloader_num_workers=0, disable_tqdm=True, beta=0.1)
+                   bf16=False, dataloader_num_workers=0, disable_tqdm=True, beta=0.1, adam_epsilon=1e-6)
     options.update(overrides)
     return DPOConfig(**options)
 
