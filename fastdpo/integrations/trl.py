@@ -44,12 +44,12 @@ check_trl_version()
 
 # TRL's internals are looked up leniently here: whether a newer TRL still has them is checked (and a missing one
 # named) when FastDPOTrainer is built or patch_trl() applied, not at import.
-import trl.kernels  # noqa: E402
 import trl.models.utils as _trl_model_utils  # noqa: E402
 import trl.trainer.utils as _trl_utils  # noqa: E402
 from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+_trl_kernels = optional_module("trl.kernels")
 _trl_chunked = optional_module("trl.kernels.chunked_logprob")
 disable_gradient_checkpointing = getattr(_trl_model_utils, "disable_gradient_checkpointing", None)
 
@@ -88,7 +88,7 @@ __all__ = [
 _TRL_FUNCTION = getattr(_trl_chunked, "ChunkedLogProbFunction", None)
 # Every name under which TRL reaches its head: `add_fused_lm_head` looks up `_ChunkedLogProbFunction` in
 # `trl.trainer.utils` at call time, and code importing `trl.kernels` after the patch gets fastdpo's as well.
-_PATCH_SITES = ((_trl_utils, "_ChunkedLogProbFunction"), (trl.kernels, "ChunkedLogProbFunction"),
+_PATCH_SITES = ((_trl_utils, "_ChunkedLogProbFunction"), (_trl_kernels, "ChunkedLogProbFunction"),
                 (_trl_chunked, "ChunkedLogProbFunction"))
 _TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _FASTDPO_EXTRAS = ("entropy", "log_sum_sq_probs", "is_top1")
