@@ -6,14 +6,22 @@ PY := $(VENV)/bin/python
 # On a machine without an NVIDIA driver, ask for the CPU build of torch so pip does not pull
 # multi-GB CUDA wheels; override with `make TORCH=... test`.
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
+# The floors suite: the lowest versions pyproject claims (.ci/floors.txt), in their own environment.
+VENV_FLOORS ?= .venv-floors
+PYF := $(VENV_FLOORS)/bin/python
+# The tests that import a pinned package (transformers, TRL, peft, accelerate, deepspeed); the others do not
+# depend on the floors.
+FLOORS_TESTS ?= tests/test_integrations_transformers.py tests/test_integrations_trl.py tests/test_packing.py \
+	tests/test_distributed_head.py tests/test_distributed.py tests/test_distributed_trainers.py \
+	tests/test_vocab_parallel.py tests/test_adversarial.py
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-floors venv clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,trl,test-trl]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -24,5 +32,19 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+# torch comes from pip (a local CPU wheel may serve it), the rest from uv, which resolves the pins in seconds.
+$(VENV_FLOORS)/.installed: pyproject.toml Makefile .ci/floors.txt
+	rm -rf $(VENV_FLOORS)
+	$(PYTHON) -m venv $(VENV_FLOORS)
+	$(PYF) -m pip install -q --upgrade pip
+	$(PYF) -m pip install -q "$(TORCH)" uv
+	$(PYF) -m uv pip install -q --python $(PYF) -e '.[test,bench,trl,test-trl]' -c .ci/floors.txt
+	touch $@
+
+# pytest's exit code 5 (no test collected) is no failure here.
+test-floors: $(VENV_FLOORS)/.installed
+	@$(PYF) -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|accelerate|deepspeed) '
+	$(PYF) -m pytest -q -p no:cacheprovider $(FLOORS_TESTS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(VENV_FLOORS) build dist *.egg-info

@@ -410,11 +410,12 @@ def case_trl_patched_too_late(rank, world):
 
 # --- the run -----------------------------------------------------------------------------------------------------
 
-def deepspeed_unavailable():
+def unavailable(module):
+    """Why ``module`` cannot be imported (None when it can): the cases that need an optional package skip."""
     try:
-        import deepspeed  # noqa: F401
+        importlib.import_module(module)
     except Exception as err:  # an ImportError, or a broken install raising anything at import
-        return f"deepspeed cannot be imported: {type(err).__name__}: {err}"
+        return f"{module} cannot be imported: {type(err).__name__}: {err}"
     return None
 
 
@@ -474,8 +475,9 @@ def _expected(name, cache):
 
 
 def _run_case(name, rank, world, cache):
-    if name.startswith("zero") or "zero" in name:
-        reason = deepspeed_unavailable()
+    needs = [m for m, needed in (("deepspeed", "zero" in name), ("trl", name.startswith("trl_"))) if needed]
+    for module in needs:
+        reason = unavailable(module)
         if reason:
             return {"skip": reason}
     out = CASES[name](rank, world)

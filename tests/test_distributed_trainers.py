@@ -46,7 +46,10 @@ def free_port():
 def launch(tmp_path, name, launcher_args, batch, mode=()):
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, *launcher_args, str(SCRIPT), str(out), str(batch), *mode]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The launcher alone sets up accelerate: an ACCELERATE_* variable left in this process (transformers'
+    # TrainingArguments(fsdp=...) before 5.0 exports ACCELERATE_USE_FSDP=true) would turn a plain run into FSDP.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 import fastdpo.bench
 import fastdpo.kernels
 
@@ -88,3 +90,34 @@ def test_console_script_and_module_reach_the_command_line():
         out = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert "bench" in out.stdout and "profile" in out.stdout
+
+
+# The packages the floors suite pins (`make test-floors`).
+FLOOR_PACKAGES = {"transformers", "trl", "peft", "accelerate", "deepspeed"}
+
+
+def test_floors_suite_pins_the_floors_pyproject_claims():
+    """.ci/floors.txt pins each package at exactly the lower bound that every extra of pyproject claims for it."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins = {}
+    for line in (ROOT / ".ci" / "floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pins[req.name.lower()] = Version(spec.version)
+    assert set(pins) == FLOOR_PACKAGES
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    claimed = 0
+    for extra, requirements in extras.items():
+        for text in requirements:
+            req = Requirement(text)
+            if req.name.lower() in FLOOR_PACKAGES:
+                floors = [Version(s.version) for s in req.specifier if s.operator == ">="]
+                # Version("5.0") == Version("5.0.0"): the pin is the claimed floor itself.
+                assert floors == [pins[req.name.lower()]], f"[{extra}] {text}: .ci/floors.txt pins {pins[req.name]}"
+                claimed += 1
+    assert claimed >= len(FLOOR_PACKAGES)

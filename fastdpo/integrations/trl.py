@@ -1,4 +1,4 @@
-"""fastdpo inside TRL (``pip install fastdpo[trl]``; TRL 1.16.x).
+"""fastdpo inside TRL (``pip install fastdpo[trl]``; tested with TRL 1.15 and 1.16, see :data:`TRL_TESTED`).
 
 Two ways in:
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
-import importlib.metadata
 import sys
 import types
 import warnings
@@ -35,42 +34,24 @@ from contextlib import nullcontext
 
 import torch
 
-#: The TRL versions this module is written against; the same range as the ``fastdpo[trl]`` extra.
-TRL_SPECIFIER = ">=1.16,<1.17"
+from ._trl_compat import (PATCH_INTERNALS, TRAINER_CONFIG_FIELDS, TRAINER_INTERNALS, TRL_TESTED, check_trl_version,
+                          optional_module, require_trl_internals)
 
-
-def check_trl_version(version: str | None = None) -> str:
-    """Raise ``ImportError`` unless TRL (``version``, or the installed one) is in :data:`TRL_SPECIFIER`.
-
-    fastdpo reaches into TRL's DPOTrainer and fused head, whose internals change between minor releases,
-    so other versions are refused rather than silently mis-patched. Returns the checked version.
-    """
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    if version is None:
-        try:
-            version = importlib.metadata.version("trl")
-        except importlib.metadata.PackageNotFoundError as err:
-            raise ImportError("fastdpo.integrations.trl needs TRL: pip install 'fastdpo[trl]'") from err
-    try:
-        parsed = Version(version)
-    except InvalidVersion as err:
-        raise ImportError(f"cannot parse the TRL version {version!r}") from err
-    if parsed not in SpecifierSet(TRL_SPECIFIER):
-        raise ImportError(f"fastdpo.integrations.trl supports trl{TRL_SPECIFIER}, found trl {version}: install a "
-                          f"supported version with pip install 'fastdpo[trl]'")
-    return version
-
+#: The TRL versions CI tests (older ones are refused, newer ones run with a warning); kept under its former name.
+TRL_SPECIFIER = TRL_TESTED
 
 check_trl_version()
 
-import trl.kernels  # noqa: E402
-import trl.kernels.chunked_logprob as _trl_chunked  # noqa: E402
+# TRL's internals are looked up leniently here: whether a newer TRL still has them is checked (and a missing one
+# named) when FastDPOTrainer is built or patch_trl() applied, not at import.
+import trl.models.utils as _trl_model_utils  # noqa: E402
 import trl.trainer.utils as _trl_utils  # noqa: E402
 from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
-from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+
+_trl_kernels = optional_module("trl.kernels")
+_trl_chunked = optional_module("trl.kernels.chunked_logprob")
+disable_gradient_checkpointing = getattr(_trl_model_utils, "disable_gradient_checkpointing", None)
 
 from .. import _validate  # noqa: E402
 from .._autograd import _backend_module  # noqa: E402
@@ -96,6 +77,7 @@ __all__ = [
     "loss_config_from_dpo_config",
     "check_trl_version",
     "TRL_SPECIFIER",
+    "TRL_TESTED",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,10 +85,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 
 # The original class, kept so that unpatching restores it whatever was patched in between.
-_TRL_FUNCTION = _trl_chunked.ChunkedLogProbFunction
+_TRL_FUNCTION = getattr(_trl_chunked, "ChunkedLogProbFunction", None)
 # Every name under which TRL reaches its head: `add_fused_lm_head` looks up `_ChunkedLogProbFunction` in
 # `trl.trainer.utils` at call time, and code importing `trl.kernels` after the patch gets fastdpo's as well.
-_PATCH_SITES = ((_trl_utils, "_ChunkedLogProbFunction"), (trl.kernels, "ChunkedLogProbFunction"),
+_PATCH_SITES = ((_trl_utils, "_ChunkedLogProbFunction"), (_trl_kernels, "ChunkedLogProbFunction"),
                 (_trl_chunked, "ChunkedLogProbFunction"))
 _TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _FASTDPO_EXTRAS = ("entropy", "log_sum_sq_probs", "is_top1")
@@ -122,8 +104,8 @@ class _PatchState:
 
 
 # TRL's functions that the patch wraps (kept so that unpatching restores them).
-_TRL_ADD_FUSED_LM_HEAD = _trl_utils.add_fused_lm_head
-_TRL_GATHER_CTX = _trl_utils.maybe_gather_lm_head_ctx
+_TRL_ADD_FUSED_LM_HEAD = getattr(_trl_utils, "add_fused_lm_head", None)
+_TRL_GATHER_CTX = getattr(_trl_utils, "maybe_gather_lm_head_ctx", None)
 
 
 class _RoutedHead:
@@ -315,6 +297,7 @@ def patch_trl(backend: str = "auto") -> _Patch:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    require_trl_internals("patch_trl()", PATCH_INTERNALS)
     handle = _Patch(_PatchState.patched, _PatchState.backend)
     _PatchState.backend = backend
     for module, name in _PATCH_SITES:
@@ -445,6 +428,7 @@ class FastDPOTrainer(DPOTrainer):
                  **kwargs):
         # Every refusal comes before DPOTrainer.__init__, which is expensive: it tokenizes the datasets, builds the
         # reference model and, when precomputing, already runs the reference pass through fastdpo's loss.
+        require_trl_internals("FastDPOTrainer", TRAINER_INTERNALS, (*DPO_LOSS_FIELDS, *TRAINER_CONFIG_FIELDS))
         if fastdpo_backend not in BACKENDS:
             raise ValueError(f"fastdpo_backend must be one of {list(BACKENDS)}, got {fastdpo_backend!r}")
         self.fastdpo_backend = fastdpo_backend
