@@ -44,6 +44,12 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def finite(value) -> bool:
+    """``math.isfinite`` of a real number as two comparisons, which ``torch.compile`` turns into guards on a
+    symbolic float (``math.isfinite`` of one ends the graph)."""
+    return -math.inf < value < math.inf
+
+
 def integer(name, value) -> int:
     """An integer option (Python or NumPy scalar, not a bool) as a Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -54,7 +60,7 @@ def integer(name, value) -> int:
 def number(name, value, *, positive=False, allow_none=False):
     if value is None and allow_none:
         return None
-    if not is_real(value) or not math.isfinite(value):
+    if not is_real(value) or not finite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -67,7 +73,7 @@ def head_options(ignore_index, softcap, logit_scale, temperature, backend_name):
     ignore_index = integer("ignore_index", ignore_index)
     softcap = number("softcap", softcap, positive=True, allow_none=True)
     scale = number("logit_scale", logit_scale) / number("temperature", temperature, positive=True)
-    if not math.isfinite(scale):
+    if not finite(scale):
         raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
     if not isinstance(backend_name, str) or backend_name not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend_name!r}")
