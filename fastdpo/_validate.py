@@ -80,6 +80,25 @@ def head_options(ignore_index, softcap, logit_scale, temperature, backend_name):
     return ignore_index, softcap, scale
 
 
+def one_device(*named):
+    """``(name, tensor or None)`` pairs must share one device; else a ValueError that names the tensors off the
+    device most of them are on (all of them when no device has a majority)."""
+    given = [(name, t) for name, t in named if t is not None]
+    devices = [t.device for _, t in given]
+    if len(set(devices)) <= 1:
+        return
+    counts = {d: devices.count(d) for d in devices}
+    top = max(counts.values())
+    majority = [d for d, k in counts.items() if k == top]
+    if len(majority) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in given)
+        raise ValueError(f"{', '.join(name for name, _ in given)} must be on one device, got {listing}")
+    odd = [(name, t) for name, t in given if t.device != majority[0]]
+    rest = [name for name, t in given if t.device == majority[0]]
+    raise ValueError(f"{', '.join(name for name, _ in odd)} must be on one device with {', '.join(rest)} "
+                     f"({majority[0]}), got {', '.join(f'{name} on {t.device}' for name, t in odd)}")
+
+
 def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="weight", targets_name="targets",
          bias_name="bias"):
     """Check one head's tensors; ``targets`` must be shaped like ``hidden.shape[:-1]``."""
@@ -102,9 +121,6 @@ def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="we
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{targets_name} must have shape {tuple(hidden.shape[:-1])} (that of {hidden_name} "
                          f"without its last dimension), got {tuple(targets.shape)}")
-    if weight.device != hidden.device or targets.device != hidden.device:
-        raise ValueError(f"{hidden_name}, {weight_name} and {targets_name} must be on one device, got "
-                         f"{hidden.device}, {weight.device}, {targets.device}")
     if bias is not None:
         tensor(bias_name, bias, ndim=1)
         if bias.dtype not in FLOAT_DTYPES:
@@ -112,8 +128,7 @@ def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="we
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{bias_name} must have shape [{weight.shape[0]}] (the vocabulary of {weight_name}), "
                              f"got {tuple(bias.shape)}")
-        if bias.device != hidden.device:
-            raise ValueError(f"{bias_name} must be on {hidden.device}, got {bias.device}")
+    one_device((hidden_name, hidden), (weight_name, weight), (targets_name, targets), (bias_name, bias))
 
 
 def label_range(name, labels, vocab, ignore_index):

@@ -209,6 +209,23 @@ def test_import_does_not_touch_cuda():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+def test_submodules_the_guide_names_are_attributes_after_import_fastdpo():
+    """``import fastdpo`` then ``fastdpo.reference`` (and ``.integrations``, ``.kernels``), in a fresh process,
+    without touching CUDA; an unknown attribute stays an AttributeError."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.cuda.init = lambda: (_ for _ in ()).throw(RuntimeError('cuda touched'));"
+            "import fastdpo; print(fastdpo.reference.reference_dpo_loss.__name__,"
+            " fastdpo.integrations.__name__, fastdpo.kernels.__name__)\n"
+            "try:\n    fastdpo.nothing\nexcept AttributeError as e:\n    print('missing', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == [
+        "reference_dpo_loss fastdpo.integrations fastdpo.kernels",
+        "missing module 'fastdpo' has no attribute 'nothing'"], out.stdout
+
+
 def test_mixed_dtypes_under_autocast_follow_the_autocast_dtype():
     hidden, weight, labels = make_batch(dtype=torch.float32, seed=6)
     w = weight.clone().requires_grad_()
