@@ -86,6 +86,10 @@ def _call(backend="torch", **overrides):
     (dict(reference_free="False"), TypeError, "reference_free must be a bool"),
     (dict(reference_free=1), TypeError, "reference_free must be a bool"),
     (dict(bias=torch.arange(53)), TypeError, "bias must be a floating tensor"),
+    (dict(bias=torch.zeros(52)), ValueError, r"bias must have shape \[53\]"),
+    (dict(bias=torch.zeros(54)), ValueError, r"bias must have shape \[53\]"),
+    (dict(ref_hidden=torch.randn(4, 9, 19), ref_weight=torch.randn(53, 19), ref_bias=torch.zeros(52),
+          reference_free=False), ValueError, r"ref_bias must have shape \[53\]"),
     (dict(bias=torch.ones(53, dtype=torch.bool)), TypeError, "bias must be a floating tensor"),
     (dict(logit_scale=1e300, temperature=1e-300), ValueError, "logit_scale / temperature must be finite"),
     (dict(logit_scale=float("inf")), TypeError, "logit_scale"),
@@ -231,3 +235,22 @@ def test_head_ops_refuse_an_unknown_backend(backend, device):
     lse = torch.zeros(h.shape[0], device=device)
     with pytest.raises(ValueError, match=rf"backend must be one of \['triton', 'torch'\], got '{backend}'"):
         torch.ops.fastdpo.head_backward(lse, h, weight, None, t, lse, -100, None, 1.0, backend, True, True, False)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_check_labels_off_skips_only_the_gpu_sync(backend, monkeypatch):
+    """``FASTDPO_CHECK_LABELS=0`` skips the range check where it costs a GPU host sync; CPU labels are read without
+    one, so an out-of-range label (and bad packed offsets) still raise there."""
+    monkeypatch.setenv("FASTDPO_CHECK_LABELS", "0")
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    for bad in (53, -3):
+        wrong = labels.clone()
+        wrong[1, 5] = bad
+        with pytest.raises(ValueError, match=rf"labels must hold token ids in \[0, 53\).*found {bad}"):
+            fastdpo.dpo_loss(hidden, weight, wrong, reference_free=True, backend=backend)
+        with pytest.raises(ValueError, match=rf"targets must hold token ids in \[0, 53\).*found {bad}"):
+            fastdpo.fused_logprobs(hidden, weight, wrong, backend=backend)
+    rows, T = labels.shape
+    with pytest.raises(ValueError, match="cu_seqlens must end at the packed length"):
+        fastdpo.sequence_logprobs(hidden.reshape(rows * T, -1), weight, labels.reshape(-1),
+                                  cu_seqlens=torch.arange(rows + 1) * (T - 1), backend=backend)

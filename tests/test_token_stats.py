@@ -410,10 +410,14 @@ def test_fp16_backward_with_a_loss_scalers_gradient(backend):
 
 # ---- issue 11 item 16: exact ties ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("memory", ["lean", "fast"])
+@pytest.mark.parametrize("splits", ["tile_per_split", "one_split"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_exact_ties_take_the_first_index(backend, monkeypatch):
+def test_exact_ties_take_the_first_index(backend, splits, memory, monkeypatch):
     """Duplicate vocabulary rows tie bit for bit at the top: ``is_top1`` holds for the first of them only, for
-    ties inside one tile (20, 23) and across tiles, splits and chunks (5, 40)."""
+    ties inside one tile (20, 23) and across tiles (5, 40): with every tile in its own split (the merge breaks the
+    tie) and all in one split (the kernel's running argmax does), in lean mode and in fast mode (inputs that
+    require a gradient: the forward keeps tiles)."""
     from fastdpo import _torch_path
 
     monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16, raising=False)
@@ -435,11 +439,13 @@ def test_exact_ties_take_the_first_index(backend, monkeypatch):
         tops.append(b)
     config = KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
                           dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16,
-                          gh_block_h=16, gh_block_k=16, vocab_chunk=24, min_programs=64)
+                          gh_block_h=16, gh_block_k=16, vocab_chunk=24,
+                          min_programs=64 if splits == "tile_per_split" else 1)
     got = {}
     with use_config(config):
         for i, b in enumerate(tops):
-            got[i] = fastdpo.token_stats(hidden, weight, labels, bias=b, backend=backend, extras=True)["is_top1"]
+            got[i] = fastdpo.token_stats(hidden.requires_grad_(memory == "fast"), weight, labels, bias=b,
+                                         backend=backend, extras=True, memory=memory)["is_top1"]
     is_top1 = torch.where(even, got[0], got[1])
     want = labelled & ((labels == 5) | (labels == 20))
     assert want.any() and (labelled & ~want).any()
