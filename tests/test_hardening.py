@@ -254,3 +254,27 @@ def test_check_labels_off_skips_only_the_gpu_sync(backend, monkeypatch):
     with pytest.raises(ValueError, match="cu_seqlens must end at the packed length"):
         fastdpo.sequence_logprobs(hidden.reshape(rows * T, -1), weight, labels.reshape(-1),
                                   cu_seqlens=torch.arange(rows + 1) * (T - 1), backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_tied_rewards_are_not_accurate(backend):
+    """``rewards/accuracies`` counts chosen rewards strictly above the rejected ones, as TRL does: a pair whose
+    chosen and rejected completions are the same ties and counts 0."""
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    B = hidden.shape[0] // 2
+    hidden[B:], labels[B:] = hidden[:B], labels[:B]
+    out = fastdpo.dpo_loss(hidden, weight, labels, ref_logps=torch.zeros(2 * B), backend=backend)
+    assert torch.equal(out.chosen_rewards, out.rejected_rewards)
+    assert out.metrics["rewards/accuracies"].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_zero_memory_budget_is_lean(backend):
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    grads = []
+    for memory in ("lean", 0, 0.0):
+        w = weight.clone().requires_grad_()
+        logp = fastdpo.fused_logprobs(hidden, w, labels, backend=backend, memory=memory)
+        grads.append((logp.detach(), torch.autograd.grad(logp.sum(), w)[0]))
+    for got in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, grads[0]))

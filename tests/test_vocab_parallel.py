@@ -233,7 +233,7 @@ def _worker(rank, world, port, out_dir, llama_path):
     same_sum = labels.clone().view(-1)
     same_sum[3], same_sum[4] = (15, 16) if rank == 1 else (10, 20)
     first = labels.clone()
-    first[0, 0] = 7 if rank == 1 else -100
+    first[0, 0] = 8 if rank == 1 else 7  # labelled on every rank: the same count of labelled tokens
     # Ranges that tile [1, V) but not [0, V): the rank holding row 0 gives it up.
     start1 = max(start, 1)
     # Errors that every rank raises alike.
