@@ -24,6 +24,13 @@ from . import _torch_path
 from ._options import HeadOptions
 
 EXTRA_OUTPUTS = ("entropy", "log_sum_sq_probs", "is_top1")
+RESOLVED_BACKENDS = ("triton", "torch")
+
+
+def _check_backend(backend):
+    """The ops run a resolved backend ("auto" is resolved by the Python API before)."""
+    if backend not in RESOLVED_BACKENDS:
+        raise ValueError(f"fastdpo head ops: backend must be one of {list(RESOLVED_BACKENDS)}, got {backend!r}")
 
 
 def _backend_module(opts: HeadOptions):
@@ -44,6 +51,7 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
     ``weight`` holds the rows from global id ``vocab_start`` of a ``vocab_total``-token head split over the
     group's ranks, and the outputs (``lse`` included) are those of the whole head. ``kept_a``/``kept_b``: what
     fast mode keeps (``[0]`` in lean mode, ``memory == 0``; fast mode is single-device)."""
+    _check_backend(backend)
     opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, backend=backend, extras=extras,
                        vocab_start=vocab_start, vocab_total=vocab_total, group=group, memory=memory)
     # The inputs already carry the compute dtype; autocast must not recast the inner matmuls.
@@ -65,6 +73,7 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
 @head_forward.register_fake
 def _head_forward_fake(hidden, weight, bias, targets, ignore_index, softcap, scale, backend, extras, vocab_start=0,
                        vocab_total=-1, group=None, memory=0.0):
+    _check_backend(backend)
     N = hidden.shape[0]
     cd = _torch_path._compute_dtype(hidden.dtype)
     n_extra = N if extras else 0
@@ -90,6 +99,7 @@ def head_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optio
     needed). With a ``group`` (vocabulary-parallel, ``lse`` over the whole head) the hidden gradient is summed
     over its ranks; the weight and bias gradients are this rank's rows. In fast mode (``memory`` > 0) from what
     the forward kept (``logp``, ``kept_a``, ``kept_b``)."""
+    _check_backend(backend)
     opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, backend=backend,
                        vocab_start=vocab_start, group=group, memory=memory)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
@@ -109,6 +119,7 @@ def head_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optio
 def _head_backward_fake(grad_logp, hidden, weight, bias, targets, lse, ignore_index, softcap, scale, backend,
                         need_hidden, need_weight, need_bias, vocab_start=0, group=None, memory=0.0, logp=None,
                         kept_a=None, kept_b=None):
+    _check_backend(backend)
     # Both backends return contiguous gradients, whatever the inputs' strides.
     return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),

@@ -36,7 +36,7 @@ def resolve_memory(memory) -> float:
     if isinstance(memory, str):
         if memory in ("lean", "fast"):
             return 0.0 if memory == "lean" else math.inf
-    elif _validate.is_real(memory) and math.isfinite(memory) and memory >= 0:
+    elif _validate.is_real(memory) and 0 <= memory < math.inf:
         return float(memory)
     raise ValueError(f"memory must be 'lean', 'fast' or a budget in GiB (a finite number >= 0), got {memory!r}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "triton", "torch")
@@ -52,8 +53,9 @@ class VocabParallel:
     all-reduce (sum) of the rescaled per-token statistics (``3`` values per token, ``5 + world size`` with the
     extra metrics, which carry each rank's first argmax in its own slot); in the backward one all-reduce (sum)
     of the fp32 hidden gradient. With ``vocab_size=None`` one more tiny collective per call gathers every
-    rank's ``(start, stop)``, checks that they tile ``[0, V)`` and finds ``V`` (for the label range check and
-    the mean logit); give ``vocab_size`` to skip it.
+    rank's ``(start, stop)`` and a digest of its labels, checks that the ranges tile ``[0, V)`` and that the
+    labels agree, and finds ``V`` (for the label range check and the mean logit); give ``vocab_size`` to skip
+    it (and the labels' comparison, which reads them on the host).
 
     Attributes:
         start: first vocabulary row held by this rank (``>= 0``).
@@ -68,15 +70,18 @@ class VocabParallel:
     vocab_size: int | None = None
 
     def __post_init__(self):
-        for name in ("start", "stop"):
+        # NumPy integers are ints too (stored as Python ints, so that the options compare and hash alike).
+        for name in ("start", "stop", "vocab_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"VocabParallel.{name} must be an int, got {value!r}")
+            if name == "vocab_size" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"VocabParallel.{name} must be an int{' or None' if name == 'vocab_size' else ''}, "
+                                f"got {value!r}")
+            object.__setattr__(self, name, int(value))
         if not 0 <= self.start < self.stop:
             raise ValueError(f"VocabParallel needs 0 <= start < stop, got start={self.start}, stop={self.stop}")
         if self.vocab_size is not None:
-            if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
-                raise TypeError(f"VocabParallel.vocab_size must be an int or None, got {self.vocab_size!r}")
             if self.vocab_size < self.stop:
                 raise ValueError(f"VocabParallel.vocab_size must be >= stop={self.stop}, got {self.vocab_size}")
         if self.group is not None:

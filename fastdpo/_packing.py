@@ -30,7 +30,8 @@ def check_cu_seqlens(cu_seqlens, length, device, *, pairs=False, name="cu_seqlen
     Shape, dtype and device are metadata and always checked. The values (``cu_seqlens[0] == 0``,
     ``cu_seqlens[-1] == length``, non-decreasing) are read on the host: always for CPU tensors; for GPU tensors
     that is one synchronisation, skipped with ``FASTDPO_CHECK_LABELS=0`` like the label range check (bad offsets
-    then give wrong sums, never an out-of-bounds access: sequence ids are clamped into ``[0, S)``).
+    then give wrong sums, never an out-of-bounds access: sequence ids are clamped into ``[0, S)``). Under
+    ``torch.compile`` the values are not read (that would be a data-dependent guard).
 
     Args:
         pairs: the sequences are DPO pairs (chosen 1..B, then rejected 1..B): their number must be even.
@@ -50,7 +51,9 @@ def check_cu_seqlens(cu_seqlens, length, device, *, pairs=False, name="cu_seqlen
     if cu_seqlens.device != torch.device(device):
         raise ValueError(f"{name} must be on the device of the hidden states ({device}), got {cu_seqlens.device}")
     offsets = cu_seqlens.long()
-    if device.type == "cpu" or os.environ.get("FASTDPO_CHECK_LABELS", "1") != "0":
+    # Under torch.compile reading the values would be a data-dependent guard: skipped there, as the label check is.
+    if not torch.compiler.is_compiling() and (device.type == "cpu"
+                                              or os.environ.get("FASTDPO_CHECK_LABELS", "1") != "0"):
         _check_offset_values(offsets, length, name)
     return offsets
 

@@ -44,6 +44,12 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def finite(value) -> bool:
+    """``math.isfinite`` of a real number as two comparisons, which ``torch.compile`` turns into guards on a
+    symbolic float (``math.isfinite`` of one ends the graph)."""
+    return -math.inf < value < math.inf
+
+
 def integer(name, value) -> int:
     """An integer option (Python or NumPy scalar, not a bool) as a Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -54,7 +60,7 @@ def integer(name, value) -> int:
 def number(name, value, *, positive=False, allow_none=False):
     if value is None and allow_none:
         return None
-    if not is_real(value) or not math.isfinite(value):
+    if not is_real(value) or not finite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -67,11 +73,30 @@ def head_options(ignore_index, softcap, logit_scale, temperature, backend_name):
     ignore_index = integer("ignore_index", ignore_index)
     softcap = number("softcap", softcap, positive=True, allow_none=True)
     scale = number("logit_scale", logit_scale) / number("temperature", temperature, positive=True)
-    if not math.isfinite(scale):
+    if not finite(scale):
         raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
     if not isinstance(backend_name, str) or backend_name not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend_name!r}")
     return ignore_index, softcap, scale
+
+
+def one_device(*named):
+    """``(name, tensor or None)`` pairs must share one device; else a ValueError that names the tensors off the
+    device most of them are on (all of them when no device has a majority)."""
+    given = [(name, t) for name, t in named if t is not None]
+    devices = [t.device for _, t in given]
+    if len(set(devices)) <= 1:
+        return
+    counts = {d: devices.count(d) for d in devices}
+    top = max(counts.values())
+    majority = [d for d, k in counts.items() if k == top]
+    if len(majority) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in given)
+        raise ValueError(f"{', '.join(name for name, _ in given)} must be on one device, got {listing}")
+    odd = [(name, t) for name, t in given if t.device != majority[0]]
+    rest = [name for name, t in given if t.device == majority[0]]
+    raise ValueError(f"{', '.join(name for name, _ in odd)} must be on one device with {', '.join(rest)} "
+                     f"({majority[0]}), got {', '.join(f'{name} on {t.device}' for name, t in odd)}")
 
 
 def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="weight", targets_name="targets",
@@ -96,9 +121,6 @@ def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="we
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{targets_name} must have shape {tuple(hidden.shape[:-1])} (that of {hidden_name} "
                          f"without its last dimension), got {tuple(targets.shape)}")
-    if weight.device != hidden.device or targets.device != hidden.device:
-        raise ValueError(f"{hidden_name}, {weight_name} and {targets_name} must be on one device, got "
-                         f"{hidden.device}, {weight.device}, {targets.device}")
     if bias is not None:
         tensor(bias_name, bias, ndim=1)
         if bias.dtype not in FLOAT_DTYPES:
@@ -106,8 +128,7 @@ def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="we
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{bias_name} must have shape [{weight.shape[0]}] (the vocabulary of {weight_name}), "
                              f"got {tuple(bias.shape)}")
-        if bias.device != hidden.device:
-            raise ValueError(f"{bias_name} must be on {hidden.device}, got {bias.device}")
+    one_device((hidden_name, hidden), (weight_name, weight), (targets_name, targets), (bias_name, bias))
 
 
 def label_range(name, labels, vocab, ignore_index):

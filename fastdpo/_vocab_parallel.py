@@ -6,16 +6,13 @@ in :mod:`fastdpo._merge`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from . import _merge
 from ._options import VocabParallel
-
-# Positions of the labels are weighted by (t mod this prime) + 1 in the labels' checksum.
-_CHECKSUM_PRIME = 1_000_003
-
 
 @dataclass(frozen=True)
 class Resolved:
@@ -57,25 +54,31 @@ def _dtensor_rows(weight, name: str) -> VocabParallel:
     return VocabParallel(start, stop, group=mesh.get_group(0))
 
 
+def _digest(labels: torch.Tensor) -> list[int]:
+    """A 128-bit BLAKE2b digest of the labels' values (as int64, so the dtype does not matter) as two int64s."""
+    data = labels.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    return [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)]
+
+
 def _check_ranks(vp: VocabParallel, labels: torch.Tensor, group) -> int:
-    """One tiny all-gather of every rank's ``(start, stop, labels' size and checksum)``: the ranges must tile
-    ``[0, V)`` and the labels agree. Returns ``V``. Every rank sees the same gathered values, so every rank
-    raises the same error."""
+    """One tiny all-gather of every rank's ``(start, stop, labels' size and digest)``: the ranges must tile
+    ``[0, V)`` and the labels be the same on every rank (compared by a collision-resistant digest of their
+    values: a difference anywhere, the first position included, changes it). Returns ``V``. Every rank sees the
+    same gathered values, so every rank raises the same error."""
     import torch.distributed as dist
 
-    flat = labels.reshape(-1).to(torch.int64)
-    weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % _CHECKSUM_PRIME + 1
-    mine = torch.stack([torch.tensor(vp.start, device=flat.device), torch.tensor(vp.stop, device=flat.device),
-                        torch.tensor(flat.numel(), device=flat.device), (flat * weights).sum()])
+    mine = torch.tensor([vp.start, vp.stop, labels.numel(), *_digest(labels)], dtype=torch.int64,
+                        device=labels.device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).tolist()
-    ranges = sorted((start, stop) for start, stop, _, _ in table)
+    ranges = sorted((row[0], row[1]) for row in table)
     total = ranges[-1][1]
     if ranges[0][0] != 0 or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
-        raise ValueError(f"vocab_parallel: the ranks' [start, stop) ranges {[(a, b) for a, b, _, _ in table]} "
-                         f"(in rank order) must tile the vocabulary [0, V) without gap or overlap")
-    if len({(n, c) for _, _, n, c in table}) != 1:
+        raise ValueError(f"vocab_parallel: the ranks' [start, stop) ranges {[(row[0], row[1]) for row in table]} "
+                         f"(in rank order) must tile the vocabulary [0, V) from 0, without gap or overlap")
+    if len({tuple(row[2:]) for row in table}) != 1:
         raise ValueError("vocab_parallel: every rank of the group must pass the same labels (and hidden "
                          "states); the ranks' labels differ. A data-parallel (e.g. FSDP-sharded) weight is "
                          "not a vocabulary-parallel head: compute the loss inside the model's forward")

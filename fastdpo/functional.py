@@ -125,6 +125,7 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
         ``[S]`` sequence log-probs. Their backward takes one scalar per sequence to the kernel.
     """
     check.flag("average", average)
+    _one_device(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
     offsets = None
     if cu_seqlens is None:
         check.tensor("hidden", hidden, ndim=3)
@@ -141,6 +142,12 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     if average:
         total = total / seqs.sum(labels != ignore_index).clamp(min=1)
     return total
+
+
+def _one_device(**tensors):
+    """First of all checks, so that the message names the tensors off the device most of them share (arguments
+    that are not tensors get their own error later)."""
+    check.one_device(*((name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)))
 
 
 def loss_config(beta, config, loss_options) -> LossConfig:
@@ -208,12 +215,11 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
                              f"{tuple(ref_hidden.shape)}")
     if ref_logps is not None:
         check.tensor("ref_logps", ref_logps)
+    if ref_logps is not None:
         if tuple(ref_logps.shape) != (rows,):
             raise ValueError(f"ref_logps must be [2B] = [{rows}] (chosen then rejected), got {tuple(ref_logps.shape)}")
         if not ref_logps.dtype.is_floating_point:
             raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")
-        if ref_logps.device != hidden.device:
-            raise ValueError(f"ref_logps must be on {hidden.device} (that of hidden), got {ref_logps.device}")
 
 
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
@@ -254,6 +260,8 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         ``chosen_rewards``/``rejected_rewards`` ``β·(π − ρ)`` and ``metrics`` named as TRL logs them.
     """
     config = loss_config(beta, config, loss_options)
+    _one_device(hidden=hidden, weight=weight, labels=labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                ref_bias=ref_bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens)
     labels = check.token_ids(labels) if isinstance(labels, torch.Tensor) else labels
     offsets = None
     if cu_seqlens is not None:

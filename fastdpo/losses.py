@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._packing import Sequences
+from ._validate import finite
 
 __all__ = ["LossConfig", "DPOOutput", "compute_dpo_loss", "LOSS_TYPES", "TRL_LOSS_TYPES", "F_DIVERGENCE_TYPES",
            "F_DIVERGENCE_LOSS_TYPES", "REFERENCE_FREE_LOSS_TYPES"]
@@ -238,7 +239,7 @@ def _f_scores(logratios, cfg):
 def _check_number(name, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")

@@ -1,11 +1,17 @@
 """Inputs a new user passes by accident: any memory layout of every tensor argument, NumPy scalars for
 numeric options, tensors on the meta device. Each gives the right result or a named TypeError/ValueError."""
 
+import contextlib
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 import fastdpo
+from fastdpo import _fast
+from fastdpo.kernels import logprob_fast as K
+from fastdpo.kernels.config import INTERPRETER_DEFAULT, use_config
 from fdtest import backend_params, rel_err
 
 R, T, H, V = 4, 5, 7, 23
@@ -52,8 +58,14 @@ def _run(t, backend, memory="lean"):
 
 LAYOUT_CASES = [(name, how, "lean") for name in ("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias",
                                                  "labels") for how in ("strided", "transposed", "expanded")]
-# Fast mode keeps logits for its own backward: the policy head's inputs again.
-LAYOUT_CASES += [(name, how, "fast") for name in ("hidden", "weight", "bias") for how in ("strided", "expanded")]
+# Fast mode keeps logits for its own backward: the policy head's inputs again, all kept and partly kept (the
+# backward then reads the inputs again for the chunks it recomputes).
+LAYOUT_CASES += [(name, how, memory) for name in ("hidden", "weight", "bias") for how in ("strided", "expanded")
+                 for memory in ("fast", "part")]
+# "part": vocabulary chunks of 16 columns, a budget that keeps the first (of 2) on Triton, an 8-token chunk (of 2)
+# on torch.
+_PART_CONFIG = replace(INTERPRETER_DEFAULT, vocab_chunk=16)
+_PART_GIB = K.kept_bytes(R * T, 16, torch.float32, _PART_CONFIG) / 2 ** 30
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -64,10 +76,17 @@ def test_every_tensor_argument_in_any_layout(backend, name, how, memory):
     if how == "expanded":
         # Expansion changes the values (every row the first): compare with the same values laid out contiguously.
         t[name] = t[name][:1].expand(t[name].shape).contiguous()
-    base = _run(t, backend, memory)
-    t[name] = _relayout(t[name], how)
-    assert not t[name].is_contiguous()
-    got = _run(t, backend, memory)
+    part = memory == "part"
+    if part:
+        memory = _PART_GIB
+        assert 0 < K.keep_columns(R * T, V, torch.float32, _PART_GIB * 2 ** 30, _PART_CONFIG) < V
+    with use_config(_PART_CONFIG) if part else contextlib.nullcontext(), pytest.MonkeyPatch.context() as mp:
+        if part:
+            mp.setattr(_fast, "TORCH_CHUNK_ELEMENTS", 8 * V)
+        base = _run(t, backend, memory)
+        t[name] = _relayout(t[name], how)
+        assert not t[name].is_contiguous()
+        got = _run(t, backend, memory)
     assert rel_err(got[0], base[0]) <= 1e-6
     assert rel_err(got[1], base[1]) <= 1e-5
     for g, b in zip(got[2], base[2]):

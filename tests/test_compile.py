@@ -1,4 +1,4 @@
-"""Issue 11 items 1 and 7: the head is a torch.library custom op, so ``torch.compile(fullgraph=True)`` captures a
+"""The head is a torch.library custom op, so ``torch.compile(fullgraph=True)`` captures a
 training step that calls ``dpo_loss``; double backward is refused with a named error on both backends."""
 
 import pytest
@@ -92,3 +92,123 @@ def test_double_backward_is_refused(backend):
     with pytest.raises(RuntimeError, match="fastdpo"):
         torch.autograd.grad(gw_only.sum(), h)
 
+
+
+def _packed(hidden, labels):
+    """The padded batch as one packed stream: each row's first ``len`` tokens, and the ``[2B+1]`` offsets."""
+    lengths = [hidden.shape[1] - (1 + r % 3) for r in range(hidden.shape[0])]
+    h = torch.cat([hidden[r, :n] for r, n in enumerate(lengths)])
+    lab = torch.cat([labels[r, :n] for r, n in enumerate(lengths)])
+    cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    return h, lab, cu
+
+
+def _grads_and_outputs(fn, leaves, *rest):
+    params = [t.clone().requires_grad_() for t in leaves]
+    outs = fn(*params, *rest)
+    grads = torch.autograd.grad(outs[0], params)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _assert_all_close(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reference", ["ref_hidden", "ref_logps"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_packed_loss_fullgraph(backend, reference):
+    """The offsets' value check reads the data: it is skipped under compile, as the label check is."""
+    torch._dynamo.reset()
+    hidden, weight, bias, labels, ref_hidden = _inputs(seed=7)
+    h, lab, cu = _packed(hidden, labels)
+    ref_h, _, _ = _packed(ref_hidden, labels)
+    ref_logps = torch.linspace(-9.0, -3.0, hidden.shape[0])
+
+    def step(h, w, b, lab, cu):
+        ref = dict(ref_hidden=ref_h, ref_weight=w) if reference == "ref_hidden" else dict(ref_logps=ref_logps)
+        out = fastdpo.dpo_loss(h, w, lab, bias=b, cu_seqlens=cu, backend=backend, extra_metrics=True, **ref)
+        seq = fastdpo.sequence_logprobs(h, w, lab, bias=b, cu_seqlens=cu, average=True, backend=backend)
+        return out.loss + seq.sum(), out.metrics["rewards/margins"], out.metrics["entropy"], seq
+
+    eager = _grads_and_outputs(step, (h, weight, bias), lab, cu)
+    compiled = _grads_and_outputs(torch.compile(step, backend="aot_eager", fullgraph=True), (h, weight, bias), lab, cu)
+    _assert_all_close(compiled, eager)
+
+
+_HEAD_OPTIONS = {"defaults": {}, "options": dict(softcap=5.0, logit_scale=0.8, temperature=1.3, memory=1e-3)}
+
+
+@pytest.mark.parametrize("options", list(_HEAD_OPTIONS))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_dynamic_shapes_fullgraph(packed, options):
+    """``dynamic=True``: shapes and Python numbers are symbolic; two batch shapes run in one compiled graph."""
+    torch._dynamo.reset()
+
+    def step(h, w, b, lab, cu):
+        out = fastdpo.dpo_loss(h, w, lab, bias=b, reference_free=True, cu_seqlens=cu, backend="torch",
+                               **_HEAD_OPTIONS[options])
+        return out.loss, out.chosen_logps
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    for seed, T in ((1, 9), (2, 12)):
+        hidden, weight, labels = make_batch(T=T, seed=seed)
+        bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(seed))
+        cu = None
+        if packed:
+            hidden, labels, cu = _packed(hidden, labels)
+        _assert_all_close(_grads_and_outputs(compiled, (hidden, weight, bias), labels, cu),
+                          _grads_and_outputs(step, (hidden, weight, bias), labels, cu))
+
+
+# Every Python number the call checks, each given three values over three calls of one compiled function (the
+# second change makes dynamo treat it as symbolic, where a value check like math.isfinite would end the graph).
+_CHANGING = {
+    "beta": [0.1, 0.25, 0.4],
+    "softcap": [5.0, 7.5, 30.0],
+    "logit_scale": [1.0, 0.7, 1.3],
+    "temperature": [1.0, 0.9, 1.7],
+    "memory": [1e-4, 2e-4, 1.0],
+    "ignore_index": [-100, -1, -7],
+    "label_smoothing": [0.1, 0.2, 0.3],
+    "simpo_gamma": [0.5, 0.7, 0.9],
+    "cpo_alpha": [1.0, 0.5, 2.0],
+    "ld_alpha": [0.5, 0.6, 0.9],
+    "f_alpha_divergence_coef": [0.5, 0.3, 0.7],
+    "discopop_tau": [0.05, 0.1, 0.2],
+}
+_FIXED = {"label_smoothing": dict(loss_type=["robust", "simpo"]), "simpo_gamma": dict(loss_type="simpo"),
+          "cpo_alpha": dict(loss_type="cpo"), "discopop_tau": dict(loss_type="discopop"),
+          "f_alpha_divergence_coef": dict(f_divergence_type="alpha_divergence")}
+
+
+@pytest.mark.parametrize("name", list(_CHANGING))
+def test_changing_python_numbers_fullgraph(name):
+    torch._dynamo.reset()
+    hidden, weight, bias, labels, ref_hidden = _inputs(seed=4)
+
+    def step(h, w, b, lab, value):
+        out = fastdpo.dpo_loss(h, w, lab, bias=b, ref_hidden=ref_hidden, ref_weight=w, backend="torch",
+                               **_FIXED.get(name, {}), **{name: value})
+        return out.loss, out.chosen_rewards
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for value in _CHANGING[name]:
+        lab = labels.masked_fill(labels == -100, value) if name == "ignore_index" else labels
+        _assert_all_close(_grads_and_outputs(compiled, (hidden, weight, bias), lab, value),
+                          _grads_and_outputs(step, (hidden, weight, bias), lab, value))
+
+
+def test_module_fullgraph():
+    torch._dynamo.reset()
+    hidden, weight, bias, labels, ref_hidden = _inputs(seed=5)
+    module = fastdpo.FusedLinearDPOLoss(beta=0.3, softcap=4.0, backend="torch", use_weighting=True)
+
+    def step(h, w, b, lab):
+        out = module(h, w, lab, bias=b, ref_hidden=ref_hidden, ref_weight=w)
+        return out.loss, out.metrics["rewards/accuracies"]
+
+    _assert_all_close(_grads_and_outputs(torch.compile(step, backend="aot_eager", fullgraph=True),
+                                         (hidden, weight, bias), labels),
+                      _grads_and_outputs(step, (hidden, weight, bias), labels))

@@ -86,12 +86,17 @@ def _call(backend="torch", **overrides):
     (dict(reference_free="False"), TypeError, "reference_free must be a bool"),
     (dict(reference_free=1), TypeError, "reference_free must be a bool"),
     (dict(bias=torch.arange(53)), TypeError, "bias must be a floating tensor"),
+    (dict(bias=torch.zeros(52)), ValueError, r"bias must have shape \[53\]"),
+    (dict(bias=torch.zeros(54)), ValueError, r"bias must have shape \[53\]"),
+    (dict(ref_hidden=torch.randn(4, 9, 19), ref_weight=torch.randn(53, 19), ref_bias=torch.zeros(52),
+          reference_free=False), ValueError, r"ref_bias must have shape \[53\]"),
     (dict(bias=torch.ones(53, dtype=torch.bool)), TypeError, "bias must be a floating tensor"),
     (dict(logit_scale=1e300, temperature=1e-300), ValueError, "logit_scale / temperature must be finite"),
     (dict(logit_scale=float("inf")), TypeError, "logit_scale"),
     (dict(hidden=torch.randn(4, 9, 0), weight=torch.randn(53, 0)), ValueError, "H >= 1"),
     (dict(weight=torch.randn(0, 19)), ValueError, "V >= 1"),
-    (dict(ref_logps=torch.zeros(4, device="meta"), reference_free=False), ValueError, "ref_logps must be on cpu"),
+    (dict(ref_logps=torch.zeros(4, device="meta"), reference_free=False), ValueError,
+     r"ref_logps must be on one device with .* \(cpu\)"),
 ])
 @pytest.mark.parametrize("backend", backend_params())
 def test_bad_input_gets_a_named_error(backend, overrides, error, words):
@@ -143,14 +148,55 @@ def test_zero_sized_head_in_the_per_token_api(backend):
 
 # ---- device mismatch (item 16): the meta device needs no GPU -------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["weight", "labels", "bias", "ref_hidden", "ref_weight", "ref_bias"])
-def test_device_mismatch_is_named(which):
+@pytest.mark.parametrize("reference", ["ref_hidden", "ref_logps", "packed"])
+@pytest.mark.parametrize("which", ["hidden", "weight", "labels", "bias", "ref_hidden", "ref_weight", "ref_bias",
+                                   "ref_logps", "cu_seqlens"])
+def test_device_mismatch_is_named(which, reference):
+    """The one tensor on another device is the one the message names, whichever it is (hidden included)."""
     hidden, weight, labels = make_batch(dtype=torch.float32)
-    args = dict(hidden=hidden, weight=weight, labels=labels, bias=torch.zeros(weight.shape[0]),
-                ref_hidden=hidden.clone(), ref_weight=weight.clone(), ref_bias=torch.zeros(weight.shape[0]))
+    args = dict(hidden=hidden, weight=weight, labels=labels, bias=torch.zeros(weight.shape[0]))
+    if reference == "ref_logps":
+        args["ref_logps"] = torch.zeros(hidden.shape[0])
+    else:
+        args.update(ref_hidden=hidden.clone(), ref_weight=weight.clone(), ref_bias=torch.zeros(weight.shape[0]))
+    if reference == "packed":
+        rows, T = labels.shape
+        args.update(hidden=hidden.reshape(rows * T, -1), labels=labels.reshape(-1),
+                    ref_hidden=args["ref_hidden"].reshape(rows * T, -1), cu_seqlens=torch.arange(rows + 1) * T)
+    if which not in args:
+        pytest.skip(f"no {which} with {reference}")
     args[which] = args[which].to("meta")
-    with pytest.raises(ValueError, match=which if which != "labels" else "one device"):
+    with pytest.raises(ValueError, match=rf"^{which} must be on one device with .*\(cpu\), got {which} on meta"):
         fastdpo.dpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("labels"), backend="torch", **args)
+    if which in ("hidden", "weight", "labels", "bias", "cu_seqlens") and reference != "ref_logps":
+        seq = {k: args[k] for k in ("bias", "cu_seqlens") if k in args}
+        h, w, lab = hidden, weight, labels
+        if reference == "packed":
+            h, lab = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        moved = {"hidden": h, "weight": w, "labels": lab, **seq}
+        moved[which] = moved[which].to("meta")
+        with pytest.raises(ValueError, match=rf"^{which} must be on one device with .*\(cpu\), got {which} on meta"):
+            fastdpo.sequence_logprobs(moved.pop("hidden"), moved.pop("weight"), moved.pop("labels"),
+                                      backend="torch", **moved)
+        tok = {"hidden": h, "weight": w, "targets": lab, "bias": args["bias"]}
+        if which in ("hidden", "weight", "bias"):
+            tok[which] = tok[which].to("meta")
+        elif which == "labels":
+            tok["targets"] = tok["targets"].to("meta")
+        else:
+            return
+        name = "targets" if which == "labels" else which
+        with pytest.raises(ValueError, match=rf"^{name} must be on one device with .*\(cpu\), got {name} on meta"):
+            fastdpo.token_stats(tok.pop("hidden"), tok.pop("weight"), tok.pop("targets"), backend="torch", **tok)
+
+
+def test_device_mismatch_without_a_majority_names_every_tensor():
+    from fastdpo import _validate
+
+    a, b = torch.zeros(2), torch.zeros(2, device="meta")
+    with pytest.raises(ValueError, match=r"^a, b must be on one device, got a on cpu, b on meta$"):
+        _validate.one_device(("a", a), ("b", b), ("c", None))
+    _validate.one_device(("a", a), ("b", a.clone()), ("c", None))
 
 
 # ---- item 8: use_config is context-local -------------------------------------------------------------------------
@@ -175,3 +221,60 @@ def test_use_config_does_not_leak_into_other_threads():
     with use_config(mine), use_config(INTERPRETER_DEFAULT):
         assert default_config() is INTERPRETER_DEFAULT
     assert default_config() is not mine
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("backend", ["auto", "Torch", "cuda", ""])
+def test_head_ops_refuse_an_unknown_backend(backend, device):
+    """The custom ops take a resolved backend: anything else is refused, in the real and the fake (meta) kernel,
+    forward and backward, instead of silently running the torch backend."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, device=device)
+    h, t = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    with pytest.raises(ValueError, match=rf"backend must be one of \['triton', 'torch'\], got '{backend}'"):
+        torch.ops.fastdpo.head_forward(h, weight, None, t, -100, None, 1.0, backend, False)
+    lse = torch.zeros(h.shape[0], device=device)
+    with pytest.raises(ValueError, match=rf"backend must be one of \['triton', 'torch'\], got '{backend}'"):
+        torch.ops.fastdpo.head_backward(lse, h, weight, None, t, lse, -100, None, 1.0, backend, True, True, False)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_check_labels_off_skips_only_the_gpu_sync(backend, monkeypatch):
+    """``FASTDPO_CHECK_LABELS=0`` skips the range check where it costs a GPU host sync; CPU labels are read without
+    one, so an out-of-range label (and bad packed offsets) still raise there."""
+    monkeypatch.setenv("FASTDPO_CHECK_LABELS", "0")
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    for bad in (53, -3):
+        wrong = labels.clone()
+        wrong[1, 5] = bad
+        with pytest.raises(ValueError, match=rf"labels must hold token ids in \[0, 53\).*found {bad}"):
+            fastdpo.dpo_loss(hidden, weight, wrong, reference_free=True, backend=backend)
+        with pytest.raises(ValueError, match=rf"targets must hold token ids in \[0, 53\).*found {bad}"):
+            fastdpo.fused_logprobs(hidden, weight, wrong, backend=backend)
+    rows, T = labels.shape
+    with pytest.raises(ValueError, match="cu_seqlens must end at the packed length"):
+        fastdpo.sequence_logprobs(hidden.reshape(rows * T, -1), weight, labels.reshape(-1),
+                                  cu_seqlens=torch.arange(rows + 1) * (T - 1), backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_tied_rewards_are_not_accurate(backend):
+    """``rewards/accuracies`` counts chosen rewards strictly above the rejected ones, as TRL does: a pair whose
+    chosen and rejected completions are the same ties and counts 0."""
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    B = hidden.shape[0] // 2
+    hidden[B:], labels[B:] = hidden[:B], labels[:B]
+    out = fastdpo.dpo_loss(hidden, weight, labels, ref_logps=torch.zeros(2 * B), backend=backend)
+    assert torch.equal(out.chosen_rewards, out.rejected_rewards)
+    assert out.metrics["rewards/accuracies"].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_zero_memory_budget_is_lean(backend):
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    grads = []
+    for memory in ("lean", 0, 0.0):
+        w = weight.clone().requires_grad_()
+        logp = fastdpo.fused_logprobs(hidden, w, labels, backend=backend, memory=memory)
+        grads.append((logp.detach(), torch.autograd.grad(logp.sum(), w)[0]))
+    for got in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, grads[0]))

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastdpo
 from fastdpo import _validate
 from fastdpo.kernels.config import KernelConfig, use_config
+from fastdpo.kernels.logit_tile import tanh
 from fastdpo.reference import reference_token_stats
 from fdtest import backend_params, make_batch, rel_err
 
@@ -206,6 +209,23 @@ def test_import_does_not_touch_cuda():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+def test_submodules_the_guide_names_are_attributes_after_import_fastdpo():
+    """``import fastdpo`` then ``fastdpo.reference`` (and ``.integrations``, ``.kernels``), in a fresh process,
+    without touching CUDA; an unknown attribute stays an AttributeError."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.cuda.init = lambda: (_ for _ in ()).throw(RuntimeError('cuda touched'));"
+            "import fastdpo; print(fastdpo.reference.reference_dpo_loss.__name__,"
+            " fastdpo.integrations.__name__, fastdpo.kernels.__name__)\n"
+            "try:\n    fastdpo.nothing\nexcept AttributeError as e:\n    print('missing', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == [
+        "reference_dpo_loss fastdpo.integrations fastdpo.kernels",
+        "missing module 'fastdpo' has no attribute 'nothing'"], out.stdout
+
+
 def test_mixed_dtypes_under_autocast_follow_the_autocast_dtype():
     hidden, weight, labels = make_batch(dtype=torch.float32, seed=6)
     w = weight.clone().requires_grad_()
@@ -390,10 +410,14 @@ def test_fp16_backward_with_a_loss_scalers_gradient(backend):
 
 # ---- issue 11 item 16: exact ties ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("memory", ["lean", "fast"])
+@pytest.mark.parametrize("splits", ["tile_per_split", "one_split"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_exact_ties_take_the_first_index(backend, monkeypatch):
+def test_exact_ties_take_the_first_index(backend, splits, memory, monkeypatch):
     """Duplicate vocabulary rows tie bit for bit at the top: ``is_top1`` holds for the first of them only, for
-    ties inside one tile (20, 23) and across tiles, splits and chunks (5, 40)."""
+    ties inside one tile (20, 23) and across tiles (5, 40): with every tile in its own split (the merge breaks the
+    tie) and all in one split (the kernel's running argmax does), in lean mode and in fast mode (inputs that
+    require a gradient: the forward keeps tiles)."""
     from fastdpo import _torch_path
 
     monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16, raising=False)
@@ -415,12 +439,81 @@ def test_exact_ties_take_the_first_index(backend, monkeypatch):
         tops.append(b)
     config = KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
                           dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16,
-                          gh_block_h=16, gh_block_k=16, vocab_chunk=24, min_programs=64)
+                          gh_block_h=16, gh_block_k=16, vocab_chunk=24,
+                          min_programs=64 if splits == "tile_per_split" else 1)
     got = {}
     with use_config(config):
         for i, b in enumerate(tops):
-            got[i] = fastdpo.token_stats(hidden, weight, labels, bias=b, backend=backend, extras=True)["is_top1"]
+            got[i] = fastdpo.token_stats(hidden.requires_grad_(memory == "fast"), weight, labels, bias=b,
+                                         backend=backend, extras=True, memory=memory)["is_top1"]
     is_top1 = torch.where(even, got[0], got[1])
     want = labelled & ((labels == 5) | (labels == 20))
     assert want.any() and (labelled & ~want).any()
     assert torch.equal(is_top1, want)
+
+
+# ---- softcap across its range ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory", ["lean", "fast"])
+@pytest.mark.parametrize("softcap", [1.0, 30.0, 1e3, 1e6])
+@pytest.mark.parametrize("backend", backend_params())
+def test_softcap_from_saturated_to_negligible(backend, softcap, memory):
+    """``tanh(u)`` with ``u = z/softcap`` from ~10 (saturated) down to ~1e-6 (a cap that changes nothing): the
+    per-token statistics, the DPO loss and every gradient against float64, in fp32."""
+    hidden, weight, labels = make_batch(dtype=torch.float64, seed=23, logit_std=10.0)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(25), dtype=torch.float64)
+    kw = dict(softcap=softcap, logit_scale=1.5)
+    ours, ours_g = _run(_ours(backend), hidden, weight, bias, labels, upstream.float(), dict(kw, memory=memory),
+                        torch.float32)
+    rounded = [t.float().double() for t in (hidden, weight, bias)]
+    ref, ref_g = _run(_reference, *rounded, labels, upstream, kw, torch.float64)
+    # Logits up to ~50 carry fp32 rounding of ~4e-6 (the torch backend's error here is under 1e-5 and 2e-6).
+    for name in ("logp", "mean_logit", "entropy", "log_sum_sq_probs"):
+        assert torch.isfinite(ours[name]).all(), name
+        assert (ours[name].double() - ref[name]).abs().max() < 2e-5, name
+    for name, got, want in zip(("hidden", "weight", "bias"), ours_g, ref_g):
+        assert rel_err(got, want) < 5e-6, (name, rel_err(got, want))
+
+    from fastdpo.reference import reference_dpo_loss
+
+    losses = []
+    for args, fn in (((hidden.float(), weight.float(), bias.float()), fastdpo.dpo_loss), (rounded, reference_dpo_loss)):
+        h, w, b = (t.clone().requires_grad_() for t in args)
+        if fn is fastdpo.dpo_loss:
+            out = fn(h, w, labels, bias=b, reference_free=True, backend=backend, memory=memory, beta=0.5, **kw)
+        else:
+            out = fn(h, w, labels, bias=b, reference_free=True, beta=0.5, **kw)
+        losses.append((out.loss, *torch.autograd.grad(out.loss, (h, w, b))))
+    (loss, *grads), (want_loss, *want_grads) = losses
+    assert abs(loss.item() - want_loss.item()) <= 2e-6 * abs(want_loss.item())
+    for got, want in zip(grads, want_grads):
+        assert rel_err(got, want) < 5e-6, rel_err(got, want)
+
+
+@triton.jit
+def _tanh_kernel(u_ptr, t_ptr, d_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    t = tanh(tl.load(u_ptr + offs, mask=mask, other=0.0))
+    tl.store(t_ptr + offs, t, mask=mask)
+    # The softcap's derivative as the backward computes it.
+    tl.store(d_ptr + offs, (1.0 - t) * (1.0 + t), mask=mask)
+
+
+def test_kernel_tanh_is_accurate_over_its_whole_range():
+    """The kernels' ``tanh`` within 3e-7 relative of float64 for ``|u|`` from 1e-8 to 20 (exactly 0, ±1, NaN at 0,
+    ±inf, NaN), and the derivative ``1 − tanh²`` within 3e-7 of 1 (a cancelling formula loses every digit of tanh
+    near 0)."""
+    a = torch.logspace(-8, torch.log10(torch.tensor(20.0)).item(), 20001, dtype=torch.float64).float()
+    u = torch.cat([a, -a])
+    t, d = torch.empty_like(u), torch.empty_like(u)
+    _tanh_kernel[(triton.cdiv(u.numel(), 1024),)](u, t, d, u.numel(), BLOCK=1024)
+    u64 = u.double()
+    assert ((t.double() - u64.tanh()) / u64.tanh()).abs().max() < 3e-7
+    assert (d.double() - u64.cosh().pow(-2)).abs().max() < 3e-7
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+    t, d = torch.empty_like(special), torch.empty_like(special)
+    _tanh_kernel[(1,)](special, t, d, special.numel(), BLOCK=8)
+    assert t[:4].tolist() == [0.0, 0.0, 1.0, -1.0] and d[:4].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert t[4].isnan() and d[4].isnan()

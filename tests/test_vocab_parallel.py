@@ -10,6 +10,7 @@ import os
 import socket
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -227,8 +228,26 @@ def _worker(rank, world, port, out_dir, llama_path):
         empty[backend] = (tok.abs().sum().item(), r0["hidden"].grad.abs().sum().item(),
                           r0["weight"].grad.abs().sum().item())
     res["no_labels"] = empty
+    # Labels that differ on one rank only where a position-weighted sum cannot see it (flat positions 3 and 4,
+    # weights 4 and 5: +5·4 − 4·5 = 0), or only at the first position.
+    same_sum = labels.clone().view(-1)
+    same_sum[3], same_sum[4] = (15, 16) if rank == 1 else (10, 20)
+    first = labels.clone()
+    first[0, 0] = 8 if rank == 1 else 7  # labelled on every rank: the same count of labelled tokens
+    # Ranges that tile [1, V) but not [0, V): the rank holding row 0 gives it up.
+    start1 = max(start, 1)
     # Errors that every rank raises alike.
     res["errors"] = {
+        "labels_same_weighted_sum": _expect_error(
+            lambda: fastdpo.fused_logprobs(r["hidden"], r["weight"], same_sum.view(labels.shape), backend="torch",
+                                           vocab_parallel=vp), ValueError, "same labels"),
+        "labels_differ_at_0": _expect_error(
+            lambda: fastdpo.fused_logprobs(r["hidden"], r["weight"], first, backend="torch", vocab_parallel=vp),
+            ValueError, "same labels"),
+        "not_from_0": _expect_error(
+            lambda: fastdpo.fused_logprobs(r["hidden"], r["weight"][start1 - start:], labels, backend="torch",
+                                           vocab_parallel=VocabParallel(start1, stop)),
+            ValueError, "must tile the vocabulary"),
         "labels_differ": _expect_error(
             lambda: fastdpo.fused_logprobs(r["hidden"], r["weight"], _with_label(labels, rank),
                                            backend="torch", vocab_parallel=vp), ValueError, "same labels"),
@@ -388,7 +407,8 @@ def test_errors_on_every_rank(spawned):
     world, ranks, _ = spawned
     for res in ranks:
         assert res["errors"] == {"labels_differ": True, "gap": True, "label_range": True,
-                                 "replicated_dtensor": True, "dtensor_and_vocab_parallel": True}
+                                 "replicated_dtensor": True, "dtensor_and_vocab_parallel": True,
+                                 "labels_same_weighted_sum": True, "labels_differ_at_0": True, "not_from_0": True}
 
 
 def test_vocab_parallel_arguments():
@@ -404,6 +424,13 @@ def test_vocab_parallel_arguments():
         VocabParallel(0, 4, vocab_size=3)
     with pytest.raises(TypeError, match="ProcessGroup"):
         VocabParallel(0, 4, group="world")
+    with pytest.raises(TypeError, match="vocab_size must be an int or None"):
+        VocabParallel(0, 4, vocab_size=4.0)
+    # NumPy integers are integers; stored as Python ints.
+    vp = VocabParallel(np.int64(3), np.int32(10), vocab_size=np.uint16(12))
+    assert vp == VocabParallel(3, 10, vocab_size=12) and type(vp.start) is int and vp.rows == 7
+    with pytest.raises(ValueError, match="0 <= start < stop"):
+        VocabParallel(np.int64(5), np.int64(5))
     hidden, weight, labels = make_batch(V=V)
     with pytest.raises(TypeError, match="vocab_parallel must be a fastdpo.VocabParallel"):
         fastdpo.fused_logprobs(hidden, weight, labels, vocab_parallel=(0, V))

@@ -50,7 +50,8 @@ def _dlogits_kernel(
     onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
     dz = g[:, None] * (onehot - p) * scale
     if HAS_SOFTCAP:
-        dz = dz * (1.0 - t * t)
+        # (1 − t)(1 + t): no rounding of t² first.
+        dz = dz * ((1.0 - t) * (1.0 + t))
     ptrs = dz_ptr + rows[:, None] * stride_dzn + local[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & local_mask[None, :])
 

@@ -62,7 +62,8 @@ def _dlogits_from_kept_kernel(
         zt = tl.load(zt_ptr + rows, mask=row_mask, other=0.0)
         z = tl.where(hit, zt[:, None], mt + tl.log(tl.maximum(e, 1e-38)))
         t = z / (softcap * scale)
-        dz = dz * tl.where(hit | (e > 0), 1.0 - t * t, 1.0)
+        # (1 − t)(1 + t): 1 − t is exact for t near 1, where 1 − t² would round t² first.
+        dz = dz * tl.where(hit | (e > 0), (1.0 - t) * (1.0 + t), 1.0)
     tl.store((dz_ptr + rows * stride_dzn)[:, None] + local[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
