@@ -404,3 +404,98 @@ def test_every_option_has_help():
                     walk(sub, f"{where} {command}")
 
     walk(cli.build_parser(), "fastdpo")
+
+
+def _listing(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _earlier_run(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    for name in ("results.csv", "results.json", "bench.png", "notes.txt"):
+        (out / name).write_bytes(f"earlier {name}".encode())
+    return out, _listing(out)
+
+
+def _disk_full_after(written=None):
+    """A writer ``(report, path)`` that first writes part of a file (``written`` in the folder ``path``, or the
+    file ``path``), then finds the disk full."""
+    import errno
+
+    def writer(report, path):
+        with open(path if written is None else os.path.join(path, written), "w") as f:
+            f.write("partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return writer
+
+
+def test_overwrite_on_a_full_disk_leaves_the_earlier_results_whole(capsys, tmp_path, monkeypatch):
+    out, before = _earlier_run(tmp_path)
+    monkeypatch.setattr(run, "write_chart", _disk_full_after())
+    assert cli.main(TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the results" in err and os.strerror(28) in err
+    assert _listing(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no temporary folder left beside it
+
+
+def test_overwrite_replaces_the_earlier_results_as_a_whole(capsys, tmp_path, monkeypatch):
+    out, before = _earlier_run(tmp_path)
+    mode = 0o750
+    out.chmod(mode)
+    monkeypatch.setattr(run, "write_chart", lambda report, path: False)  # this run makes no chart
+    assert cli.main(TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(out), "--overwrite"]) == 0
+    after = _listing(out)
+    # The earlier run's chart is not left beside results it does not show; the user's own file stays.
+    assert set(after) == {"results.csv", "results.json", "notes.txt"}
+    assert after["notes.txt"] == before["notes.txt"] and after["results.csv"].startswith(b"key,")
+    assert out.stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+    assert f"results: {out / 'results.csv'}" in capsys.readouterr().out
+
+
+def test_out_folder_holding_the_working_directory_is_refused(capsys, tmp_path, monkeypatch):
+    out, before = _earlier_run(tmp_path)
+    monkeypatch.chdir(out)
+    monkeypatch.setattr(run, "run_bench", _must_not_run)
+    err = _error(capsys, TINY_BENCH + ["--out", ".", "--overwrite"])
+    assert "--out" in err and "working directory" in err
+    assert _listing(out) == before
+
+
+@pytest.mark.parametrize("where", ["run", "write"])
+def test_ctrl_c_is_one_line_and_exit_130(capsys, tmp_path, monkeypatch, where):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out, before = _earlier_run(tmp_path)
+    monkeypatch.setattr(run, "run_bench" if where == "run" else "write_chart", interrupt)
+    assert cli.main(TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(out), "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == ["fastdpo bench: interrupted; nothing was written"]
+    assert _listing(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+    # A new folder (and the parents made for it) does not appear either.
+    fresh = tmp_path / "a" / "b"
+    monkeypatch.setattr(profiling, "run_profile", interrupt)
+    assert cli.main(["profile", "--model", _tiny_config(tmp_path), "--layers", "1", "--seq-len", "8", "--device",
+                     "cpu", "--no-progress", "--no-search", "--out", str(fresh)]) == 130
+    assert capsys.readouterr().err.strip() == "fastdpo profile: interrupted; nothing was written"
+    assert not (tmp_path / "a").exists()
+
+
+def test_profile_full_disk_leaves_the_earlier_results_whole(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "prof"
+    out.mkdir()
+    for name in ("profile.json", "timeline.png"):
+        (out / name).write_text(f"earlier {name}")
+    before = _listing(out)
+    monkeypatch.setattr(profiling, "write_outputs", _disk_full_after("profile.json"))
+    argv = ["profile", "--model", _tiny_config(tmp_path), "--layers", "1", "--seq-len", "8", "--device", "cpu",
+            "--no-progress", "--no-search", "--out", str(out), "--overwrite"]
+    assert cli.main(argv) == 1
+    assert "cannot write the results" in capsys.readouterr().err
+    assert _listing(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "prof"]

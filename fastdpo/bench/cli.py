@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -100,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _out_options(parser, command):
-    parser.add_argument("--out", help=f"output folder, created when the run has succeeded (default: a fresh "
-                        f"fastdpo-out-{command}-<time> folder); an existing non-empty folder needs --overwrite")
-    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out folder, "
-                        "replacing files of the same names (other files are left alone)")
+    parser.add_argument("--out", help=f"output folder, put in place whole once the run has succeeded (default: a "
+                        f"fresh fastdpo-out-{command}-<time> folder); an existing non-empty folder needs --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in an "
+                        "existing non-empty --out folder (other files are kept); the old results stay until the new "
+                        "ones are complete")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -123,16 +123,13 @@ def _fail(command, message) -> int:
 
 
 def _write(command, out, write) -> dict | None:
-    """Create ``out`` and call ``write(out)``; on failure remove the folders this call created, say why, None."""
-    from .run import make_out_dir
+    """Write the run's files into ``out`` through ``write(folder)``, all or nothing (see
+    :func:`~fastdpo.bench.run.write_out_dir`); on failure say why and return None."""
+    from .run import write_out_dir
 
-    created = None
     try:
-        created = make_out_dir(out)
-        return write(out)
+        return write_out_dir(out, write)
     except OSError as err:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
         print(f"fastdpo {command}: error: cannot write the results to {out!r}: {err.strerror or err}",
               file=sys.stderr)
         return None
@@ -213,7 +210,8 @@ def main(argv=None) -> int:
     """Entry point of the ``fastdpo`` console script; returns the exit status.
 
     Exit status 2: the arguments, the output folder or the run's size were refused before anything ran or was
-    written; 1: the run ran but fastdpo failed in it or its results could not be written.
+    written; 1: the run ran but fastdpo failed in it or its results could not be written; 130: interrupted
+    (Ctrl-C), with the output folder left as it was.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,8 +219,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     sub = parser._subparsers._group_actions[0].choices[args.command]
-    return _bench(args, sub) if args.command == "bench" else _profile(args, sub)
-
+    try:
+        return _bench(args, sub) if args.command == "bench" else _profile(args, sub)
+    except KeyboardInterrupt:
+        print(f"fastdpo {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())
