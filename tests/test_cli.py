@@ -499,3 +499,33 @@ def test_profile_full_disk_leaves_the_earlier_results_whole(capsys, tmp_path, mo
     assert "cannot write the results" in capsys.readouterr().err
     assert _listing(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "prof"]
+
+
+@pytest.mark.parametrize("key, value", [("vocab_size", 0), ("hidden_size", -32), ("intermediate_size", 2.5),
+                                        ("num_attention_heads", "two"), ("vocab_size", True),
+                                        ("text_config.vocab_size", 0)])
+def test_config_sizes_must_be_positive_integers(capsys, tmp_path, monkeypatch, key, value):
+    cfg = json.loads(open(_tiny_config(tmp_path)).read())
+    if key.startswith("text_config."):
+        cfg = {"model_type": "llava", "text_config": dict(cfg)}
+    target = cfg["text_config"] if key.startswith("text_config.") else cfg
+    target[key.rpartition(".")[2]] = value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    monkeypatch.setattr(profiling, "run_profile", _must_not_run)
+    err = _error(capsys, ["profile", "--model", str(path), "--device", "cpu", "--no-progress",
+                          "--out", str(tmp_path / "never")])
+    assert f'"{key}"' in err and "positive integer" in err and repr(value) in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_model_that_cannot_pack_is_a_one_line_error(capsys, tmp_path):
+    path = tmp_path / "mamba.json"
+    path.write_text(json.dumps({"model_type": "mamba", "hidden_size": 16, "state_size": 4, "vocab_size": 50,
+                                "num_hidden_layers": 1}))
+    out = tmp_path / "never"
+    assert cli.main(["profile", "--model", str(path), "--padding-free", "--pairs", "1", "--seq-len", "8",
+                     "--device", "cpu", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fastdpo profile: error: padding_free=True")
+    assert not out.exists()

@@ -197,7 +197,7 @@ def _profile_padding_free(config, out, progress=True) -> int:
 
     try:
         report = padding_free.run_padding_free(config, progress=progress)
-    except TypeError as err:  # a model that cannot run packed
+    except padding_free.NotPackableError as err:
         return _fail("profile", err)
     paths = _write("profile", out, lambda folder: padding_free.write_outputs(report, folder))
     print(padding_free.format_padding_free(report))

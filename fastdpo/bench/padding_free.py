@@ -24,10 +24,14 @@ import torch
 
 from .memory import PeakMeter
 
-__all__ = ["LAYOUTS", "ragged_lengths", "ragged_batch", "LayoutStep", "PaddingFreeReport", "run_padding_free",
+__all__ = ["NotPackableError", "LAYOUTS", "ragged_lengths", "ragged_batch", "LayoutStep", "PaddingFreeReport", "run_padding_free",
            "format_padding_free", "write_outputs"]
 
 LAYOUTS = ("padded", "packed")
+
+
+class NotPackableError(ValueError):
+    """The model cannot run on packed sequences (the library's refusal, as it would refuse ``padding_free=True``)."""
 
 
 def ragged_lengths(pairs: int, seq_len: int, seed: int = 0) -> dict:
@@ -176,7 +180,8 @@ def _elapsed(device, start):
 
 
 def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) -> PaddingFreeReport:
-    """Measure both layouts on one ragged batch of ``config.pairs`` pairs (a :class:`ProfileConfig`)."""
+    """Measure both layouts on one ragged batch of ``config.pairs`` pairs (a :class:`ProfileConfig`); raises
+    :class:`NotPackableError` for a model that cannot run packed, before any step."""
     from tqdm.auto import tqdm
 
     from ..integrations.transformers import check_packable
@@ -186,7 +191,10 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
     device = torch.device(config.device)
     attention = _attention() if device.type == "cuda" else "sdpa"
     h = _Harness(config, attention)
-    check_packable(h.policy)
+    try:
+        check_packable(h.policy)
+    except (TypeError, ValueError) as err:
+        raise NotPackableError(str(err)) from err
     # AdamW does all its work with a zero learning rate but leaves the weights as they are, so both layouts
     # compute the same loss on the same weights, step after step.
     for group in h.optimizer.param_groups:
@@ -194,7 +202,7 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
     lengths = ragged_lengths(config.pairs, config.seq_len, seed)
     runner = _Runner(h, ragged_batch(lengths, h.vocab, device, seed))
     report = PaddingFreeReport(model=config.model, layers=config.layers, params=h.params, device=config.device,
-                               machine=machine_name(config.device), attention=attention,
+                               machine=machine_name(config.device), attention=h.attention,
                                memory_method=PeakMeter(device).method, dtype=config.dtype, seq_len=config.seq_len,
                                pairs=config.pairs, lengths=lengths, padded_shape=tuple(runner.ids.shape),
                                repeats=repeats, date=_dt.datetime.now().isoformat(timespec="seconds"))

@@ -83,13 +83,31 @@ def _set_layers(cfg: dict, layers: int):
                 c[key] = [value[i % len(value)] for i in range(layers)]
 
 
+# Config entries that are sizes or counts. transformers takes 0 or a negative for several of them and the step then
+# fails deep inside torch, so each one given must be a positive integer.
+_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "num_hidden_layers", "max_position_embeddings", "n_embd", "n_head",
+              "n_layer", "n_positions", "d_model", "state_size")
+
+
+def _check_sizes(cfg: dict, path: str):
+    """ValueError naming the entry of ``path`` whose size is not a positive integer (also in ``text_config``)."""
+    for c, where in ((cfg, ""), (cfg.get("text_config"), "text_config.")):
+        if not isinstance(c, dict):
+            continue
+        for key in _SIZE_KEYS:
+            value = c.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--model: \"{where}{key}\" in {path!r} must be a positive integer, got {value!r}")
+
+
 def build_model_config(model: str, *, layers: int | None = None, cpu: bool = False) -> dict:
     """The config dict of ``model`` (a family name or a path to a config.json), with ``layers`` decoder layers
     (default :data:`DEFAULT_LAYERS`, for a config.json too: the profile is of the head, and a full-depth model
     is rarely what fits).
 
-    Raises ValueError naming ``--model`` for an unknown name, a missing or unreadable file, or a config without
-    a ``model_type`` that transformers knows.
+    Raises ValueError naming ``--model`` for an unknown name, a missing or unreadable file, a config without
+    a ``model_type`` that transformers knows, or a size in it that is not a positive integer.
     """
     layers = DEFAULT_LAYERS if layers is None else layers
     if model in MODELS:
@@ -114,6 +132,7 @@ def build_model_config(model: str, *, layers: int | None = None, cpu: bool = Fal
 
     if cfg["model_type"] not in CONFIG_MAPPING:
         raise ValueError(f"--model: model_type {cfg['model_type']!r} in {path!r} is unknown to transformers")
+    _check_sizes(cfg, path)
     _set_layers(cfg, layers)
     return cfg
 
@@ -128,6 +147,24 @@ def _hf_config(model_config: dict):
     except Exception as err:  # transformers' validators raise several types; all mean a bad config
         raise ValueError(f"--model: transformers refuses this {model_type} config: "
                          f"{type(err).__name__}: {err}".splitlines()[0][:300]) from err
+
+
+def _causal_lm(hf_config, dtype, attention=None):
+    """The causal LM of ``hf_config`` with ``attention`` (``attn_implementation``), or with the model's default
+    where it has no such implementation (Mamba has no attention at all); ValueError for a model that cannot be
+    built from this config."""
+    from transformers import AutoModelForCausalLM
+
+    tries = [attention, None] if attention else [None]
+    for impl in tries:
+        kwargs = {"attn_implementation": impl} if impl else {}
+        try:
+            # A copy each time: a refused attn_implementation stays set on the config it was tried with.
+            return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype, **kwargs)
+        except Exception as err:  # transformers raises several types; all mean this config cannot be built
+            error = err
+    raise ValueError(f"--model: cannot build a causal LM from this config: "
+                     f"{type(error).__name__}: {error}".splitlines()[0][:300]) from error
 
 
 def _text_config(hf_config):
@@ -166,18 +203,12 @@ def estimate_memory(config: ProfileConfig, pairs: int | None = None) -> dict:
     ``[T, T]`` scores); ``loss`` (the naive head's step, the larger of the two: 6 fp32 ``[tokens, V]`` tensors,
     8 with a softcap). Raises ValueError for a config transformers refuses.
     """
-    from transformers import AutoModelForCausalLM
-
     pairs = config.pairs if pairs is None else pairs
     hf_config = _hf_config(config.model_config)
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
     item = torch.empty((), dtype=dtype).element_size()
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    except Exception as err:  # an architecture transformers cannot build from this config
-        raise ValueError(f"--model: cannot build a causal LM from this config: "
-                         f"{type(err).__name__}: {err}".splitlines()[0][:300]) from err
+    with torch.device("meta"):
+        model = _causal_lm(hf_config, dtype)
     params = sum(p.numel() for p in model.parameters())
     del model
     text = _text_config(hf_config)
@@ -279,15 +310,13 @@ class _Harness:
     """The policy, its frozen reference copy and AdamW, and one DPO step with either head."""
 
     def __init__(self, config: ProfileConfig, attention: str):
-        from transformers import AutoModelForCausalLM
-
         self.config = config
         self.device = torch.device(config.device)
         dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
         hf_config = _hf_config(config.model_config)
         torch.manual_seed(0)
-        self.policy = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention,
-                                                       dtype=dtype).to(self.device)
+        self.policy = _causal_lm(hf_config, dtype, attention).to(self.device)
+        self.attention = getattr(self.policy.config, "_attn_implementation", None) or attention
         self.policy.train()
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-6)
@@ -485,7 +514,7 @@ def run_profile(config: ProfileConfig, *, progress=True) -> ProfileReport:
         _mallopt(_MEASURE_MMAP)
         baseline = current_rss() or 0
     h = _Harness(config, attention)
-    report = ProfileReport(config=config, attention=attention, machine=machine_name(config.device),
+    report = ProfileReport(config=config, attention=h.attention, machine=machine_name(config.device),
                            memory_method=PeakMeter(device).method, params=h.params,
                            date=_dt.datetime.now().isoformat(timespec="seconds"))
     total = len(HEADS) * (1 + (3 if config.search else 0))
