@@ -1,6 +1,7 @@
 """The ``fastdpo`` command line: parsing, errors, and what ``bench`` and ``profile`` write, at tiny sizes."""
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -134,9 +135,16 @@ def _tiny_config(tmp_path):
 def test_profile_writes_report_timeline_and_search(capsys, tmp_path):
     out = tmp_path / "prof"
     argv = ["profile", "--model", _tiny_config(tmp_path), "--layers", "1", "--seq-len", "16", "--budget", "4",
-            "--device", "cpu", "--no-progress", "--out", str(out)]
+            "--device", "cpu", "--out", str(out)]
     assert cli.main(argv) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    # Each long phase says what runs, one line each, as it starts.
+    progress = captured.err.splitlines()
+    assert progress[0].startswith("fastdpo profile: building the policy and its frozen reference (1 layers")
+    assert any(line.endswith("naive head, 1 pair(s) x 16 tokens: warm-up step (AdamW creates its state)")
+               for line in progress)
+    assert sum(line.endswith(": measured step") for line in progress) >= 2
     assert "attention: sdpa" in text and "1 layers" in text
     for line in ("weights + optimizer", "activations (peak)", "loss step (peak)", "total peak"):
         assert line in text
@@ -147,6 +155,10 @@ def test_profile_writes_report_timeline_and_search(capsys, tmp_path):
     assert all(s["total_peak"] >= s["weights_optimizer"] for s in data["steps"])
     assert data["largest"]["fastdpo"]["pairs"] >= 1
     assert (out / "timeline.png").stat().st_size > 0
+    # Every measured step stays under the estimate of its size.
+    cfg = profiling.ProfileConfig(**data["config"])
+    for s in data["steps"]:
+        assert s["total_peak"] <= profiling.estimate_memory(cfg, s["pairs"])["peak"], s
 
 
 def test_profile_budget_nothing_fits(capsys, tmp_path, monkeypatch):
@@ -529,3 +541,66 @@ def test_model_that_cannot_pack_is_a_one_line_error(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("fastdpo profile: error: padding_free=True")
     assert not out.exists()
+
+
+def test_profile_absurd_depth_is_refused_without_building_it(capsys, tmp_path, monkeypatch):
+    built = []
+    real = profiling._causal_lm
+
+    def counting(hf_config, *args, **kwargs):
+        built.append(profiling._text_config(hf_config).num_hidden_layers)
+        return real(hf_config, *args, **kwargs)
+
+    monkeypatch.setattr(profiling, "_causal_lm", counting)
+    monkeypatch.setattr(profiling, "run_profile", _must_not_run)
+    out = tmp_path / "never"
+    assert cli.main(["profile", "--model", _tiny_config(tmp_path), "--layers", "100000", "--device", "cpu",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "--layers" in err and not out.exists()
+    assert built and max(built) <= 64  # counted on a few layers, not instantiated 100000 deep
+
+
+def test_estimate_extrapolates_deep_models_exactly(tmp_path):
+    cfg = profiling.resolve_config(_tiny_config(tmp_path), layers=150, device="cpu", search=False)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(profiling._hf_config(cfg.model_config))
+    assert profiling.estimate_memory(cfg)["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_profile_leaves_headroom_and_says_so(tmp_path):
+    from fastdpo.bench.memory import TooBigError
+
+    cfg = profiling.resolve_config(_tiny_config(tmp_path), layers=2, device="cpu", seq_len=32, search=False)
+    peak = profiling.estimate_memory(cfg)["peak"]
+    enough = int(peak / profiling.USABLE_FRACTION) + 1
+    profiling.check_memory(cfg, memory=memory_for(enough))
+    with pytest.raises(TooBigError) as err:
+        profiling.check_memory(cfg, memory=memory_for(int(0.99 * enough)))
+    text = str(err.value)
+    from fastdpo.bench.memory import format_bytes
+
+    assert f"needs about {format_bytes(peak)} (give or take {profiling.ESTIMATE_MARGIN:.0%})" in text
+    assert f"has {format_bytes(int(0.99 * enough))} available" in text
+    assert f"{profiling.USABLE_FRACTION:.0%} of it" in text and "headroom" in text
+
+
+def test_estimate_counts_what_each_phase_of_the_step_holds(tmp_path):
+    cfg = profiling.resolve_config(_tiny_config(tmp_path), layers=2, device="cpu", seq_len=32, search=False)
+    est = profiling.estimate_memory(cfg)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(profiling._hf_config(cfg.model_config))
+    params = [p for p in model.parameters()]
+    n = sum(p.numel() for p in params)
+    assert est["params"] == n and est["weights"] == 2 * 4 * n and est["adam"] == 2 * 4 * n and est["grads"] == 4 * n
+    # AdamW's per-parameter update on CPU: sqrt of the second moment and its quotient, the largest parameter's size.
+    assert est["optimizer_temp"] == 2 * 4 * max(p.numel() for p in params)
+    assert est["peak"] == max(est["phases"].values())
+    assert est["phases"]["optimizer"] >= est["weights"] + est["adam"] + est["grads"] + est["optimizer_temp"]
+    gpu = profiling.estimate_memory(dataclasses.replace(cfg, device="cuda"))
+    assert gpu["optimizer_temp"] == 4 * n  # the foreach update: one more copy of every parameter
+    two = profiling.estimate_memory(cfg, pairs=2)
+    assert two["loss"] == 2 * est["loss"] and two["activations"] == 2 * est["activations"]

@@ -182,15 +182,14 @@ def _elapsed(device, start):
 def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) -> PaddingFreeReport:
     """Measure both layouts on one ragged batch of ``config.pairs`` pairs (a :class:`ProfileConfig`); raises
     :class:`NotPackableError` for a model that cannot run packed, before any step."""
-    from tqdm.auto import tqdm
-
     from ..integrations.transformers import check_packable
     from .run import machine_name
-    from .profiling import _attention, _Harness
+    from .profiling import _attention, _build, _progress
 
     device = torch.device(config.device)
     attention = _attention() if device.type == "cuda" else "sdpa"
-    h = _Harness(config, attention)
+    say = _progress(progress, "fastdpo profile --padding-free")
+    h = _build(config, attention, say)
     try:
         check_packable(h.policy)
     except (TypeError, ValueError) as err:
@@ -207,29 +206,26 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
                                pairs=config.pairs, lengths=lengths, padded_shape=tuple(runner.ids.shape),
                                repeats=repeats, date=_dt.datetime.now().isoformat(timespec="seconds"))
     labelled = int((runner.labels[:, 1:] != -100).sum())
-    with tqdm(total=2 * (repeats + 2), desc="fastdpo profile --padding-free", unit="step", disable=not progress,
-              leave=False) as bar:
-        for layout in LAYOUTS:
-            bar.set_postfix_str(layout)
-            runner.step(layout)  # warm-up: AdamW creates its state, the allocator settles
-            bar.update()
-            runs, backbone_runs = [], []
-            gc.collect()
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                loss, backbone, _ = runner.step(layout)
-                runs.append(_elapsed(device, t) * 1e3)
-                backbone_runs.append(backbone * 1e3)
-                bar.update()
-            loss, _, peaks = runner.step(layout, meter=True)
-            bar.update()
-            tokens = runner.ids.numel() if layout == "padded" else runner.packed.input_ids.numel()
-            report.steps[layout] = LayoutStep(
-                layout=layout, backbone_tokens=tokens, labelled_tokens=labelled, ms=statistics.median(runs),
-                ms_runs=runs, backbone_ms=statistics.median(backbone_runs), activations=peaks["activations"] or 0,
-                loss_step=peaks["loss"] or 0, step_peak=peaks["step"] or 0, loss=loss[0], logps_chosen=loss[1])
+    for layout in LAYOUTS:
+        say(f"{layout}: warm-up step")
+        runner.step(layout)  # warm-up: AdamW creates its state, the allocator settles
+        runs, backbone_runs = [], []
+        gc.collect()
+        for i in range(repeats):
+            say(f"{layout}: timed step {i + 1} of {repeats}")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            loss, backbone, _ = runner.step(layout)
+            runs.append(_elapsed(device, t) * 1e3)
+            backbone_runs.append(backbone * 1e3)
+        say(f"{layout}: measured step")
+        loss, _, peaks = runner.step(layout, meter=True)
+        tokens = runner.ids.numel() if layout == "padded" else runner.packed.input_ids.numel()
+        report.steps[layout] = LayoutStep(
+            layout=layout, backbone_tokens=tokens, labelled_tokens=labelled, ms=statistics.median(runs),
+            ms_runs=runs, backbone_ms=statistics.median(backbone_runs), activations=peaks["activations"] or 0,
+            loss_step=peaks["loss"] or 0, step_peak=peaks["step"] or 0, loss=loss[0], logps_chosen=loss[1])
     return report
 
 
