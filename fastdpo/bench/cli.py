@@ -42,7 +42,7 @@ def _impl_list(text: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     # Only light imports here: `fastdpo --help` should not wait for torch's first CUDA query.
     from .competitors import IMPLEMENTATIONS
-    from .profiling import DEFAULT_LAYERS, MODELS
+    from .profiling import DEFAULT_LAYERS, MODELS, USABLE_FRACTION
     from .run import DTYPES, SHAPES
 
     parser = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: the DPO loss without the logits. "
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "head against fastdpo's", description="One DPO training step (policy forward+backward, "
                        "reference forward, optimizer step) of a causal LM built from a config (no download), with "
                        "the naive head and with fastdpo's: peak memory by part, the largest batch that fits "
-                       "--budget, and a memory timeline chart. A model whose estimated step does not fit the "
-                       "device is refused before it is built.")
+                       "--budget, and a memory timeline chart. A model whose estimated step needs more than "
+                       f"{USABLE_FRACTION * 100:.0f}% of the memory the device has available is refused before it is "
+                       "built.")
     p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} or a path to a config.json "
                    "(default: llama3)")
     p.add_argument("--layers", type=_positive_int, default=None,
@@ -104,7 +105,8 @@ def _out_options(parser, command):
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in an "
                         "existing non-empty --out folder (other files are kept); the old results stay until the new "
                         "ones are complete")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (bench) or progress lines "
+                        "(profile) on stderr")
 
 
 def _out_dir(args, parser, command):

@@ -3,8 +3,10 @@
 The model is built from a config (no download) with ``--layers`` decoder layers (default 2): a named family
 (``llama3``, ``qwen2.5``, ``gemma2``) or a ``config.json``. On GPU a named family keeps its real sizes; on CPU
 it is tiny (hidden 256, 4 heads) but keeps the family's real vocabulary, since the head is what is profiled. A
-``config.json`` keeps its sizes on both. Before anything is built, the step's memory is estimated and a run that
-cannot fit the device (or a ``--budget`` that the weights alone exceed) is refused.
+``config.json`` keeps its sizes on both. Before anything is built, the step's peak memory is estimated (phase by
+phase, see :func:`estimate_memory`) and a run is refused whose estimate exceeds :data:`USABLE_FRACTION` of the
+memory the device has available (the rest is headroom for the estimate's margin and for other processes), as is a
+``--budget`` that the weights alone exceed. Building the models and each step print a line as they start.
 
 One step = reference forward (no grad), policy backbone forward, the loss (head forward + backward, naive or
 fastdpo), backbone backward, AdamW step. Reported per head: what the weights, gradients-to-be and optimizer state
@@ -34,7 +36,7 @@ from .memory import PeakMeter, RssSampler, TooBigError, check_fits, compare_peak
 
 __all__ = ["MODELS", "DEFAULT_LAYERS", "ProfileConfig", "ProfileReport", "BudgetError", "resolve_config",
            "build_model_config", "estimate_memory", "check_memory", "run_profile", "write_outputs", "format_report",
-           "cuda_timeline"]
+           "cuda_timeline", "ESTIMATE_MARGIN", "USABLE_FRACTION"]
 
 # Real sizes of each family's model of DESIGN §3 (GPU); the CPU variant keeps only the vocabulary.
 MODELS = {
