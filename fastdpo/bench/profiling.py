@@ -256,8 +256,8 @@ def estimate_memory(config: ProfileConfig, pairs: int | None = None) -> dict:
 
     - ``loss``: the policy and reference weights (``weights``, 2 per parameter), AdamW's two moments (``adam``),
       the backbone's saved ``activations`` (about 12·H + 5·I values per token and layer; attention through
-      SDPA/flash keeps no ``[T, T]`` scores), the naive head's step (``loss``, the larger head: 6 fp32
-      ``[tokens, V]`` tensors, 8 with a softcap) and the lm-head's gradient (``head_grad``);
+      SDPA/flash keeps no ``[T, T]`` scores), the naive head's step (``loss``, the larger head: 5 fp32
+      ``[tokens, V]`` tensors at its peak, 6 with a softcap) and the lm-head's gradient (``head_grad``);
     - ``backward``: weights, moments, all ``grads`` and, at most, the activations;
     - ``optimizer``: weights, moments, grads and AdamW's temporaries (``optimizer_temp``: on GPU its foreach
       update holds one more copy of all parameters; on CPU its per-parameter loop two of the largest one);
@@ -272,7 +272,7 @@ def estimate_memory(config: ProfileConfig, pairs: int | None = None) -> dict:
     weights, adam, grads = 2 * params * item, 2 * params * item, params * item
     optimizer_temp = (params if config.device == "cuda" else 2 * s["largest"]) * item
     activations = tokens * item * (s["layers"] * (12 * h + 5 * s["inter"]) + 3 * h)
-    loss = (8 if s["softcap"] else 6) * tokens * s["vocab"] * 4
+    loss = (6 if s["softcap"] else 5) * tokens * s["vocab"] * 4
     head_grad = s["vocab"] * h * item
     phases = {"loss": weights + adam + activations + loss + head_grad + _OVERHEAD_BYTES,
               "backward": weights + adam + grads + activations + _OVERHEAD_BYTES,
