@@ -258,10 +258,13 @@ def test_bench_memory_estimate_covers_the_inputs_and_scales():
     assert needed >= parts["inputs"] + step
     bigger = run.resolve_config(device="cpu", hidden=24, vocab=3010, pairs=3, seq_len=17, impls=("fastdpo", "naive"))
     assert run.estimate_memory(bigger)["cpu"][0] > needed
-    roomy = memory_for(needed + 1)
+    from fastdpo.bench.memory import USABLE_FRACTION
+
+    roomy = memory_for(int(needed / USABLE_FRACTION) + 1)
     run.check_memory(cfg, memory={"cpu": roomy})
-    with pytest.raises(ValueError, match="needs about"):
-        run.check_memory(cfg, memory={"cpu": memory_for(needed - 1)})
+    # Just enough by the estimate is refused: the host keeps headroom for the estimate's margin and other processes.
+    with pytest.raises(ValueError, match="needs about .* headroom"):
+        run.check_memory(cfg, memory={"cpu": memory_for(needed + 1)})
 
 
 def memory_for(available):

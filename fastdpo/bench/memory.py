@@ -34,7 +34,8 @@ from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["PeakMeter", "RssSampler", "current_rss", "cpu_peak_method", "DeviceMemory", "device_memory",
-           "TooBigError", "check_fits", "format_bytes", "compare_peaks", "LiveBytes", "LargestTensor"]
+           "TooBigError", "USABLE_FRACTION", "check_fits", "format_bytes", "compare_peaks", "LiveBytes",
+           "LargestTensor"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -333,6 +334,12 @@ def device_memory(device: torch.device | str) -> DeviceMemory:
         free, total = torch.cuda.mem_get_info(device)
         return DeviceMemory(available=free, total=total, name=f"GPU {torch.cuda.get_device_name(device)}")
     return _host_memory()
+
+
+# The share of the memory available that a run may plan on: its estimate has a margin, and on a shared machine
+# other processes grow while it runs (past the limit the operating system's out-of-memory killer ends the run
+# without a word).
+USABLE_FRACTION = 0.8
 
 
 class TooBigError(ValueError):

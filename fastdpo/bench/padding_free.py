@@ -24,8 +24,8 @@ import torch
 
 from .memory import PeakMeter
 
-__all__ = ["NotPackableError", "LAYOUTS", "ragged_lengths", "ragged_batch", "LayoutStep", "PaddingFreeReport", "run_padding_free",
-           "format_padding_free", "write_outputs"]
+__all__ = ["NotPackableError", "LAYOUTS", "ragged_lengths", "ragged_batch", "LayoutStep", "PaddingFreeReport",
+           "run_padding_free", "format_padding_free", "write_outputs"]
 
 LAYOUTS = ("padded", "packed")
 

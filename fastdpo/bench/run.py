@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .competitors import IMPLEMENTATIONS, DPOInputs, dpo_sigmoid, get_implementations, make_inputs
-from .memory import PeakMeter, check_fits, compare_peaks, format_bytes, resolve_device, steady_allocator
+from .memory import USABLE_FRACTION, PeakMeter, check_fits, compare_peaks, format_bytes, resolve_device, \
+    steady_allocator
 
 __all__ = ["Shape", "SHAPES", "BenchConfig", "BenchRow", "BenchReport", "resolve_config", "exact_reference",
            "run_bench", "format_table", "write_outputs", "check_out_dir", "write_out_dir", "OutputDirError",
@@ -181,11 +182,14 @@ def estimate_memory(config: BenchConfig) -> dict:
 
 def check_memory(config: BenchConfig, memory=None):
     """Raise :class:`~fastdpo.bench.memory.TooBigError` naming the estimate and the memory available when the
-    run cannot fit (see :func:`estimate_memory`); ``memory`` maps a device to a
-    :class:`~fastdpo.bench.memory.DeviceMemory` to use instead of the machine's."""
+    run cannot fit (see :func:`estimate_memory`): on the host, when it needs more than
+    :data:`~fastdpo.bench.memory.USABLE_FRACTION` of what is available (an out-of-memory kill there ends the run
+    without a word); on GPU, more than is free (a step that runs out becomes a failed row). ``memory`` maps a
+    device to a :class:`~fastdpo.bench.memory.DeviceMemory` to use instead of the machine's."""
     hint = "choose a smaller --pairs, --seq-len, --hidden or --vocab (or a named --shape)"
     for device, (needed, parts) in estimate_memory(config).items():
-        check_fits(needed, parts, device, hint, memory=(memory or {}).get(device))
+        check_fits(needed, parts, device, hint, memory=(memory or {}).get(device),
+                   usable=USABLE_FRACTION if device == "cpu" else 1.0)
 
 
 @dataclass
@@ -551,7 +555,8 @@ def check_out_dir(out: str | None, prefix: str, overwrite: bool = False) -> str:
         except OSError as err:
             raise OutputDirError(f"cannot read {out!r}: {err.strerror or err}") from err
         if entries and not overwrite:
-            raise OutputDirError(f"{out!r} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}); "
+            count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+            raise OutputDirError(f"{out!r} is not empty ({count}); "
                                  f"pass --overwrite to write into it (files of the same names are replaced) or "
                                  f"choose another --out")
         if _holds_cwd(out):
