@@ -585,7 +585,7 @@ def test_profile_leaves_headroom_and_says_so(tmp_path):
     text = str(err.value)
     from fastdpo.bench.memory import format_bytes
 
-    assert f"needs about {format_bytes(peak)} (give or take {profiling.ESTIMATE_MARGIN:.0%})" in text
+    assert f"needs about {format_bytes(peak)}, give or take {profiling.ESTIMATE_MARGIN:.0%}, (" in text
     assert f"has {format_bytes(int(0.99 * enough))} available" in text
     assert f"{profiling.USABLE_FRACTION:.0%} of it" in text and "headroom" in text
 

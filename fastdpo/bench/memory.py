@@ -360,7 +360,7 @@ def check_fits(needed: int, parts: dict, device: torch.device | str, hint: str, 
         return
     detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
     total = f" of {format_bytes(memory.total)}" if memory.total is not None else ""
-    held = f" (give or take {margin:.0%})" if margin else ""
+    held = f", give or take {margin:.0%}," if margin else ""
     room = (f"; a run may plan on {usable:.0%} of it ({format_bytes(usable * memory.available)}), the rest is "
             f"headroom for the estimate's margin and for other processes" if usable < 1 else "")
     raise TooBigError(f"this run needs about {format_bytes(needed)}{held} ({detail}) but {memory.name} has "
