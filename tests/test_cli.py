@@ -607,3 +607,13 @@ def test_estimate_counts_what_each_phase_of_the_step_holds(tmp_path):
     assert gpu["optimizer_temp"] == 4 * n  # the foreach update: one more copy of every parameter
     two = profiling.estimate_memory(cfg, pairs=2)
     assert two["loss"] == 2 * est["loss"] and two["activations"] == 2 * est["activations"]
+
+
+def test_overwrite_through_a_link_replaces_the_folder_it_points_to(capsys, tmp_path):
+    real, before = _earlier_run(tmp_path)
+    link = tmp_path / "latest"
+    link.symlink_to(real, target_is_directory=True)
+    assert cli.main(TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and (real / "results.csv").read_bytes().startswith(b"key,")
+    assert (real / "notes.txt").read_bytes() == before["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "results"]

@@ -594,7 +594,8 @@ def write_out_dir(out: str, write):
     outputs (:data:`OUTPUT_PATTERNS`) are carried into the new folder, the new folder is renamed in and the old
     one removed; should a rename fail, the old folder is put back.
     """
-    target = os.path.abspath(out)
+    # A link to a folder stays a link: the run replaces the folder it points to.
+    target = os.path.realpath(out) if os.path.islink(out) else os.path.abspath(out)
     parent, name = os.path.split(target)
     created = None
     path = parent
