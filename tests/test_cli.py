@@ -617,3 +617,16 @@ def test_overwrite_through_a_link_replaces_the_folder_it_points_to(capsys, tmp_p
     assert link.is_symlink() and (real / "results.csv").read_bytes().startswith(b"key,")
     assert (real / "notes.txt").read_bytes() == before["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "results"]
+
+
+def test_failure_before_the_staging_folder_removes_the_parents_made(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", disk_full)
+    with pytest.raises(OSError):
+        run.write_out_dir(str(tmp_path / "a" / "b" / "out"), _must_not_run)
+    assert list(tmp_path.iterdir()) == []

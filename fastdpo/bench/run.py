@@ -557,8 +557,8 @@ def check_out_dir(out: str | None, prefix: str, overwrite: bool = False) -> str:
         if entries and not overwrite:
             count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
             raise OutputDirError(f"{out!r} is not empty ({count}); "
-                                 f"pass --overwrite to write into it (files of the same names are replaced) or "
-                                 f"choose another --out")
+                                 f"pass --overwrite to replace an earlier run's results in it (other files are kept) "
+                                 f"or choose another --out")
         if _holds_cwd(out):
             # The run is written beside the folder and renamed into its place; the working directory cannot move.
             raise OutputDirError(f"{out!r} is the working directory or holds it; choose another --out")
@@ -624,14 +624,15 @@ def write_out_dir(out: str, write):
                     carried.append(entry)
         os.rename(tmp, target)
     except BaseException:
-        if os.path.isdir(tmp or ""):  # the new folder is not in place: put the old one back
+        if tmp is None or os.path.isdir(tmp):  # the new folder is not in place: put the old one back
             if aside is not None:
                 for entry in carried:
                     os.rename(os.path.join(tmp, entry), os.path.join(aside, entry))
                 if not os.path.lexists(target):
                     os.rename(aside, target)
                 aside = None
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
         raise
