@@ -630,3 +630,19 @@ def test_failure_before_the_staging_folder_removes_the_parents_made(tmp_path, mo
     with pytest.raises(OSError):
         run.write_out_dir(str(tmp_path / "a" / "b" / "out"), _must_not_run)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_closed_early_is_no_traceback(tmp_path, monkeypatch):
+    import sys
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())  # `fastdpo bench | head -1`, the reader gone
+    out = tmp_path / "out"
+    assert cli.main(TINY_BENCH + ["--impl", "fastdpo", "--no-ref", "--out", str(out)]) == 141
+    assert (out / "results.csv").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -124,17 +125,19 @@ def _fail(command, message) -> int:
     return 2
 
 
-def _write(command, out, write) -> dict | None:
+def _write(command, out, write) -> tuple[dict | None, str | None]:
     """Write the run's files into ``out`` through ``write(folder)``, all or nothing (see
-    :func:`~fastdpo.bench.run.write_out_dir`); on failure say why and return None."""
+    :func:`~fastdpo.bench.run.write_out_dir`): ``(paths, None)``, or ``(None, why)`` for a failed write.
+
+    The files are written before anything is printed, so that a reader that stops early (``| head``) costs
+    no results; the caller prints ``why`` after the report, where it is seen.
+    """
     from .run import write_out_dir
 
     try:
-        return write_out_dir(out, write)
+        return write_out_dir(out, write), None
     except OSError as err:
-        print(f"fastdpo {command}: error: cannot write the results to {out!r}: {err.strerror or err}",
-              file=sys.stderr)
-        return None
+        return None, f"fastdpo {command}: error: cannot write the results to {out!r}: {err.strerror or err}"
 
 
 def _bench(args, parser) -> int:
@@ -154,12 +157,14 @@ def _bench(args, parser) -> int:
     except TooBigError as err:
         return _fail("bench", err)
     report = run.run_bench(config, progress=not args.no_progress)
+    paths, error = _write("bench", out, lambda folder: run.write_outputs(report, folder))
     print(run.describe(report))
     print()
     print(run.format_table(report))
     print()
-    if _write("bench", out, lambda folder: run.write_outputs(report, folder)) is None:
+    if paths is None:
         print(run.summary(report))
+        print(error, file=sys.stderr)
         return 1
     print(run.summary(report, out))
     return 0 if any(r.key == "fastdpo" and r.status == "ok" for r in report.rows) else 1
@@ -189,8 +194,10 @@ def _profile(args, parser) -> int:
         report = profiling.run_profile(config, progress=not args.no_progress)
     except profiling.BudgetError as err:
         return _fail("profile", err)
-    paths = _write("profile", out, lambda folder: profiling.write_outputs(report, folder))
+    paths, error = _write("profile", out, lambda folder: profiling.write_outputs(report, folder))
     print(profiling.format_report(report, paths))
+    if error:
+        print(error, file=sys.stderr)
     return 0 if paths is not None else 1
 
 
@@ -201,10 +208,12 @@ def _profile_padding_free(config, out, progress=True) -> int:
         report = padding_free.run_padding_free(config, progress=progress)
     except padding_free.NotPackableError as err:
         return _fail("profile", err)
-    paths = _write("profile", out, lambda folder: padding_free.write_outputs(report, folder))
+    paths, error = _write("profile", out, lambda folder: padding_free.write_outputs(report, folder))
     print(padding_free.format_padding_free(report))
     if paths is not None:
         print(f"results: {paths['json']}")
+    else:
+        print(error, file=sys.stderr)
     return 0 if paths is not None else 1
 
 
@@ -213,7 +222,7 @@ def main(argv=None) -> int:
 
     Exit status 2: the arguments, the output folder or the run's size were refused before anything ran or was
     written; 1: the run ran but fastdpo failed in it or its results could not be written; 130: interrupted
-    (Ctrl-C), with the output folder left as it was.
+    (Ctrl-C), with the output folder left as it was; 141: stdout was closed early (the results are written).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -226,6 +235,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"fastdpo {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`fastdpo bench | head`); the results are written by now. Point stdout at
+        # the null device so that the interpreter's last flush does not raise again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
 
 if __name__ == "__main__":
     sys.exit(main())
