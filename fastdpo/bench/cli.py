@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -43,7 +43,7 @@ def _impl_list(text: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     # Only light imports here: `fastdpo --help` should not wait for torch's first CUDA query.
     from .competitors import IMPLEMENTATIONS
-    from .profiling import DEFAULT_LAYERS, MODELS
+    from .profiling import DEFAULT_LAYERS, MODELS, USABLE_FRACTION
     from .run import DTYPES, SHAPES
 
     parser = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: the DPO loss without the logits. "
@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "head against fastdpo's", description="One DPO training step (policy forward+backward, "
                        "reference forward, optimizer step) of a causal LM built from a config (no download), with "
                        "the naive head and with fastdpo's: peak memory by part, the largest batch that fits "
-                       "--budget, and a memory timeline chart. A model whose estimated step does not fit the "
-                       "device is refused before it is built.")
+                       "--budget, and a memory timeline chart. A model whose estimated step needs more than "
+                       f"{USABLE_FRACTION * 100:.0f}% of the memory the device has available is refused before it is "
+                       "built.")
     p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} or a path to a config.json "
                    "(default: llama3)")
     p.add_argument("--layers", type=_positive_int, default=None,
@@ -100,11 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _out_options(parser, command):
-    parser.add_argument("--out", help=f"output folder, created when the run has succeeded (default: a fresh "
-                        f"fastdpo-out-{command}-<time> folder); an existing non-empty folder needs --overwrite")
-    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out folder, "
-                        "replacing files of the same names (other files are left alone)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", help=f"output folder, put in place whole once the run has succeeded (default: a "
+                        f"fresh fastdpo-out-{command}-<time> folder); an existing non-empty folder needs --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in an "
+                        "existing non-empty --out folder (other files are kept); the old results stay until the new "
+                        "ones are complete")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (bench) or progress lines "
+                        "(profile) on stderr")
 
 
 def _out_dir(args, parser, command):
@@ -122,20 +125,19 @@ def _fail(command, message) -> int:
     return 2
 
 
-def _write(command, out, write) -> dict | None:
-    """Create ``out`` and call ``write(out)``; on failure remove the folders this call created, say why, None."""
-    from .run import make_out_dir
+def _write(command, out, write) -> tuple[dict | None, str | None]:
+    """Write the run's files into ``out`` through ``write(folder)``, all or nothing (see
+    :func:`~fastdpo.bench.run.write_out_dir`): ``(paths, None)``, or ``(None, why)`` for a failed write.
 
-    created = None
+    The files are written before anything is printed, so that a reader that stops early (``| head``) costs
+    no results; the caller prints ``why`` after the report, where it is seen.
+    """
+    from .run import write_out_dir
+
     try:
-        created = make_out_dir(out)
-        return write(out)
+        return write_out_dir(out, write), None
     except OSError as err:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        print(f"fastdpo {command}: error: cannot write the results to {out!r}: {err.strerror or err}",
-              file=sys.stderr)
-        return None
+        return None, f"fastdpo {command}: error: cannot write the results to {out!r}: {err.strerror or err}"
 
 
 def _bench(args, parser) -> int:
@@ -155,12 +157,14 @@ def _bench(args, parser) -> int:
     except TooBigError as err:
         return _fail("bench", err)
     report = run.run_bench(config, progress=not args.no_progress)
+    paths, error = _write("bench", out, lambda folder: run.write_outputs(report, folder))
     print(run.describe(report))
     print()
     print(run.format_table(report))
     print()
-    if _write("bench", out, lambda folder: run.write_outputs(report, folder)) is None:
+    if paths is None:
         print(run.summary(report))
+        print(error, file=sys.stderr)
         return 1
     print(run.summary(report, out))
     return 0 if any(r.key == "fastdpo" and r.status == "ok" for r in report.rows) else 1
@@ -190,8 +194,10 @@ def _profile(args, parser) -> int:
         report = profiling.run_profile(config, progress=not args.no_progress)
     except profiling.BudgetError as err:
         return _fail("profile", err)
-    paths = _write("profile", out, lambda folder: profiling.write_outputs(report, folder))
+    paths, error = _write("profile", out, lambda folder: profiling.write_outputs(report, folder))
     print(profiling.format_report(report, paths))
+    if error:
+        print(error, file=sys.stderr)
     return 0 if paths is not None else 1
 
 
@@ -200,12 +206,14 @@ def _profile_padding_free(config, out, progress=True) -> int:
 
     try:
         report = padding_free.run_padding_free(config, progress=progress)
-    except TypeError as err:  # a model that cannot run packed
+    except padding_free.NotPackableError as err:
         return _fail("profile", err)
-    paths = _write("profile", out, lambda folder: padding_free.write_outputs(report, folder))
+    paths, error = _write("profile", out, lambda folder: padding_free.write_outputs(report, folder))
     print(padding_free.format_padding_free(report))
     if paths is not None:
         print(f"results: {paths['json']}")
+    else:
+        print(error, file=sys.stderr)
     return 0 if paths is not None else 1
 
 
@@ -213,7 +221,8 @@ def main(argv=None) -> int:
     """Entry point of the ``fastdpo`` console script; returns the exit status.
 
     Exit status 2: the arguments, the output folder or the run's size were refused before anything ran or was
-    written; 1: the run ran but fastdpo failed in it or its results could not be written.
+    written; 1: the run ran but fastdpo failed in it or its results could not be written; 130: interrupted
+    (Ctrl-C), with the output folder left as it was; 141: stdout was closed early (the results are written).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,8 +230,19 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     sub = parser._subparsers._group_actions[0].choices[args.command]
-    return _bench(args, sub) if args.command == "bench" else _profile(args, sub)
-
+    try:
+        return _bench(args, sub) if args.command == "bench" else _profile(args, sub)
+    except KeyboardInterrupt:
+        print(f"fastdpo {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`fastdpo bench | head`); the results are written by now. Point stdout at
+        # the null device so that the interpreter's last flush does not raise again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
 
 if __name__ == "__main__":
     sys.exit(main())

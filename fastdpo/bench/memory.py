@@ -34,7 +34,8 @@ from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["PeakMeter", "RssSampler", "current_rss", "cpu_peak_method", "DeviceMemory", "device_memory",
-           "TooBigError", "check_fits", "format_bytes", "compare_peaks", "LiveBytes", "LargestTensor"]
+           "TooBigError", "USABLE_FRACTION", "check_fits", "format_bytes", "compare_peaks", "LiveBytes",
+           "LargestTensor"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -335,23 +336,35 @@ def device_memory(device: torch.device | str) -> DeviceMemory:
     return _host_memory()
 
 
+# The share of the memory available that a run may plan on: its estimate has a margin, and on a shared machine
+# other processes grow while it runs (past the limit the operating system's out-of-memory killer ends the run
+# without a word).
+USABLE_FRACTION = 0.8
+
+
 class TooBigError(ValueError):
     """A run would need more memory than the device has: raised before anything is allocated or written."""
 
 
-def check_fits(needed: int, parts: dict, device: torch.device | str, hint: str, memory: DeviceMemory | None = None):
-    """Raise :class:`TooBigError` when ``needed`` bytes exceed what ``device`` has available.
+def check_fits(needed: int, parts: dict, device: torch.device | str, hint: str, memory: DeviceMemory | None = None,
+               usable: float = 1.0, margin: float | None = None):
+    """Raise :class:`TooBigError` when ``needed`` bytes exceed ``usable`` (a fraction) of what ``device`` has
+    available.
 
-    ``parts`` names what the estimate is made of (``{what: bytes}``), ``hint`` says which options shrink it.
-    A device whose free memory cannot be read is not checked.
+    ``parts`` names what the estimate is made of (``{what: bytes}``), ``hint`` says which options shrink it,
+    ``margin`` is how far the estimate is known to hold (a fraction, said in the message). A device whose free
+    memory cannot be read is not checked.
     """
     memory = memory or device_memory(device)
-    if memory.available is None or needed <= memory.available:
+    if memory.available is None or needed <= usable * memory.available:
         return
     detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
     total = f" of {format_bytes(memory.total)}" if memory.total is not None else ""
-    raise TooBigError(f"this run needs about {format_bytes(needed)} ({detail}) but {memory.name} has "
-                      f"{format_bytes(memory.available)} available{total}; {hint}")
+    held = f", give or take {margin:.0%}," if margin else ""
+    room = (f"; a run may plan on {usable:.0%} of it ({format_bytes(usable * memory.available)}), the rest is "
+            f"headroom for the estimate's margin and for other processes" if usable < 1 else "")
+    raise TooBigError(f"this run needs about {format_bytes(needed)}{held} ({detail}) but {memory.name} has "
+                      f"{format_bytes(memory.available)} available{total}{room}; {hint}")
 
 
 # Differences below this (or below 5% of the larger peak) are within what the meters resolve: the RSS moves by

@@ -24,10 +24,14 @@ import torch
 
 from .memory import PeakMeter
 
-__all__ = ["LAYOUTS", "ragged_lengths", "ragged_batch", "LayoutStep", "PaddingFreeReport", "run_padding_free",
-           "format_padding_free", "write_outputs"]
+__all__ = ["NotPackableError", "LAYOUTS", "ragged_lengths", "ragged_batch", "LayoutStep", "PaddingFreeReport",
+           "run_padding_free", "format_padding_free", "write_outputs"]
 
 LAYOUTS = ("padded", "packed")
+
+
+class NotPackableError(ValueError):
+    """The model cannot run on packed sequences (the library's refusal, as it would refuse ``padding_free=True``)."""
 
 
 def ragged_lengths(pairs: int, seq_len: int, seed: int = 0) -> dict:
@@ -176,17 +180,20 @@ def _elapsed(device, start):
 
 
 def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) -> PaddingFreeReport:
-    """Measure both layouts on one ragged batch of ``config.pairs`` pairs (a :class:`ProfileConfig`)."""
-    from tqdm.auto import tqdm
-
+    """Measure both layouts on one ragged batch of ``config.pairs`` pairs (a :class:`ProfileConfig`); raises
+    :class:`NotPackableError` for a model that cannot run packed, before any step."""
     from ..integrations.transformers import check_packable
     from .run import machine_name
-    from .profiling import _attention, _Harness
+    from .profiling import _attention, _build, _progress
 
     device = torch.device(config.device)
     attention = _attention() if device.type == "cuda" else "sdpa"
-    h = _Harness(config, attention)
-    check_packable(h.policy)
+    say = _progress(progress, "fastdpo profile --padding-free")
+    h = _build(config, attention, say)
+    try:
+        check_packable(h.policy)
+    except (TypeError, ValueError) as err:
+        raise NotPackableError(str(err)) from err
     # AdamW does all its work with a zero learning rate but leaves the weights as they are, so both layouts
     # compute the same loss on the same weights, step after step.
     for group in h.optimizer.param_groups:
@@ -194,34 +201,31 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
     lengths = ragged_lengths(config.pairs, config.seq_len, seed)
     runner = _Runner(h, ragged_batch(lengths, h.vocab, device, seed))
     report = PaddingFreeReport(model=config.model, layers=config.layers, params=h.params, device=config.device,
-                               machine=machine_name(config.device), attention=attention,
+                               machine=machine_name(config.device), attention=h.attention,
                                memory_method=PeakMeter(device).method, dtype=config.dtype, seq_len=config.seq_len,
                                pairs=config.pairs, lengths=lengths, padded_shape=tuple(runner.ids.shape),
                                repeats=repeats, date=_dt.datetime.now().isoformat(timespec="seconds"))
     labelled = int((runner.labels[:, 1:] != -100).sum())
-    with tqdm(total=2 * (repeats + 2), desc="fastdpo profile --padding-free", unit="step", disable=not progress,
-              leave=False) as bar:
-        for layout in LAYOUTS:
-            bar.set_postfix_str(layout)
-            runner.step(layout)  # warm-up: AdamW creates its state, the allocator settles
-            bar.update()
-            runs, backbone_runs = [], []
-            gc.collect()
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                loss, backbone, _ = runner.step(layout)
-                runs.append(_elapsed(device, t) * 1e3)
-                backbone_runs.append(backbone * 1e3)
-                bar.update()
-            loss, _, peaks = runner.step(layout, meter=True)
-            bar.update()
-            tokens = runner.ids.numel() if layout == "padded" else runner.packed.input_ids.numel()
-            report.steps[layout] = LayoutStep(
-                layout=layout, backbone_tokens=tokens, labelled_tokens=labelled, ms=statistics.median(runs),
-                ms_runs=runs, backbone_ms=statistics.median(backbone_runs), activations=peaks["activations"] or 0,
-                loss_step=peaks["loss"] or 0, step_peak=peaks["step"] or 0, loss=loss[0], logps_chosen=loss[1])
+    for layout in LAYOUTS:
+        say(f"{layout}: warm-up step")
+        runner.step(layout)  # warm-up: AdamW creates its state, the allocator settles
+        runs, backbone_runs = [], []
+        gc.collect()
+        for i in range(repeats):
+            say(f"{layout}: timed step {i + 1} of {repeats}")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            loss, backbone, _ = runner.step(layout)
+            runs.append(_elapsed(device, t) * 1e3)
+            backbone_runs.append(backbone * 1e3)
+        say(f"{layout}: measured step")
+        loss, _, peaks = runner.step(layout, meter=True)
+        tokens = runner.ids.numel() if layout == "padded" else runner.packed.input_ids.numel()
+        report.steps[layout] = LayoutStep(
+            layout=layout, backbone_tokens=tokens, labelled_tokens=labelled, ms=statistics.median(runs),
+            ms_runs=runs, backbone_ms=statistics.median(backbone_runs), activations=peaks["activations"] or 0,
+            loss_step=peaks["loss"] or 0, step_peak=peaks["step"] or 0, loss=loss[0], logps_chosen=loss[1])
     return report
 
 

@@ -3,8 +3,10 @@
 The model is built from a config (no download) with ``--layers`` decoder layers (default 2): a named family
 (``llama3``, ``qwen2.5``, ``gemma2``) or a ``config.json``. On GPU a named family keeps its real sizes; on CPU
 it is tiny (hidden 256, 4 heads) but keeps the family's real vocabulary, since the head is what is profiled. A
-``config.json`` keeps its sizes on both. Before anything is built, the step's memory is estimated and a run that
-cannot fit the device (or a ``--budget`` that the weights alone exceed) is refused.
+``config.json`` keeps its sizes on both. Before anything is built, the step's peak memory is estimated (phase by
+phase, see :func:`estimate_memory`) and a run is refused whose estimate exceeds :data:`USABLE_FRACTION` of the
+memory the device has available (the rest is headroom for the estimate's margin and for other processes), as is a
+``--budget`` that the weights alone exceed. Building the models and each step print a line as they start.
 
 One step = reference forward (no grad), policy backbone forward, the loss (head forward + backward, naive or
 fastdpo), backbone backward, AdamW step. Reported per head: what the weights, gradients-to-be and optimizer state
@@ -23,17 +25,18 @@ import gc
 import json
 import os
 import pickle
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .memory import PeakMeter, RssSampler, TooBigError, check_fits, compare_peaks, current_rss, device_memory, \
-    format_bytes, resolve_device
+from .memory import USABLE_FRACTION, PeakMeter, RssSampler, TooBigError, check_fits, compare_peaks, current_rss, \
+    device_memory, format_bytes, resolve_device
 
 __all__ = ["MODELS", "DEFAULT_LAYERS", "ProfileConfig", "ProfileReport", "BudgetError", "resolve_config",
            "build_model_config", "estimate_memory", "check_memory", "run_profile", "write_outputs", "format_report",
-           "cuda_timeline"]
+           "cuda_timeline", "ESTIMATE_MARGIN", "USABLE_FRACTION"]
 
 # Real sizes of each family's model of DESIGN §3 (GPU); the CPU variant keeps only the vocabulary.
 MODELS = {
@@ -83,13 +86,31 @@ def _set_layers(cfg: dict, layers: int):
                 c[key] = [value[i % len(value)] for i in range(layers)]
 
 
+# Config entries that are sizes or counts. transformers takes 0 or a negative for several of them and the step then
+# fails deep inside torch, so each one given must be a positive integer.
+_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "num_hidden_layers", "max_position_embeddings", "n_embd", "n_head",
+              "n_layer", "n_positions", "d_model", "state_size")
+
+
+def _check_sizes(cfg: dict, path: str):
+    """ValueError naming the entry of ``path`` whose size is not a positive integer (also in ``text_config``)."""
+    for c, where in ((cfg, ""), (cfg.get("text_config"), "text_config.")):
+        if not isinstance(c, dict):
+            continue
+        for key in _SIZE_KEYS:
+            value = c.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--model: \"{where}{key}\" in {path!r} must be a positive integer, got {value!r}")
+
+
 def build_model_config(model: str, *, layers: int | None = None, cpu: bool = False) -> dict:
     """The config dict of ``model`` (a family name or a path to a config.json), with ``layers`` decoder layers
     (default :data:`DEFAULT_LAYERS`, for a config.json too: the profile is of the head, and a full-depth model
     is rarely what fits).
 
-    Raises ValueError naming ``--model`` for an unknown name, a missing or unreadable file, or a config without
-    a ``model_type`` that transformers knows.
+    Raises ValueError naming ``--model`` for an unknown name, a missing or unreadable file, a config without
+    a ``model_type`` that transformers knows, or a size in it that is not a positive integer.
     """
     layers = DEFAULT_LAYERS if layers is None else layers
     if model in MODELS:
@@ -114,6 +135,7 @@ def build_model_config(model: str, *, layers: int | None = None, cpu: bool = Fal
 
     if cfg["model_type"] not in CONFIG_MAPPING:
         raise ValueError(f"--model: model_type {cfg['model_type']!r} in {path!r} is unknown to transformers")
+    _check_sizes(cfg, path)
     _set_layers(cfg, layers)
     return cfg
 
@@ -128,6 +150,24 @@ def _hf_config(model_config: dict):
     except Exception as err:  # transformers' validators raise several types; all mean a bad config
         raise ValueError(f"--model: transformers refuses this {model_type} config: "
                          f"{type(err).__name__}: {err}".splitlines()[0][:300]) from err
+
+
+def _causal_lm(hf_config, dtype, attention=None):
+    """The causal LM of ``hf_config`` with ``attention`` (``attn_implementation``), or with the model's default
+    where it has no such implementation (Mamba has no attention at all); ValueError for a model that cannot be
+    built from this config."""
+    from transformers import AutoModelForCausalLM
+
+    tries = [attention, None] if attention else [None]
+    for impl in tries:
+        kwargs = {"attn_implementation": impl} if impl else {}
+        try:
+            # A copy each time: a refused attn_implementation stays set on the config it was tried with.
+            return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype, **kwargs)
+        except Exception as err:  # transformers raises several types; all mean this config cannot be built
+            error = err
+    raise ValueError(f"--model: cannot build a causal LM from this config: "
+                     f"{type(error).__name__}: {error}".splitlines()[0][:300]) from error
 
 
 def _text_config(hf_config):
@@ -156,65 +196,125 @@ def resolve_config(model=None, *, layers=None, budget_gib=None, seq_len=None, pa
                          max_pairs=256 if on_gpu else 4)
 
 
-def estimate_memory(config: ProfileConfig, pairs: int | None = None) -> dict:
-    """About what one profiled step of ``pairs`` pairs (default ``config.pairs``) holds at its peak, by part, in
-    bytes, before anything is built: the model is instantiated on the ``meta`` device to count its parameters.
+# Decoder layers instantiated (on the meta device) to count a model's parameters; a deeper model is extrapolated
+# from the last half of them, so that an absurd --layers is refused at once instead of after minutes of building.
+_COUNTED_LAYERS = 64
+# What the process adds besides the tensors the estimate counts (modeling code, buffers such as rotary tables,
+# allocator slack); see ESTIMATE_MARGIN.
+_OVERHEAD_BYTES = 96 << 20
+# How far the estimate is known to hold. Measured on CPU (fp32; peak RSS of the whole run: both models built,
+# warm-up and measured steps of both heads) on five configurations of 55M to 232M parameters, 256 to 1024 tokens,
+# with and without a softcap, the peak was 92% to 99% of the estimate. A run is started only where the estimate
+# fits USABLE_FRACTION of the memory available, which leaves room for this margin and for other processes.
+ESTIMATE_MARGIN = 0.10
+_SIZES = {}
 
-    Parts: ``state`` (policy weights, the frozen reference copy, gradients and AdamW's two moments, all in the
-    model's dtype: 5 bytes-per-parameter multiples, exact up to buffers); ``activations`` (what the backbone
-    keeps for its backward: about 12·H + 5·I values per token and layer, attention through SDPA/flash keeping no
-    ``[T, T]`` scores); ``loss`` (the naive head's step, the larger of the two: 6 fp32 ``[tokens, V]`` tensors,
-    8 with a softcap). Raises ValueError for a config transformers refuses.
-    """
-    from transformers import AutoModelForCausalLM
 
-    pairs = config.pairs if pairs is None else pairs
-    hf_config = _hf_config(config.model_config)
+def _model_sizes(config: ProfileConfig) -> dict:
+    """Parameter count, largest parameter and head sizes of ``config``'s model, counted on the meta device."""
+    key = (json.dumps(config.model_config, sort_keys=True, default=str), config.dtype)
+    if key in _SIZES:
+        return _SIZES[key]
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
-    item = torch.empty((), dtype=dtype).element_size()
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    except Exception as err:  # an architecture transformers cannot build from this config
-        raise ValueError(f"--model: cannot build a causal LM from this config: "
-                         f"{type(err).__name__}: {err}".splitlines()[0][:300]) from err
-    params = sum(p.numel() for p in model.parameters())
-    del model
+    hf_config = _hf_config(config.model_config)
     text = _text_config(hf_config)
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+
+    def count(n):
+        cfg = copy.deepcopy(config.model_config)
+        if n != layers:
+            _set_layers(cfg, n)
+        with torch.device("meta"):
+            model = _causal_lm(_hf_config(cfg), dtype)
+        sizes = [p.numel() for p in model.parameters()]  # tied weights once
+        return sum(sizes), max(sizes, default=0)
+
+    if layers <= _COUNTED_LAYERS:
+        params, largest = count(layers)
+    else:
+        half = _COUNTED_LAYERS // 2
+        (low, _), (params, largest) = count(half), count(_COUNTED_LAYERS)
+        params += (layers - _COUNTED_LAYERS) * (params - low) // half
     h = int(getattr(text, "hidden_size", 0) or 0)
     inter = int(getattr(text, "intermediate_size", 0) or 4 * h)
     if getattr(text, "num_experts_per_tok", None) and getattr(text, "moe_intermediate_size", None):
         inter = max(inter, int(text.num_experts_per_tok) * int(text.moe_intermediate_size))
-    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
-    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    sizes = {"params": params, "largest": largest, "hidden": h, "inter": inter, "layers": layers,
+             "vocab": int(getattr(text, "vocab_size", 0) or 0),
+             "softcap": bool(getattr(text, "final_logit_softcapping", None)),
+             "item": torch.empty((), dtype=dtype).element_size()}
+    _SIZES[key] = sizes
+    return sizes
+
+
+def estimate_memory(config: ProfileConfig, pairs: int | None = None) -> dict:
+    """What one profiled step of ``pairs`` pairs (default ``config.pairs``) holds, in bytes, before anything is
+    built: the model is instantiated on the ``meta`` device to count its parameters.
+
+    The step's peak (``peak``) is the largest of its phases (``phases``), each the sum of what it holds:
+
+    - ``loss``: the policy and reference weights (``weights``, 2 per parameter), AdamW's two moments (``adam``),
+      the backbone's saved ``activations`` (about 12·H + 5·I values per token and layer; attention through
+      SDPA/flash keeps no ``[T, T]`` scores), the naive head's step (``loss``, the larger head: 5 fp32
+      ``[tokens, V]`` tensors at its peak, 6 with a softcap) and the lm-head's gradient (``head_grad``);
+    - ``backward``: weights, moments, all ``grads`` and, at most, the activations;
+    - ``optimizer``: weights, moments, grads and AdamW's temporaries (``optimizer_temp``: on GPU its foreach
+      update holds one more copy of all parameters; on CPU its per-parameter loop two of the largest one);
+
+    each plus a fixed ``overhead``, in the model's dtype. ``state`` is weights, moments and grads. The measured
+    peak stayed within :data:`ESTIMATE_MARGIN` of ``peak``. Raises ValueError for a config transformers refuses.
+    """
+    pairs = config.pairs if pairs is None else pairs
+    s = _model_sizes(config)
+    item, params, h = s["item"], s["params"], s["hidden"]
     tokens = 2 * pairs * config.seq_len
-    loss_copies = 8 if getattr(text, "final_logit_softcapping", None) else 6
-    return {"state": 5 * params * item,
-            "activations": tokens * item * (layers * (12 * h + 5 * inter) + 3 * h),
-            "loss": loss_copies * tokens * vocab * 4,
-            "params": params}
+    weights, adam, grads = 2 * params * item, 2 * params * item, params * item
+    optimizer_temp = (params if config.device == "cuda" else 2 * s["largest"]) * item
+    activations = tokens * item * (s["layers"] * (12 * h + 5 * s["inter"]) + 3 * h)
+    loss = (6 if s["softcap"] else 5) * tokens * s["vocab"] * 4
+    head_grad = s["vocab"] * h * item
+    phases = {"loss": weights + adam + activations + loss + head_grad + _OVERHEAD_BYTES,
+              "backward": weights + adam + grads + activations + _OVERHEAD_BYTES,
+              "optimizer": weights + adam + grads + optimizer_temp + _OVERHEAD_BYTES}
+    return {"params": params, "weights": weights, "adam": adam, "grads": grads, "state": weights + adam + grads,
+            "activations": activations, "loss": loss, "head_grad": head_grad, "optimizer_temp": optimizer_temp,
+            "overhead": _OVERHEAD_BYTES, "phases": phases, "peak": max(phases.values())}
+
+
+def _peak_parts(est: dict, pairs: int, seq_len: int) -> dict:
+    """What the estimate's peak phase holds, named for a message."""
+    phase = max(est["phases"], key=est["phases"].get)
+    parts = {f"weights of the policy and its reference ({est['params'] / 1e6:.1f}M parameters each)": est["weights"],
+             "AdamW's moments": est["adam"]}
+    if phase == "loss":
+        parts[f"activations of {pairs} pair(s) x {seq_len} tokens"] = est["activations"]
+        parts["the naive head's loss step and lm-head gradient"] = est["loss"] + est["head_grad"]
+    else:
+        parts["gradients"] = est["grads"]
+        parts["activations" if phase == "backward" else "AdamW's update temporaries"] = \
+            est["activations" if phase == "backward" else "optimizer_temp"]
+    parts["other"] = est["overhead"]
+    return parts
 
 
 def check_memory(config: ProfileConfig, memory=None) -> ProfileConfig:
     """Refuse, before the model is built, a profile that cannot fit; returns ``config`` with the CPU search's
     largest batch lowered to what the machine holds.
 
-    Raises :class:`~fastdpo.bench.memory.TooBigError` when the profiled step (and, with the search, a 2-pair
-    step) would need more than the device has available, or when on CPU ``--budget`` is more than the machine
-    has available (the out-of-memory killer, not an exception, ends a CPU step that does not fit); raises
-    :class:`BudgetError` when the weights, gradients and optimizer state alone exceed ``--budget``.
-    ``memory`` replaces the device's :class:`~fastdpo.bench.memory.DeviceMemory` (tests).
+    A run may plan to use :data:`USABLE_FRACTION` of the memory available (the estimate's margin and other
+    processes need the rest). Raises :class:`~fastdpo.bench.memory.TooBigError` when the profiled step's
+    estimated peak (and, with the search, a 2-pair step's) exceeds that, or when on CPU ``--budget`` does (the
+    out-of-memory killer, not an exception, ends a CPU step that does not fit); raises :class:`BudgetError`
+    when the weights, gradients and optimizer state alone exceed ``--budget``. ``memory`` replaces the device's
+    :class:`~fastdpo.bench.memory.DeviceMemory` (tests).
     """
-    memory = memory or device_memory(config.device)
     pairs = max(config.pairs, 2) if config.search else config.pairs
     est = estimate_memory(config, pairs)
-    needed = est["state"] + est["activations"] + est["loss"]
-    parts = {f"weights, gradients and AdamW state of {est['params'] / 1e6:.1f}M parameters": est["state"],
-             f"activations of {pairs} pair(s) x {config.seq_len} tokens": est["activations"],
-             "the naive head's loss step": est["loss"]}
-    check_fits(needed, parts, config.device, "choose fewer --layers, a shorter --seq-len or fewer --pairs"
+    memory = memory or device_memory(config.device)  # read after the estimate's imports, which the process holds
+    check_fits(est["peak"], _peak_parts(est, pairs, config.seq_len), config.device,
+               "choose fewer --layers, a shorter --seq-len or fewer --pairs"
                + (" (or --no-search: the search measures 2 pairs)" if config.search and config.pairs < 2 else ""),
-               memory=memory)
+               memory=memory, usable=USABLE_FRACTION, margin=ESTIMATE_MARGIN)
     if not config.search:
         return config
     budget = config.budget_gib * (1 << 30)
@@ -222,14 +322,16 @@ def check_memory(config: ProfileConfig, memory=None) -> ProfileConfig:
         raise BudgetError(f"--budget {config.budget_gib:g} GiB: nothing fits; the weights, gradients and AdamW state "
                           f"alone need about {format_bytes(est['state'])}")
     if config.device == "cpu" and memory.available is not None:
-        if budget > memory.available:
-            raise TooBigError(f"--budget {config.budget_gib:g} GiB is more than the "
-                              f"{format_bytes(memory.available)} {memory.name} has available: the largest-batch "
-                              f"search would run steps that do not fit; give a smaller --budget or --no-search")
-        per_pair = (est["activations"] + est["loss"]) / pairs
-        fits = int((memory.available - est["state"]) // max(per_pair, 1))
-        if fits < config.max_pairs:
-            config = dataclasses.replace(config, max_pairs=max(fits, pairs))
+        usable = USABLE_FRACTION * memory.available
+        if budget > usable:
+            raise TooBigError(f"--budget {config.budget_gib:g} GiB is more than {USABLE_FRACTION:.0%} of the "
+                              f"{format_bytes(memory.available)} {memory.name} has available (the rest is headroom): "
+                              f"the largest-batch search would run steps that do not fit; give a smaller --budget "
+                              f"or --no-search")
+        fits = pairs
+        while fits < config.max_pairs and estimate_memory(config, fits + 1)["peak"] <= usable:
+            fits += 1
+        config = dataclasses.replace(config, max_pairs=fits)
     return config
 
 
@@ -279,15 +381,13 @@ class _Harness:
     """The policy, its frozen reference copy and AdamW, and one DPO step with either head."""
 
     def __init__(self, config: ProfileConfig, attention: str):
-        from transformers import AutoModelForCausalLM
-
         self.config = config
         self.device = torch.device(config.device)
         dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
         hf_config = _hf_config(config.model_config)
         torch.manual_seed(0)
-        self.policy = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention,
-                                                       dtype=dtype).to(self.device)
+        self.policy = _causal_lm(hf_config, dtype, attention).to(self.device)
+        self.attention = getattr(self.policy.config, "_attn_implementation", None) or attention
         self.policy.train()
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-6)
@@ -354,6 +454,15 @@ class _Harness:
         return peaks, loss_value
 
 
+def _build(config: ProfileConfig, attention: str, say) -> _Harness:
+    """The harness, saying what is built and how long it took."""
+    start = time.perf_counter()
+    say(f"building the policy and its frozen reference ({config.layers} layers, {config.dtype}) on {config.device}")
+    h = _Harness(config, attention)
+    say(f"built {h.params / 1e6:.1f}M parameters per model in {time.perf_counter() - start:.1f} s")
+    return h
+
+
 def _held(device, baseline):
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) - baseline
@@ -387,12 +496,23 @@ def cuda_timeline(snapshot: dict, baseline: int = 0, device: int = 0) -> dict:
     return {"t": t, "bytes": b, "t0_us": t0}
 
 
-def _run_head(h: _Harness, head, pairs, baseline, *, timeline=False):
+def _progress(enabled: bool, prefix: str = "fastdpo profile"):
+    """A ``say(text)`` that prints one line on stderr per long phase (building, each step), or does nothing."""
+    def say(text):
+        if enabled:
+            print(f"{prefix}: {text}", file=sys.stderr, flush=True)
+    return say
+
+
+def _run_head(h: _Harness, head, pairs, baseline, *, timeline=False, say=lambda text: None):
     """A measured step (after a warm-up that creates AdamW's state); optionally with its memory timeline."""
     device = h.device
+    what = f"{head} head, {pairs} pair(s) x {h.config.seq_len} tokens"
     # Warm-up: AdamW allocates its state on the first step; the steady steps after it are the ones measured.
     if not h.optimizer.state:
+        say(f"{what}: warm-up step (AdamW creates its state)")
         h.step(head, pairs)
+    say(f"{what}: measured step")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -423,9 +543,9 @@ def _run_head(h: _Harness, head, pairs, baseline, *, timeline=False):
     return step, tl, snap
 
 
-def _fits(h, head, pairs, baseline, budget, steps):
+def _fits(h, head, pairs, baseline, budget, steps, say):
     try:
-        step, _, _ = _run_head(h, head, pairs, baseline)
+        step, _, _ = _run_head(h, head, pairs, baseline, say=say)
     except torch.cuda.OutOfMemoryError:
         gc.collect()
         torch.cuda.empty_cache()
@@ -434,15 +554,14 @@ def _fits(h, head, pairs, baseline, budget, steps):
     return step.total_peak <= budget, step
 
 
-def _search(h, head, baseline, config, measured, steps, tick):
+def _search(h, head, baseline, config, measured, steps, say):
     """The largest pairs at ``seq_len`` whose step fits the budget: linear fit of two steps, then confirmed."""
     budget = config.budget_gib * (1 << 30)
     pts = {}
     for p in (1, 2):
         s = measured.get(p)
         if s is None:
-            ok, s = _fits(h, head, p, baseline, budget, steps)
-            tick()
+            ok, s = _fits(h, head, p, baseline, budget, steps, say)
             if s is None:
                 return {"pairs": 0, "note": "out of memory at 1 pair"} if p == 1 else {"pairs": 1, "note": "OOM at 2"}
         pts[p] = s
@@ -454,8 +573,7 @@ def _search(h, head, baseline, config, measured, steps, tick):
     best = pts[2] if pts[2].total_peak <= budget else pts[1]
     tries = 0
     while guess > best.pairs and tries < 4:
-        ok, s = _fits(h, head, guess, baseline, budget, steps)
-        tick()
+        ok, s = _fits(h, head, guess, baseline, budget, steps, say)
         tries += 1
         if ok:
             best = s
@@ -467,11 +585,11 @@ def _search(h, head, baseline, config, measured, steps, tick):
 
 
 def run_profile(config: ProfileConfig, *, progress=True) -> ProfileReport:
-    """Profile both heads; raises BudgetError when neither fits one pair into the budget."""
-    from tqdm.auto import tqdm
-
+    """Profile both heads; raises BudgetError when neither fits one pair into the budget. With ``progress``, a
+    line on stderr says what runs (building the models, each step)."""
     from .run import machine_name
 
+    say = _progress(progress)
     device = torch.device(config.device)
     attention = _attention() if device.type == "cuda" else "sdpa"
     gc.collect()
@@ -484,24 +602,19 @@ def run_profile(config: ProfileConfig, *, progress=True) -> ProfileReport:
 
         _mallopt(_MEASURE_MMAP)
         baseline = current_rss() or 0
-    h = _Harness(config, attention)
-    report = ProfileReport(config=config, attention=attention, machine=machine_name(config.device),
+    h = _build(config, attention, say)
+    report = ProfileReport(config=config, attention=h.attention, machine=machine_name(config.device),
                            memory_method=PeakMeter(device).method, params=h.params,
                            date=_dt.datetime.now().isoformat(timespec="seconds"))
-    total = len(HEADS) * (1 + (3 if config.search else 0))
-    with tqdm(total=total, desc="fastdpo profile", unit="step", disable=not progress, leave=False) as bar:
-        for head in HEADS:
-            bar.set_postfix_str(f"{head} head, {config.pairs} pair(s)")
-            step, tl, snap = _run_head(h, head, config.pairs, baseline, timeline=True)
-            report.steps.append(step)
-            report.timelines[head] = tl
-            if snap is not None:
-                report.snapshots[head] = snap
-            bar.update()
-            if config.search:
-                bar.set_postfix_str(f"{head} head, largest batch in {config.budget_gib:g} GiB")
-                report.largest[head] = _search(h, head, baseline, config, {config.pairs: step}, report.steps,
-                                               bar.update)
+    for head in HEADS:
+        step, tl, snap = _run_head(h, head, config.pairs, baseline, timeline=True, say=say)
+        report.steps.append(step)
+        report.timelines[head] = tl
+        if snap is not None:
+            report.snapshots[head] = snap
+        if config.search:
+            say(f"{head} head: searching the largest batch within {config.budget_gib:g} GiB")
+            report.largest[head] = _search(h, head, baseline, config, {config.pairs: step}, report.steps, say)
     if config.search and all(report.largest[k]["pairs"] == 0 for k in HEADS):
         held = report.step("fastdpo").weights_optimizer / (1 << 30)
         need = min(report.largest[k].get("total_peak", 0) for k in HEADS) / (1 << 30)

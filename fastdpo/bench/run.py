@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import fnmatch
 import gc
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .competitors import IMPLEMENTATIONS, DPOInputs, dpo_sigmoid, get_implementations, make_inputs
-from .memory import PeakMeter, check_fits, compare_peaks, format_bytes, resolve_device, steady_allocator
+from .memory import USABLE_FRACTION, PeakMeter, check_fits, compare_peaks, format_bytes, resolve_device, \
+    steady_allocator
 
 __all__ = ["Shape", "SHAPES", "BenchConfig", "BenchRow", "BenchReport", "resolve_config", "exact_reference",
-           "run_bench", "format_table", "write_outputs", "check_out_dir", "make_out_dir", "OutputDirError", "machine_name",
+           "run_bench", "format_table", "write_outputs", "check_out_dir", "write_out_dir", "OutputDirError",
+           "OUTPUT_PATTERNS", "machine_name",
            "estimate_memory", "check_memory"]
 
 
@@ -177,11 +182,14 @@ def estimate_memory(config: BenchConfig) -> dict:
 
 def check_memory(config: BenchConfig, memory=None):
     """Raise :class:`~fastdpo.bench.memory.TooBigError` naming the estimate and the memory available when the
-    run cannot fit (see :func:`estimate_memory`); ``memory`` maps a device to a
-    :class:`~fastdpo.bench.memory.DeviceMemory` to use instead of the machine's."""
+    run cannot fit (see :func:`estimate_memory`): on the host, when it needs more than
+    :data:`~fastdpo.bench.memory.USABLE_FRACTION` of what is available (an out-of-memory kill there ends the run
+    without a word); on GPU, more than is free (a step that runs out becomes a failed row). ``memory`` maps a
+    device to a :class:`~fastdpo.bench.memory.DeviceMemory` to use instead of the machine's."""
     hint = "choose a smaller --pairs, --seq-len, --hidden or --vocab (or a named --shape)"
     for device, (needed, parts) in estimate_memory(config).items():
-        check_fits(needed, parts, device, hint, memory=(memory or {}).get(device))
+        check_fits(needed, parts, device, hint, memory=(memory or {}).get(device),
+                   usable=USABLE_FRACTION if device == "cpu" else 1.0)
 
 
 @dataclass
@@ -506,13 +514,31 @@ class OutputDirError(ValueError):
     """The output folder cannot be used: not a folder, not writable, or not empty without ``overwrite``."""
 
 
+# The files a run writes; with ``overwrite`` these are replaced as one set (a stale chart of an earlier run is not
+# kept beside new results), every other entry of the folder is carried over as it is.
+OUTPUT_PATTERNS = ("results.csv", "results.json", "bench.png", "profile.json", "timeline.png",
+                   "memory_snapshot_*.pickle", "padding_free.json")
+
+
+def _is_output(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in OUTPUT_PATTERNS)
+
+
+def _holds_cwd(path: str) -> bool:
+    try:
+        cwd, target = os.path.realpath(os.getcwd()), os.path.realpath(path)
+    except OSError:
+        return False
+    return cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep)
+
+
 def check_out_dir(out: str | None, prefix: str, overwrite: bool = False) -> str:
     """The output folder a run will write to, checked before the run and created only after it.
 
     ``None`` names a fresh ``fastdpo-out-<prefix>-<time>`` folder in the working directory. An existing
-    folder that is not empty is refused unless ``overwrite`` (then files of the same names are replaced and
-    other files are left alone). Nothing is created here, so a run that fails or is refused leaves no folder.
-    Raises :class:`OutputDirError` saying why the folder cannot be used.
+    folder that is not empty is refused unless ``overwrite`` (then the run's files replace those of an earlier
+    run and other files are left alone). Nothing is created here, so a run that fails or is refused leaves no
+    folder. Raises :class:`OutputDirError` saying why the folder cannot be used.
     """
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -529,11 +555,13 @@ def check_out_dir(out: str | None, prefix: str, overwrite: bool = False) -> str:
         except OSError as err:
             raise OutputDirError(f"cannot read {out!r}: {err.strerror or err}") from err
         if entries and not overwrite:
-            raise OutputDirError(f"{out!r} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}); pass --overwrite to write into it "
-                                 f"(files of the same names are replaced) or choose another --out")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise OutputDirError(f"cannot write to {out!r}: permission denied")
-        return out
+            count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+            raise OutputDirError(f"{out!r} is not empty ({count}); "
+                                 f"pass --overwrite to replace an earlier run's results in it (other files are kept) "
+                                 f"or choose another --out")
+        if _holds_cwd(out):
+            # The run is written beside the folder and renamed into its place; the working directory cannot move.
+            raise OutputDirError(f"{out!r} is the working directory or holds it; choose another --out")
     parent = os.path.dirname(os.path.abspath(out))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
@@ -541,19 +569,77 @@ def check_out_dir(out: str | None, prefix: str, overwrite: bool = False) -> str:
         raise OutputDirError(f"cannot write to {out!r}: {parent!r} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputDirError(f"cannot write to {out!r}: no permission to create a folder in {parent!r}")
+    if os.path.isdir(out) and not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write to {out!r}: permission denied")
     return out
 
 
-def make_out_dir(out: str) -> str | None:
-    """Create ``out`` (and missing parents); returns the topmost folder created (None if ``out`` existed), so
-    that a failed write can remove exactly what this run created."""
-    top = None
-    path = os.path.abspath(out)
+def _remap(value, src: str, dst: str):
+    """``value`` (a path, or a dict or list of paths) with the folder ``src`` replaced by ``dst``."""
+    if isinstance(value, dict):
+        return {k: _remap(v, src, dst) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_remap(v, src, dst) for v in value)
+    if isinstance(value, str) and (value == src or value.startswith(src + os.sep)):
+        return dst + value[len(src):]
+    return value
+
+
+def write_out_dir(out: str, write):
+    """Call ``write(folder)`` on a fresh folder beside ``out`` and move it into place only once ``write`` has
+    returned; returns what ``write`` returned, its paths pointing into ``out``.
+
+    A write that fails (a full disk, Ctrl-C) leaves ``out`` as it was and no temporary folder, and removes the
+    parent folders this call created. An existing ``out`` is moved aside, its entries that are not a run's
+    outputs (:data:`OUTPUT_PATTERNS`) are carried into the new folder, the new folder is renamed in and the old
+    one removed; should a rename fail, the old folder is put back.
+    """
+    # A link to a folder stays a link: the run replaces the folder it points to.
+    target = os.path.realpath(out) if os.path.islink(out) else os.path.abspath(out)
+    parent, name = os.path.split(target)
+    created = None
+    path = parent
     while not os.path.lexists(path):
-        top = path
-        path = os.path.dirname(path)
-    os.makedirs(out, exist_ok=True)
-    return top
+        created, path = path, os.path.dirname(path)
+    tmp = aside = None
+    carried = []
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+        # mkdtemp makes a private folder; give the result the mode of the folder it replaces, or a new one's.
+        if os.path.isdir(target):
+            mode = os.stat(target).st_mode & 0o7777
+        else:
+            mask = os.umask(0)
+            os.umask(mask)
+            mode = 0o777 & ~mask
+        os.chmod(tmp, mode)
+        result = write(tmp)
+        if os.path.isdir(target):
+            aside = tmp + ".old"
+            os.rename(target, aside)
+            for entry in sorted(os.listdir(aside)):
+                if not _is_output(entry) and not os.path.lexists(os.path.join(tmp, entry)):
+                    os.rename(os.path.join(aside, entry), os.path.join(tmp, entry))
+                    carried.append(entry)
+        os.rename(tmp, target)
+    except BaseException:
+        if tmp is None or os.path.isdir(tmp):  # the new folder is not in place: put the old one back
+            if aside is not None:
+                for entry in carried:
+                    os.rename(os.path.join(tmp, entry), os.path.join(aside, entry))
+                if not os.path.lexists(target):
+                    os.rename(aside, target)
+                aside = None
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    return _remap(result, tmp, out.rstrip(os.sep) or out)
 
 
 def write_chart(report: BenchReport, path: str) -> bool:
