@@ -200,7 +200,7 @@ def _profile_padding_free(config, out, progress=True) -> int:
 
     try:
         report = padding_free.run_padding_free(config, progress=progress)
-    except TypeError as err:  # a model that cannot run packed
+    except ValueError as err:  # a model that cannot run packed (check_packable)
         return _fail("profile", err)
     paths = _write("profile", out, lambda folder: padding_free.write_outputs(report, folder))
     print(padding_free.format_padding_free(report))
