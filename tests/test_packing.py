@@ -686,6 +686,50 @@ def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkey
         torch.testing.assert_close(packed_params[name], p, atol=3e-4, rtol=1e-4, msg=name)
 
 
+def test_fast_trainer_refuses_what_cannot_pack_before_training(tmp_path, monkeypatch):
+    """A model instance that cannot pack (GptOss: refused by the probe) and a model id whose architecture cannot
+    (Lfm2 with a convolution layer: refused from its config) are refused before DPOTrainer's set-up; a model id
+    that only the probe refuses (GptOss) is refused once TRL has loaded it, still at construction. A non-bool
+    padding_free is a TypeError."""
+    trl_tests = pytest.importorskip("test_integrations_trl")
+    transformers = pytest.importorskip("transformers")
+    from trl import DPOTrainer
+
+    from fastdpo.integrations.trl import FastDPOTrainer
+
+    kwargs = dict(train_dataset=trl_tests.make_dataset(), processing_class=trl_tests.make_tokenizer())
+    gpt_oss_path, lfm2_path = tmp_path / "gpt_oss", tmp_path / "lfm2"
+    trl_tests.make_model("gpt_oss").save_pretrained(gpt_oss_path)
+    torch.manual_seed(0)
+    transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["conv", "full_attention"])).save_pretrained(lfm2_path)
+    parent_init = DPOTrainer.__init__
+    with monkeypatch.context() as m:
+        def parent_must_not_run(*args, **kw):
+            raise AssertionError("DPOTrainer.__init__ ran before padding_free was refused")
+
+        m.setattr(DPOTrainer, "__init__", parent_must_not_run)
+        with pytest.raises(ValueError, match="padding_free=True: GptOssForCausalLM does not keep packed sequences"):
+            FastDPOTrainer(model=trl_tests.make_model("gpt_oss"),
+                           args=trl_tests.make_args(tmp_path, padding_free=True), **kwargs)
+        with pytest.raises(ValueError, match=r"padding_free=True: Lfm2 has layers of type \['conv'\]"):
+            FastDPOTrainer(model=str(lfm2_path), args=trl_tests.make_args(tmp_path, padding_free=True), **kwargs)
+        with pytest.raises(ValueError, match=r"padding_free=True: .*Lfm2ForCausalLM has layers"):
+            FastDPOTrainer(model=trl_tests.make_model("llama"), ref_model=transformers.Lfm2ForCausalLM.from_pretrained(
+                lfm2_path), args=trl_tests.make_args(tmp_path, padding_free=True), **kwargs)
+        with pytest.raises(TypeError, match="DPOConfig.padding_free must be a bool"):
+            FastDPOTrainer(model=trl_tests.make_model("llama"),
+                           args=trl_tests.make_args(tmp_path, padding_free="False"), **kwargs)
+        # Control: a model that packs reaches the parent.
+        with pytest.raises(AssertionError, match="DPOTrainer.__init__ ran"):
+            FastDPOTrainer(model=trl_tests.make_model("llama"), args=trl_tests.make_args(tmp_path, padding_free=True),
+                           **kwargs)
+    assert DPOTrainer.__init__ is parent_init
+    with pytest.raises(ValueError, match="padding_free=True: GptOssForCausalLM does not keep packed sequences"):
+        FastDPOTrainer(model=str(gpt_oss_path), args=trl_tests.make_args(tmp_path, padding_free=True), **kwargs)
+
+
 # --- fastdpo profile --padding-free -------------------------------------------------------------------------------
 
 def test_padding_free_profile_on_a_tiny_model(tmp_path, capsys):
