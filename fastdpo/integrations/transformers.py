@@ -25,7 +25,9 @@ head exactly as for an ordinary forward; fastdpo never gathers a parameter itsel
 logits from the weight that the wrapper's own pre-backward hooks gathered again.
 
 ``padding_free=True`` removes the padding of a batch and runs the backbone once on its sequences packed into one
-row (:func:`pack_batch`, :func:`check_packable`); the loss then reduces over ``cu_seqlens`` segments.
+row (:func:`pack_batch`); the loss then reduces over ``cu_seqlens`` segments. Whether a model computes a packed row
+exactly is proven for that model at its first packed forward (:func:`check_packable`: a probe forward of packed
+against one-by-one sequences), and a model that does not is refused with a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -693,8 +695,10 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
         hidden_states: the backbone's ``[B, T, H]`` output when already computed (the backbone is then not run and
             the lm-head module is called directly: fine in one process, under FSDP and under ZeRO-3, not under DDP).
         padding_free: remove the padding and run the backbone once on all sequences packed into one row, positions
-            restarting at each sequence (see :func:`pack_batch`, :func:`check_packable`); the results are those of
-            the right-padded batch, to rounding. Default False. Eager and sdpa attention compute the packed row as
+            restarting at each sequence (see :func:`pack_batch`); the results are those of the right-padded batch,
+            to rounding. The model is checked first (:func:`check_packable`, a ``ValueError`` if it cannot run
+            packed exactly; its probe forward runs once per model), and so is the mask (a ``ValueError`` for a hole
+            or for no token at all). Default False; a bool (``TypeError`` otherwise). Eager and sdpa attention compute the packed row as
             one ``L × L`` product under a block-diagonal mask (work in ``L²``, not ``Σ T_s²``);
             ``flash_attention_2``'s varlen kernels compute only the diagonal blocks.
         **model_kwargs: passed to the backbone (e.g. ``position_ids``).
