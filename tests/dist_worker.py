@@ -91,11 +91,12 @@ def clean(name):
     return name
 
 
-def dpo_loss(model, ref, batch):
+def dpo_loss(model, ref, batch, padding_free=False):
     from fastdpo.integrations.transformers import causal_lm_dpo_loss
 
     ids, labels, attention = batch
-    return causal_lm_dpo_loss(model, ids, labels, attention, ref_model=ref, beta=BETA, backend="torch").loss
+    return causal_lm_dpo_loss(model, ids, labels, attention, ref_model=ref, beta=BETA, backend="torch",
+                              padding_free=padding_free).loss
 
 
 def one_process_grads(tied=False, dtype=torch.float64):
@@ -162,7 +163,7 @@ def _fsdp1_layer_policy():
     return ModuleWrapPolicy({LlamaDecoderLayer})
 
 
-def case_fsdp1(rank, world, use_orig_params, head_unit=False):
+def case_fsdp1(rank, world, use_orig_params, head_unit=False, padding_free=False):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     policy, ref = make_pair()
@@ -176,7 +177,7 @@ def case_fsdp1(rank, world, use_orig_params, head_unit=False):
     model = FSDP(policy, auto_wrap_policy=wrap, **kw)
     assert not head_unit or isinstance(policy.lm_head, FSDP)
     ref = FSDP(ref, auto_wrap_policy=_fsdp1_layer_policy(), **kw)
-    loss = dpo_loss(model, ref, local_batch(rank, world))
+    loss = dpo_loss(model, ref, local_batch(rank, world), padding_free)
     loss.backward()
     if use_orig_params:
         with FSDP.summon_full_params(model, with_grads=True):
@@ -214,7 +215,7 @@ def fsdp2_grads(model):
     return {n: p.grad.full_tensor() for n, p in model.named_parameters()}
 
 
-def case_fsdp2(rank, world, mode, tied=False, mp=False):
+def case_fsdp2(rank, world, mode, tied=False, mp=False, padding_free=False):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if mp:
@@ -225,12 +226,12 @@ def case_fsdp2(rank, world, mode, tied=False, mp=False):
         kw = {}
     model = fsdp2_wrap(policy, mode, **kw)
     ref = fsdp2_wrap(ref, mode, reshard_after_forward=True, **kw)
-    loss = dpo_loss(model, ref, local_batch(rank, world))
+    loss = dpo_loss(model, ref, local_batch(rank, world), padding_free)
     loss.backward()
     return loss, fsdp2_grads(model)
 
 
-def case_zero(rank, world, stage):
+def case_zero(rank, world, stage, padding_free=False):
     from deepspeed.utils import safe_get_full_grad
 
     deepspeed = _deepspeed()
@@ -243,7 +244,7 @@ def case_zero(rank, world, stage):
         # Outside a forward the heads hold no elements: only the modules' own hooks can gather them.
         for head in (engine.module.lm_head, ref.module.lm_head):
             assert head.weight.numel() == 0, "ZeRO-3 should have partitioned the lm-head"
-    loss = dpo_loss(engine, ref, local_batch(rank, world))
+    loss = dpo_loss(engine, ref, local_batch(rank, world), padding_free)
     engine.backward(loss)
     grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
     return loss, grads
@@ -434,6 +435,11 @@ CASES = {
     "zero1": lambda r, w: case_zero(r, w, 1),
     "zero2": lambda r, w: case_zero(r, w, 2),
     "zero3": lambda r, w: case_zero(r, w, 3),
+    # padding_free=True: the packing probe's forwards run through each wrapper on every rank (fresh models, so it
+    # does run), then the packed step.
+    "fsdp1_flat_params_padding_free": lambda r, w: case_fsdp1(r, w, use_orig_params=False, padding_free=True),
+    "fsdp2_accelerate_tail_padding_free": lambda r, w: case_fsdp2(r, w, "tail", padding_free=True),
+    "zero3_padding_free": lambda r, w: case_zero(r, w, 3, padding_free=True),
     "trl_fsdp2_head_unit_patched": lambda r, w: case_trl_fsdp2_head_unit(r, w, patched=True),
     "trl_fsdp2_head_unit_stock": lambda r, w: case_trl_fsdp2_head_unit(r, w, patched=False),
     "trl_patched_too_late": case_trl_patched_too_late,

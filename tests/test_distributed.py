@@ -77,6 +77,16 @@ def test_deepspeed_zero(results, name):
     assert_matches_one_process(case(results, name), tol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["fsdp1_flat_params_padding_free", "fsdp2_accelerate_tail_padding_free",
+                                  "zero3_padding_free"])
+def test_padding_free_under_sharding(results, name):
+    """padding_free=True under FSDP1 (flat parameters), FSDP2 and ZeRO-3 (every parameter partitioned): every rank
+    runs the packing probe through its wrapper (a forward whose collectives must match across ranks), then the
+    packed step gives one padded process's gradients. The model's eager attention computes its softmax in float32,
+    which packed and padded rows round differently: agreement to ~1e-7, so 1e-5."""
+    assert_matches_one_process(case(results, name), tol=1e-5)
+
+
 def test_patch_trl_fsdp2_head_in_its_own_unit(results):
     """Regression: TRL's fused head under FSDP2 with the head in its own unit.
 

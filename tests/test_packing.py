@@ -15,7 +15,7 @@ import fastdpo
 import fastdpo.integrations.transformers  # noqa: F401  (fastdpo.integrations.transformers.causal_lm_dpo_loss)
 from fastdpo import LossConfig
 from fastdpo.losses import LOSS_TYPES
-from fdtest import TYPE_OPTIONS, backend_params
+from fdtest import TYPE_OPTIONS, backend_params, rel_err
 
 IGNORE = -100
 # Options that change how the per-sequence sums are formed, each on a loss type that accepts it.
@@ -451,25 +451,193 @@ def test_pack_batch_layout():
         fx.pack_batch(ids, labels, attention, position_ids=torch.zeros_like(ids))
 
 
+def test_pack_batch_masks_each_sequences_last_target():
+    """Every packed target is the padded batch's shifted label, and the last token of each sequence (whose "next
+    token" in the packed row is the following sequence's first) predicts nothing, also where that first token is
+    labelled. Right and left padding, an empty row, every token labelled."""
+    fx = pytest.importorskip("fastdpo.integrations.transformers")
+    g = torch.Generator().manual_seed(3)
+    lengths = [4, 2, 5, 0, 3]
+    S, T = len(lengths), max(lengths)
+    right = (torch.arange(T) < torch.tensor(lengths).unsqueeze(1)).long()
+    ids = torch.randint(2, VOCAB, (S, T), generator=g).masked_fill(right == 0, 0)
+    labels = ids.masked_fill(right == 0, -100)  # the first token of every sequence is labelled
+    packed = fx.pack_batch(ids, labels, right)
+    want = labels[:, 1:].masked_fill(right[:, 1:] == 0, -100)
+    real = right[:, :-1] == 1
+    assert torch.equal(packed.to_padded(packed.targets)[real], want[real])
+    ends = packed.cu_seqlens[1:].long() - 1
+    ends = ends[torch.tensor(lengths) > 0]
+    assert (packed.targets[ends] == -100).all() and (packed.targets != -100).sum() == sum(n - 1 for n in lengths
+                                                                                          if n)
+    # Left padding: the same sequences, the same targets.
+    order = torch.argsort(right, dim=1, stable=True)
+    left = fx.pack_batch(ids.gather(1, order), labels.gather(1, order), right.gather(1, order))
+    assert torch.equal(left.targets, packed.targets) and torch.equal(left.input_ids, packed.input_ids)
+
+
+def test_masks_padding_free_cannot_reproduce_are_refused():
+    """A hole in a row's mask (the padded batch keeps counting positions across it) and a mask without any token
+    are refused with a ValueError naming attention_mask; left padding (one run per row) is accepted."""
+    fx = pytest.importorskip("fastdpo.integrations.transformers")
+    model = tiny_lm("llama", "sdpa")
+    ids, labels, attention = ragged_lm_batch([6, 4, 5, 6])
+    holed = attention.clone()
+    holed[2, 2] = 0
+    for call in (lambda m: fx.causal_lm_dpo_loss(model, ids, labels, m, reference_free=True, padding_free=True),
+                 lambda m: fx.causal_lm_logprobs(model, ids, labels, m, padding_free=True),
+                 lambda m: fx.pack_batch(ids, labels, m)):
+        with pytest.raises(ValueError, match=r"attention_mask: .*row 2 has a 0 between 1s"):
+            call(holed)
+        with pytest.raises(ValueError, match="attention_mask: .*0 everywhere"):
+            call(torch.zeros_like(attention))
+    order = torch.argsort(attention, dim=1, stable=True)
+    left = fx.causal_lm_logprobs(model, ids.gather(1, order), labels.gather(1, order), attention.gather(1, order),
+                                 padding_free=True)
+    assert torch.isfinite(left).all() and left.abs().sum() > 0
+
+
+def test_bool_options_must_be_bools():
+    """``padding_free="False"`` is truthy: every bool option of the helpers takes only a real bool."""
+    fx = pytest.importorskip("fastdpo.integrations.transformers")
+    model = tiny_lm("llama", "sdpa")
+    ids, labels, attention = ragged_lm_batch([5, 3, 4, 5])
+    for name in ("padding_free", "reference_free"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            fx.causal_lm_dpo_loss(model, ids, labels, attention, **{"reference_free": True, name: "False"})
+    for name in ("padding_free", "extras"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            fx.causal_lm_token_stats(model, ids, labels, attention, **{name: "False"})
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            fx.causal_lm_logprobs(model, ids, labels, attention, **{name: 0})
+
+
 def test_models_that_cannot_run_packed_are_refused():
     transformers = pytest.importorskip("transformers")
     fx = pytest.importorskip("fastdpo.integrations.transformers")
     ids, labels, attention = ragged_lm_batch([5, 3, 4, 5])
     mamba = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=16,
                                                                    num_hidden_layers=1, state_size=4))
-    with pytest.raises(TypeError, match="takes no position_ids"):
+    with pytest.raises(ValueError, match="MambaForCausalLM takes no position_ids"):
         fx.causal_lm_dpo_loss(mamba, ids, labels, attention, reference_free=True, padding_free=True)
     llama = tiny_lm("llama", "sdpa")
     llama.config.layer_types = ["full_attention", "linear_attention"]
-    with pytest.raises(TypeError, match="carry state along the sequence"):
+    with pytest.raises(ValueError, match="LlamaForCausalLM has layers .* carry state along the sequence"):
         fx.causal_lm_logprobs(llama, ids, labels, attention, padding_free=True)
     llama = tiny_lm("llama", "sdpa")
     llama.config._attn_implementation = "my_custom_attention"
-    with pytest.raises(TypeError, match="attn_implementation='my_custom_attention'"):
+    with pytest.raises(ValueError, match="attn_implementation='my_custom_attention'"):
         fx.causal_lm_logprobs(llama, ids, labels, attention, padding_free=True)
+    # GptOss passes every static check, but its mask ignores position_ids: only the probe finds it out.
+    gpt_oss = tiny_family("gpt_oss")
+    fx.check_packable(gpt_oss, probe=False)
+    with pytest.raises(ValueError, match="GptOssForCausalLM does not keep packed sequences apart"):
+        fx.causal_lm_dpo_loss(gpt_oss, ids, labels, attention, reference_free=True, padding_free=True)
     with pytest.raises(ValueError, match="hidden_states"):
         fx.causal_lm_token_stats(tiny_lm("llama", "sdpa"), ids, labels, attention, padding_free=True,
                                  hidden_states=torch.zeros(4, 5, 32))
+
+
+# --- every causal-LM family: packs exactly or is refused ------------------------------------------------------------
+
+FAMILY_TINY = dict(TINY, head_dim=8, bos_token_id=2)
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+# Per-family config overrides (experts kept few; Gemma-2's attention softcap off so that sdpa can run it; Lfm2 with a
+# convolution layer, as its released checkpoints have).
+FAMILIES = {
+    "llama": {}, "mistral": {}, "mixtral": dict(num_local_experts=4), "qwen2": {}, "qwen3": {},
+    "qwen3_moe": dict(_MOE, num_experts=4), "qwen2_moe": dict(_MOE, num_experts=4, shared_expert_intermediate_size=16),
+    "gemma": {}, "gemma2": dict(attn_logit_softcapping=None, final_logit_softcapping=2.0), "gemma3_text": {},
+    "phi3": {}, "phi": {}, "cohere": {}, "cohere2": {}, "granite": {}, "granite_swa": {}, "olmo": {}, "olmo2": {},
+    "gpt_oss": dict(num_local_experts=4, layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    "afmoe": dict(_MOE, num_experts=4, num_dense_layers=1), "lfm2": dict(layer_types=["conv", "full_attention"]),
+    "lfm3": {}, "starcoder2": {}, "stablelm": {}, "gpt2": {}, "gpt_neox": {}, "opt": {}, "biogpt": {}, "glm4": {},
+    "smollm3": {}, "helium": {}, "nemotron": {}, "exaone4": {}, "seed_oss": {}, "mamba": {}, "bloom": {},
+}
+# Families that must come out packable (sdpa, restarting positions, no state along the sequence) or refused.
+MUST_PACK = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi3",
+             "cohere", "granite", "olmo"}
+MUST_REFUSE = {"gpt_oss", "afmoe", "lfm2", "mamba", "bloom"}
+
+
+def tiny_family(kind, seed=0):
+    """A float64 tiny causal LM of the family ``kind`` (2 layers, 96 tokens) in eval mode, on sdpa where the family
+    has it; MoE experts run as plain matmuls (the grouped ones take no float64)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(kind, **FAMILY_TINY, **FAMILIES[kind])
+    torch.manual_seed(seed)
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                                              experts_implementation="eager")
+    except ValueError:  # no sdpa in this family
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                              experts_implementation="eager")
+    model = model.double().eval()  # no dropout: packed and padded forwards must be comparable
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)  # peaked logits, which a leak moves visibly
+    return model
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_every_family_packs_exactly_or_is_refused(kind, monkeypatch):
+    """Each family either gives the padded batch's loss when packed (float64; 1e-10 on sdpa, 1e-6 on eager
+    attention, whose softmax runs in float32) or is refused by check_packable before any loss is computed; a
+    family the probe refuses really does differ packed (so the probe refuses no exact model)."""
+    fx = pytest.importorskip("fastdpo.integrations.transformers")
+    model = tiny_family(kind)
+    ids, labels, attention = ragged_lm_batch([9, 5, 7, 9], prompt=2)
+    labels[1, 0] = ids[1, 0]  # a labelled first token: its packed predecessor belongs to another sequence
+
+    def run(padding_free):
+        out = fx.causal_lm_dpo_loss(model, ids, labels, attention, reference_free=True, beta=0.5,
+                                    padding_free=padding_free, loss_type=["sigmoid", "sft"])
+        logps = fx.causal_lm_logprobs(model, ids, labels, attention, padding_free=padding_free)
+        return out.loss, logps
+
+    def differences(packed, padded):
+        return [rel_err(a, b) for a, b in zip(packed, padded)]
+
+    padded = run(False)
+    assert torch.isfinite(padded[0]) and padded[0] > 0 and padded[1].abs().max() > 1
+    try:
+        fx.check_packable(model)
+    except ValueError as err:
+        assert kind not in MUST_PACK, err
+        assert re.search(rf"padding_free=True: .*{type(model).__name__}", str(err)), err
+        with pytest.raises(ValueError, match=re.escape(str(err))):
+            run(True)
+        if "does not keep packed sequences apart" in str(err):
+            monkeypatch.setattr(fx, "check_packable", lambda *args, **kwargs: None)
+            assert max(differences(run(True), padded)) > 1e-4, "refused, yet packs exactly"
+        return
+    assert kind not in MUST_REFUSE
+    tol = 1e-10 if model.config._attn_implementation == "sdpa" else 1e-6
+    assert max(differences(run(True), padded)) <= tol
+
+
+def test_packing_probe_runs_once_per_model_in_eval_mode():
+    """The probe is the model's own forward through its wrappers: 4 of them (packed, then each sequence) on the
+    same tokens every time, without gradient and with dropout off; the verdict is kept, the modes restored."""
+    fx = pytest.importorskip("fastdpo.integrations.transformers")
+    model = tiny_lm("llama", "sdpa")
+    model.config.attention_dropout = 0.5  # would make packed and one-by-one differ, were dropout on
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.train()
+    seen = []
+    model.model.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (kwargs["input_ids"].clone(), torch.is_grad_enabled(), m.training)), with_kwargs=True)
+    fx.check_packable(model)
+    assert [ids.shape[1] for ids, _, _ in seen] == [12, 5, 3, 4]
+    assert not any(grad or training for _, grad, training in seen)
+    assert model.training and all(m.training for m in model.modules())
+    fx.check_packable(model)
+    assert len(seen) == 4, "the verdict is kept on the model"
+    again = tiny_lm("llama", "sdpa", seed=5)
+    again.model.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs["input_ids"].clone(),)),
+                                      with_kwargs=True)
+    fx.check_packable(again)
+    assert torch.equal(seen[4][0], seen[0][0]), "every model (every rank) gets the same probe tokens"
 
 
 # --- FastDPOTrainer(DPOConfig(padding_free=True)) -----------------------------------------------------------------
@@ -517,6 +685,50 @@ def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkey
             assert a[name] == pytest.approx(b[name], rel=2e-4, abs=2e-5), f"step {step}: {name}"
     for name, p in padded_params.items():
         torch.testing.assert_close(packed_params[name], p, atol=3e-4, rtol=1e-4, msg=name)
+
+
+def test_fast_trainer_refuses_what_cannot_pack_before_training(tmp_path, monkeypatch):
+    """A model instance that cannot pack (GptOss: refused by the probe) and a model id whose architecture cannot
+    (Lfm2 with a convolution layer: refused from its config) are refused before DPOTrainer's set-up; a model id
+    that only the probe refuses (GptOss) is refused once TRL has loaded it, still at construction. A non-bool
+    padding_free is a TypeError."""
+    trl_tests = pytest.importorskip("test_integrations_trl")
+    transformers = pytest.importorskip("transformers")
+    from trl import DPOTrainer
+
+    from fastdpo.integrations.trl import FastDPOTrainer
+
+    kwargs = dict(train_dataset=trl_tests.make_dataset(), processing_class=trl_tests.make_tokenizer())
+    gpt_oss_path, lfm2_path = tmp_path / "gpt_oss", tmp_path / "lfm2"
+    trl_tests.make_model("gpt_oss").save_pretrained(gpt_oss_path)
+    torch.manual_seed(0)
+    transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["conv", "full_attention"])).save_pretrained(lfm2_path)
+    parent_init = DPOTrainer.__init__
+    with monkeypatch.context() as m:
+        def parent_must_not_run(*args, **kw):
+            raise AssertionError("DPOTrainer.__init__ ran before padding_free was refused")
+
+        m.setattr(DPOTrainer, "__init__", parent_must_not_run)
+        with pytest.raises(ValueError, match="padding_free=True: GptOssForCausalLM does not keep packed sequences"):
+            FastDPOTrainer(model=trl_tests.make_model("gpt_oss"),
+                           args=trl_tests.make_args(tmp_path, padding_free=True), **kwargs)
+        with pytest.raises(ValueError, match=r"padding_free=True: Lfm2 has layers of type \['conv'\]"):
+            FastDPOTrainer(model=str(lfm2_path), args=trl_tests.make_args(tmp_path, padding_free=True), **kwargs)
+        with pytest.raises(ValueError, match=r"padding_free=True: .*Lfm2ForCausalLM has layers"):
+            FastDPOTrainer(model=trl_tests.make_model("llama"), ref_model=transformers.Lfm2ForCausalLM.from_pretrained(
+                lfm2_path), args=trl_tests.make_args(tmp_path, padding_free=True), **kwargs)
+        with pytest.raises(TypeError, match="DPOConfig.padding_free must be a bool"):
+            FastDPOTrainer(model=trl_tests.make_model("llama"),
+                           args=trl_tests.make_args(tmp_path, padding_free="False"), **kwargs)
+        # Control: a model that packs reaches the parent.
+        with pytest.raises(AssertionError, match="DPOTrainer.__init__ ran"):
+            FastDPOTrainer(model=trl_tests.make_model("llama"), args=trl_tests.make_args(tmp_path, padding_free=True),
+                           **kwargs)
+    assert DPOTrainer.__init__ is parent_init
+    with pytest.raises(ValueError, match="padding_free=True: GptOssForCausalLM does not keep packed sequences"):
+        FastDPOTrainer(model=str(gpt_oss_path), args=trl_tests.make_args(tmp_path, padding_free=True), **kwargs)
 
 
 # --- fastdpo profile --padding-free -------------------------------------------------------------------------------

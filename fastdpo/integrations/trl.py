@@ -62,6 +62,7 @@ from .transformers import (  # noqa: E402
     _innermost,
     call_head_module,
     check_packable,
+    check_packable_config,
     model_head_output,
     pack_batch,
     to_fastdpo_transform,
@@ -390,6 +391,30 @@ def loss_config_from_dpo_config(args: DPOConfig | None) -> LossConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+# fastdpo's loss types that TRL's DPOTrainer does not have; their metrics are those of TRL's CPO/ORPO trainers.
+_LOSS_TYPES_BEYOND_TRL = {"cpo", "orpo"}
+
+
+def _materialized(model) -> bool:
+    """Whether every parameter of ``model`` holds its values here (not on the meta device, not partitioned by
+    DeepSpeed ZeRO-3, whose parameters only hold values inside the engine's forward)."""
+    return all(p.device.type != "meta" and not hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _check_packable_before_setup(model, ref_model, args) -> None:
+    """The packing checks that can run before DPOTrainer's set-up: a model instance (and a reference instance) is
+    probed when its parameters are materialized; a model id is checked from its config and architecture alone."""
+    for m in (model, ref_model):
+        if isinstance(m, str):
+            from transformers import AutoConfig
+
+            init = dict(getattr(args, "model_init_kwargs", None) or {})
+            config = AutoConfig.from_pretrained(m, revision=init.get("revision"),
+                                                trust_remote_code=init.get("trust_remote_code",
+                                                                           getattr(args, "trust_remote_code", False)))
+            check_packable_config(config, attn_implementation=init.get("attn_implementation"))
+        elif m is not None:
+            check_packable(m, probe=_materialized(m))
 
 
 class FastDPOTrainer(DPOTrainer):
@@ -413,13 +438,25 @@ class FastDPOTrainer(DPOTrainer):
     the reference's backbones (and the precompute pass) once on all sequences packed into one row, positions
     restarting at each sequence (see :func:`fastdpo.integrations.transformers.pack_batch`); the loss sums over the
     packed segments. Same losses and logged metrics as padded training (``num_tokens`` counts the real tokens in
-    both). The model must be able to run packed (:func:`~fastdpo.integrations.transformers.check_packable`);
-    ``flash_attention_2`` is the intended GPU attention. Unlike TRL's former padding-free mode, no
-    ``flash_attention_2`` is required: on CPU, eager and sdpa attention get a block-diagonal mask from transformers.
+    both). The model must be proven to run packed exactly
+    (:func:`~fastdpo.integrations.transformers.check_packable`: static checks, then a probe forward of packed
+    against one-by-one sequences); ``flash_attention_2`` is the intended GPU attention. Unlike TRL's former
+    padding-free mode, no ``flash_attention_2`` is required: on CPU, eager and sdpa attention get a block-diagonal
+    mask from transformers.
 
     Options of ``DPOConfig`` that fastdpo does not support raise ``ValueError`` at construction, before any of the
     parent's set-up: loss options missing from :class:`fastdpo.LossConfig`, vision datasets, prompt-learning PEFT,
-    ``router_aux_loss_coef`` on a model without router logits, ``padding_free`` on a model that cannot run packed.
+    ``router_aux_loss_coef`` on a model without router logits; a non-bool ``padding_free`` raises ``TypeError``.
+    ``padding_free=True`` on a model that cannot run packed raises ``ValueError``, and never after training has
+    started: a model (or ``ref_model``) instance is checked and probed before the parent's set-up; a model id is
+    checked from its config and architecture before the parent's set-up (no weights loaded, no data tokenized),
+    then probed once TRL has loaded it — at the first packed forward of the reference precompute pass, else at the
+    end of construction. A model whose parameters ZeRO-3 has partitioned is probed at the first packed forward
+    (the precompute pass or the first training step), before any optimizer step.
+
+    Logs exactly the metrics stock ``DPOTrainer`` logs for TRL's loss types (``sft`` included); the loss types only
+    fastdpo has (``cpo``, ``orpo``) also log ``nll_loss`` (and ``log_odds_ratio``, ``log_odds_chosen``) as TRL's
+    CPO/ORPO trainers do.
     """
 
     _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
@@ -457,10 +494,10 @@ class FastDPOTrainer(DPOTrainer):
                                  f"to weight")
         # TRL 1.16 warns that it cannot train padding-free and pads; fastdpo packs, so TRL must not see the flag.
         # Set before DPOTrainer.__init__, whose precompute pass already packs.
-        self.fastdpo_padding_free = padding_free = bool(getattr(args, "padding_free", False))
+        self.fastdpo_padding_free = padding_free = _validate.flag("DPOConfig.padding_free",
+                                                                  getattr(args, "padding_free", False))
         if padding_free:
-            if not isinstance(model, str):
-                check_packable(model)
+            _check_packable_before_setup(model, ref_model, args)
             args.padding_free = False
         try:
             super().__init__(model, ref_model, args, *pos, **kwargs)
@@ -468,9 +505,11 @@ class FastDPOTrainer(DPOTrainer):
             if padding_free:
                 args.padding_free = True
         if padding_free:
+            # A model TRL loaded from an id is probed here, on every rank (one a precompute pass used is probed
+            # already); one partitioned by ZeRO-3 is probed at its first packed forward, inside the engine.
             for m in (self.model, self.ref_model):
                 if m is not None:
-                    check_packable(m)
+                    check_packable(m, probe=_materialized(m))
 
     # -- the fused head ------------------------------------------------------------------------------------------
 
@@ -641,7 +680,10 @@ class FastDPOTrainer(DPOTrainer):
         log("rewards/margins", acc.gather(chosen_rewards - rejected_rewards).mean().item())
         log("logps/chosen", acc.gather(out.chosen_logps.detach()).mean().item())
         log("logps/rejected", acc.gather(out.rejected_logps.detach()).mean().item())
-        # The NLL term (sft/cpo/orpo) and ORPO's odds ratio, averaged across processes as TRL's CPO/ORPO trainers do.
+        # Stock DPOTrainer logs none of these, whatever its loss types (sft included); the loss types only fastdpo
+        # has (cpo, orpo) log them as TRL's CPO/ORPO trainers do, averaged across processes.
+        if not set(self.fastdpo_config.loss_type) & _LOSS_TYPES_BEYOND_TRL:
+            return
         for name in ("nll_loss", "log_odds_ratio", "log_odds_chosen"):
             if name in out.metrics:
                 log(name, acc.gather_for_metrics(out.metrics[name].detach().reshape(1)).mean().item())
