@@ -193,10 +193,11 @@ class FastDPO(Implementation):
         self.label = self.key if backend == "auto" else f"{self.key}[{backend}]"
 
     def unavailable_reason(self, device, dtype):
-        from .. import _validate
+        from .. import head
 
         try:
-            _validate.backend(self.backend, torch.device(device), dtype)
+            if head.check_backend(self.backend) != head.AUTO:  # auto runs everywhere
+                head.dispatch(self.backend, 0.0).check(torch.device(device), dtype)
         except (ValueError, TypeError) as err:
             return str(err)
         return None
