@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastdpo
+from fastdpo._options import HeadOptions
 from fdtest import backend_params, make_batch
 
 
@@ -62,15 +63,17 @@ def test_compiled_step_inductor_fullgraph_equals_eager():
     _compare(compiled, eager, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("memory", [0.0, float("inf"), 1e-5], ids=["lean", "fast", "budget"])
-def test_head_ops_pass_opcheck(memory):
-    """Schema, fake (meta) implementation and autograd registration of the forward op, as torch checks them, in
-    lean mode, fast mode and a budget (the fake implementation sizes what fast mode keeps)."""
+def test_head_ops_pass_opcheck(memory, backend):
+    """Schema, fake (meta) implementation and autograd registration of the forward op, as torch checks them, for
+    every engine in lean mode, fast mode and a budget (the fake implementation sizes what fast mode keeps and the
+    saved compaction)."""
     hidden, weight, labels = make_batch(dtype=torch.float32, seed=5)
     h = hidden.reshape(-1, hidden.shape[-1]).requires_grad_()
     w = weight.clone().requires_grad_()
-    args = (h, w, None, labels.reshape(-1), -100, None, 1.0, "torch", True, 0, -1, None, memory)
-    torch.library.opcheck(torch.ops.fastdpo.head_forward.default, args,
+    opts = HeadOptions(backend=backend, extras=True, memory=memory)
+    torch.library.opcheck(torch.ops.fastdpo.head_forward.default, (h, w, None, labels.reshape(-1), opts.encode()),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
