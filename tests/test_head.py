@@ -3,7 +3,6 @@ compaction saved for its backward, and ``backend="auto"`` choosing by measuremen
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -96,3 +95,139 @@ def test_fused_backward_reuses_the_forward_compaction(monkeypatch):
         assert len(calls) == 1, memory  # sorted in the forward only
         for a, b in zip(got, want):
             assert rel_err(a, b) < 1e-5, memory
+
+
+# --- backend="auto" --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """``auto`` measures on CPU here (both engines run CPU tensors: Triton through the interpreter), with a cache
+    under ``tmp_path`` and injected timings: ``times[label]`` seconds per iteration for the engine labelled so
+    (``fused``, ``chunked``, ``-fast``); returns ``(times, measured)``, ``measured`` the labels each measurement
+    timed."""
+    if not fastdpo._validate.interpreting():
+        pytest.skip("TRITON_INTERPRET is off")
+    monkeypatch.setenv(auto.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(auto.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(auto, "MEASURED_DEVICES", ("cpu",))
+    monkeypatch.setattr(auto, "_announced", False)
+    auto.forget()
+    times, measured = {}, []
+
+    def fake_time(engine, opts, run, deadline, device):
+        measured.append(engine.label)
+        return times[engine.label]
+
+    monkeypatch.setattr(auto, "_time", fake_time)
+    yield times, measured
+    auto.forget()
+
+
+def _auto_call(dispatched, memory="lean", seed=0, pairs=2, dtype=torch.float32):
+    """The engine an ``auto`` forward ran (``(backend, memory)``)."""
+    hidden, weight, labels = make_batch(pairs=pairs, seed=seed, dtype=dtype)
+    dispatched.clear()
+    fastdpo.fused_logprobs(hidden.requires_grad_(), weight, labels, backend="auto", memory=memory)
+    return dispatched[0]
+
+
+@pytest.mark.parametrize("faster", ["fused", "chunked"])
+def test_auto_picks_the_faster_engine_and_caches_it(faster, measuring, dispatched, caplog):
+    times, measured = measuring
+    times.update(fused=1.0, chunked=2.0) if faster == "fused" else times.update(fused=2.0, chunked=1.0)
+    with caplog.at_level("WARNING", logger="fastdpo"):
+        chosen = _auto_call(dispatched)
+    assert chosen == ("triton" if faster == "fused" else "torch", 0.0)
+    assert sorted(measured) == ["chunked", "fused"]
+    assert sum("times its engines" in r.message for r in caplog.records) == 1
+    entry, = json.loads(auto.cache_path().read_text())["choices"].values()
+    assert entry["backend"] == chosen[0]
+    # Reused in this process, and read back from the file by a new one; no second measurement.
+    measured.clear()
+    times.update(fused=times["chunked"], chunked=times["fused"])  # a new measurement would now pick the other
+    assert _auto_call(dispatched, seed=1) == chosen
+    auto.forget()
+    assert _auto_call(dispatched, seed=2) == chosen
+    assert measured == []
+
+
+def test_auto_under_a_budget_may_run_lean(measuring, dispatched):
+    times, measured = measuring
+    times.update({"fused": 3.0, "fused-fast": 4.0, "chunked": 1.0, "chunked-fast": 2.0})
+    assert _auto_call(dispatched, memory=0.25) == ("torch", 0.0)
+    assert sorted(measured) == ["chunked", "chunked-fast", "fused", "fused-fast"]
+    measured.clear()
+    times["chunked-fast"] = 0.5
+    assert _auto_call(dispatched, memory=0.5) == ("torch", 0.5)  # another memory mode: measured again
+
+
+def test_fastdpo_backend_pins_the_engine(measuring, dispatched, monkeypatch):
+    times, measured = measuring
+    times.update(fused=1.0, chunked=2.0)
+    monkeypatch.setenv(auto.ENV_BACKEND, "torch")
+    assert _auto_call(dispatched) == ("torch", 0.0)
+    assert measured == []
+    monkeypatch.setenv(auto.ENV_BACKEND, "cuBLAS")
+    with pytest.raises(ValueError, match="FASTDPO_BACKEND must be one of"):
+        _auto_call(dispatched)
+
+
+def test_a_corrupt_cache_file_is_ignored_with_a_warning(measuring, dispatched):
+    times, measured = measuring
+    times.update(fused=2.0, chunked=1.0)
+    auto.cache_path().write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="unreadable engine cache"):
+        assert _auto_call(dispatched) == ("torch", 0.0)
+    assert measured and json.loads(auto.cache_path().read_text())["choices"]
+
+
+def test_the_cache_key_separates_dtypes_buckets_and_modes(measuring, dispatched):
+    times, measured = measuring
+    times.update(fused=1.0, chunked=2.0)
+    key = auto.cache_key
+    base = dict(device_name="card", dtype=torch.bfloat16, hidden_size=4096, vocab=128256, tokens=3000, memory=0.0,
+                extras=False, softcap=False)
+    assert key(**base) == key(**{**base, "tokens": 4096})  # one power-of-two bucket
+    for change in ({"tokens": 4097}, {"dtype": torch.float16}, {"memory": math.inf}, {"extras": True},
+                   {"hidden_size": 2048}, {"vocab": 32000}, {"device_name": "other"}, {"softcap": True}):
+        assert key(**base) != key(**{**base, **change}), change
+    # Through calls: a second bucket is measured once more, the first is not.
+    _auto_call(dispatched, pairs=2)
+    _auto_call(dispatched, pairs=5)
+    _auto_call(dispatched, pairs=2, seed=3)
+    assert len(measured) == 4 and len(json.loads(auto.cache_path().read_text())["choices"]) == 2
+
+
+def test_auto_on_cpu_is_the_chunked_engine_without_measuring(monkeypatch, dispatched):
+    monkeypatch.delenv(auto.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(auto, "_time", lambda *a: pytest.fail("measured on CPU"))
+    assert _auto_call(dispatched) == ("torch", 0.0)
+
+
+def test_auto_measurement_under_torch_compile_fullgraph(measuring, dispatched):
+    """The choice is made once while the step is traced and enters the graph as a constant."""
+    times, measured = measuring
+    times.update(fused=2.0, chunked=1.0)
+    torch._dynamo.reset()
+    hidden, weight, labels = make_batch(seed=8)
+
+    def step(h, w):
+        return fastdpo.fused_logprobs(h, w, labels, backend="auto").sum()
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = torch.autograd.grad(torch.compile(step, backend="aot_eager", fullgraph=True)(h, w), (h, w))
+    assert sorted(measured) == ["chunked", "fused"]
+    assert {b for b, _ in dispatched} == {"torch"}
+    want = torch.autograd.grad(step(h, w), (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_measure_runs_every_candidate_forward_and_backward():
+    """The real timer on CPU: a finite time for each candidate (no figures asserted)."""
+    if not fastdpo._validate.interpreting():
+        pytest.skip("TRITON_INTERPRET is off")
+    candidates = [("torch", 0.0), ("torch", math.inf), ("triton", 0.0), ("triton", math.inf)]
+    seconds = auto.measure(candidates, torch.device("cpu"), torch.float32, 8, 16, 40, HeadOptions(extras=True))
+    assert set(seconds) == set(candidates) and all(math.isfinite(t) and t > 0 for t in seconds.values())
