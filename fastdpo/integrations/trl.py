@@ -435,7 +435,8 @@ class FastDPOTrainer(DPOTrainer):
         # reference model and, when precomputing, already runs the reference pass through fastdpo's loss.
         self.fastdpo_backend = _head.check_backend(fastdpo_backend, "fastdpo_backend")
         try:
-            self.fastdpo_memory = _head.resolve_memory(fastdpo_memory)
+            _head.resolve_memory(fastdpo_memory)
+            self.fastdpo_memory = fastdpo_memory
         except ValueError as err:
             raise ValueError(f"fastdpo_{err}") from None
         self.fastdpo_config = loss_config_from_dpo_config(args)
