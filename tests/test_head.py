@@ -231,3 +231,16 @@ def test_measure_runs_every_candidate_forward_and_backward():
     candidates = [("torch", 0.0), ("torch", math.inf), ("triton", 0.0), ("triton", math.inf)]
     seconds = auto.measure(candidates, torch.device("cpu"), torch.float32, 8, 16, 40, HeadOptions(extras=True))
     assert set(seconds) == set(candidates) and all(math.isfinite(t) and t > 0 for t in seconds.values())
+
+
+def test_bench_names_the_engine_auto_ran(measuring):
+    from types import SimpleNamespace
+
+    from fastdpo.bench.competitors import FastDPO
+
+    times, _ = measuring
+    times.update(fused=2.0, chunked=1.0)
+    hidden, weight, labels = make_batch()
+    inp = SimpleNamespace(hidden=hidden, weight=weight, labels=labels)
+    assert FastDPO("auto").choice(inp) == "auto: chunked"
+    assert FastDPO("triton").choice(inp) == ""

@@ -44,6 +44,7 @@ MEASURED_DEVICES = ("cuda",)
 log = logging.getLogger("fastdpo")
 _lock = threading.Lock()
 _choices: dict | None = None  # the cache file's choices, read once per process
+_memo: dict = {}  # this process's answers, by the arguments of _measured
 _announced = False
 
 
@@ -140,9 +141,11 @@ def _store(key: str, entry: dict) -> None:
 
 
 def forget() -> None:
-    """Drop the choices read from the cache file (the next call reads it again)."""
+    """Drop the choices read from the cache file and this process's answers (the next call reads the file
+    again)."""
     global _choices
     _choices = None
+    _memo.clear()
 
 
 def _time(engine, opts, run, deadline: float, device: torch.device) -> float:
@@ -194,7 +197,8 @@ def measure(candidates, device, dtype, tokens, hidden_size, vocab, opts) -> dict
             engine.backward(hidden, weight, None, targets, saved, torch.ones_like(out["logp"]), o, (True, True, False))
 
         try:
-            with torch.no_grad():
+            # As inside the head's ops: the synthetic inputs carry the compute dtype, autocast stays out.
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 seconds[(backend, memory)] = float(_time(engine, o, run, deadline, device))
         except torch.OutOfMemoryError:
             seconds[(backend, memory)] = math.inf
@@ -222,6 +226,13 @@ def choose(device: torch.device, dtype: torch.dtype, tokens, hidden_size: int, v
 @torch.compiler.assume_constant_result
 def _measured(device_str: str, dtype_str: str, tokens: int, hidden_size: int, vocab: int, memory: float,
               extras: bool, softcap: bool) -> tuple:
+    args = (device_str, dtype_str, tokens, hidden_size, vocab, memory, extras, softcap)
+    if args not in _memo:
+        _memo[args] = _choose_measured(*args)
+    return _memo[args]
+
+
+def _choose_measured(device_str, dtype_str, tokens, hidden_size, vocab, memory, extras, softcap) -> tuple:
     global _announced
     device, dtype = torch.device(device_str), getattr(torch, dtype_str)
     candidates = [(b, m) for b in PREFERENCE if _runs(b, device, dtype)
