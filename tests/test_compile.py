@@ -95,3 +95,29 @@ def test_double_backward_is_refused(backend):
     with pytest.raises(RuntimeError, match="fastdpo"):
         torch.autograd.grad(gw_only.sum(), h)
 
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_compiled_vocab_parallel_step_fullgraph_equals_eager(backend, tmp_path):
+    """A vocabulary-parallel head (here one gloo rank holding every row) compiles into one graph: its process group
+    reaches the ops by name although tracing skips the group's record."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        inputs = _inputs(seed=4)
+        V = inputs[1].shape[0]
+
+        def step(hidden, weight, bias, labels, ref_hidden):
+            out = fastdpo.dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=weight,
+                                   backend=backend, extra_metrics=True,
+                                   vocab_parallel=fastdpo.VocabParallel(0, V, vocab_size=V))
+            return out.loss, out.metrics["entropy"]
+
+        compiled = _run(torch.compile(step, backend="aot_eager", fullgraph=True), *inputs)
+        _compare(compiled, _run(step, *inputs), atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -10,11 +10,13 @@ Layering, from the user down:
    :class:`~fastdpo._options.HeadOptions`, encoded as one string across the custom ops (:mod:`.ops`).
 3. Inside the ops, :func:`dispatch` (backend name + memory mode → :class:`Engine`) is the only place that picks an
    engine (:mod:`.engines`): the fused Triton kernels or the chunked products, each lean or keeping logits.
-4. Every engine's forward produces per-token partial records that the one merge, :mod:`fastdpo._merge`, combines
-   (across vocabulary chunks, splits and the ranks of a vocabulary-parallel head).
+4. The engines' forwards produce per-token partial records (max, Σexp, target logit, ...) that the one merge,
+   :mod:`fastdpo._merge`, combines across vocabulary chunks, splits and the ranks of a vocabulary-parallel head.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -33,8 +35,6 @@ def resolve(opts: HeadOptions, backend: str, device: torch.device, dtype: torch.
     measured fastest (see :mod:`fastdpo.head.auto`: a budget may run lean where that was faster), for
     ``tokens`` rows of ``dtype`` on ``device`` through a ``[vocab, hidden_size]`` head (``vocab``: this rank's
     rows). Raises ValueError/TypeError naming ``backend`` if that engine cannot run these tensors."""
-    import dataclasses
-
     from . import auto
 
     check_backend(backend)
