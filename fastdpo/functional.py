@@ -248,7 +248,8 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         cu_seqlens: padding-free input: ``[2B+1]`` int32/int64 offsets (flash-attn's varlen convention,
             ``0 = cu[0] <= ... <= cu[2B] = L``) of ``2B`` sequences packed back to back, chosen 1..B then rejected
             1..B; ``hidden`` is then ``[L, H]`` (or ``[1, L, H]``), ``labels`` ``[L]`` (or ``[1, L]``) with the
-            same alignment, ``ref_hidden`` ``[L, H_ref]``. Gives the padded batch's numbers (to rounding).
+            same alignment, ``ref_hidden`` ``[L, H_ref]``. Gives the padded batch's numbers (to rounding). Under
+            ``torch.compile`` the offsets' values are not checked (as the labels' range is not).
 
     Returns:
         :class:`DPOOutput` with ``loss``, ``chosen_logps``/``rejected_logps`` ``[B]``,
