@@ -1,8 +1,10 @@
 """The engines behind the head and the one dispatch: a backend name and a memory mode give an :class:`Engine`.
 
 An engine computes, for ``N`` flattened tokens, the per-token statistics of ``z = transform(hidden·weightᵀ + bias)``
-(its forward ends in the one merge of per-token partial records, :func:`fastdpo._merge.merge`) and the gradients of
-``Σ_t grad_logp_t·logp_t`` (its backward). Two backends, each in two memory modes:
+(its forward) and the gradients of ``Σ_t grad_logp_t·logp_t`` (its backward). A forward that walks the vocabulary
+in pieces writes per-token partial records and combines them with the one merge, :func:`fastdpo._merge.merge`
+(the chunked engine's fast mode today reduces whole rows of kept token chunks instead). Two backends, each in two
+memory modes:
 
 - ``"triton"``, the fused engine: Triton kernels, the logits never leave registers (CUDA; CPU under
   ``TRITON_INTERPRET=1``); :mod:`fastdpo._triton_path`, fast mode in :mod:`fastdpo._fast`.

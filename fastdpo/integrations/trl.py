@@ -230,7 +230,7 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
         # What the forward keeps is only worth keeping for a backward.
         memory = _PatchState.memory if any(ctx.needs_input_grad[:3]) else 0.0
         opts = _head.HeadOptions(ignore_index=_NO_IGNORE, softcap=softcap, scale=scale / temperature,
-                           extras=any(name in outputs for name in _FASTDPO_EXTRAS), memory=memory)
+                                 extras=any(name in outputs for name in _FASTDPO_EXTRAS), memory=memory)
         opts = _head.resolve(opts, _PatchState.backend, device, dtype, targets.numel(), hidden.shape[-1],
                              weight.shape[0])
         h, w = hidden.to(dtype), weight.to(dtype)
