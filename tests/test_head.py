@@ -28,10 +28,9 @@ def dispatched(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("opts", [HeadOptions(), HeadOptions(ignore_index=7, softcap=2.5, scale=-1 / 3, backend="triton",
-                                                             extras=True, vocab_start=11, vocab_total=97,
-                                                             group="g;name=1", memory=math.inf),
-                                  HeadOptions(memory=1e-5, scale=0.0)])
+@pytest.mark.parametrize("opts", [HeadOptions(), HeadOptions(memory=1e-5, scale=0.0),
+                                  HeadOptions(ignore_index=7, softcap=2.5, scale=-1 / 3, backend="triton", extras=True,
+                                              vocab_start=11, vocab_total=97, group="g;name=1", memory=math.inf)])
 def test_options_cross_the_op_boundary_as_one_string(opts):
     text = opts.encode()
     assert isinstance(text, str)

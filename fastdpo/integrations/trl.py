@@ -401,9 +401,9 @@ class FastDPOTrainer(DPOTrainer):
 
     Takes the same arguments as ``DPOTrainer`` plus ``fastdpo_backend`` (``"auto"``, ``"triton"`` or
     ``"torch"``) and ``fastdpo_memory`` (``"lean"``, ``"fast"`` or a budget in GiB; see
-    :func:`fastdpo.fused_logprobs`). The policy's backbone runs once per step; its final hidden states and the lm-head (with
-    the model's softcap / logit scale / bias) go to fastdpo, which projects only completion tokens and never
-    builds the logits. The reference is the ``ref_model``, the PEFT policy with its adapter disabled (or its
+    :func:`fastdpo.fused_logprobs`). The policy's backbone runs once per step; its final hidden states and the
+    lm-head (with the model's softcap / logit scale / bias) go to fastdpo, which projects only completion tokens
+    and never builds the logits. The reference is the ``ref_model``, the PEFT policy with its adapter disabled (or its
     ``"ref"`` adapter), or the reference log-probs precomputed with ``precompute_ref_log_probs=True`` (also
     computed by fastdpo). Logs TRL's metrics under TRL's names.
 
