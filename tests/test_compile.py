@@ -145,3 +145,18 @@ def test_compiled_packed_step_fullgraph_equals_eager(backend):
 
     inputs = (packed_h, weight, bias, packed_y, ref_h)
     _compare(_run(torch.compile(step, backend="aot_eager", fullgraph=True), *inputs), _run(step, *inputs), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("memory", [0.0, float("inf")], ids=["lean", "fast"])
+def test_head_backward_op_passes_opcheck(memory, backend):
+    """Schema and fake implementation of the backward op, on what the forward op saved (kept tiles, the fused
+    engine's compaction order)."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=7)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(2))
+    options = HeadOptions(backend=backend, memory=memory).encode()
+    outs = torch.ops.fastdpo.head_forward(h, weight, bias, y, options)
+    grad = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(3))
+    args = (grad, h, weight, bias, y, outs[5], outs[0], outs[6], outs[7], outs[8], options, True, True, True)
+    torch.library.opcheck(torch.ops.fastdpo.head_backward.default, args, test_utils=("test_schema", "test_faketensor"))
