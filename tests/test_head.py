@@ -204,10 +204,21 @@ def test_auto_on_cpu_is_the_chunked_engine_without_measuring(monkeypatch, dispat
     assert _auto_call(dispatched) == ("torch", 0.0)
 
 
-def test_auto_measurement_under_torch_compile_fullgraph(measuring, dispatched):
+def test_auto_measurement_under_torch_compile_fullgraph(measuring, dispatched, monkeypatch):
     """The choice is made once while the step is traced and enters the graph as a constant."""
     times, measured = measuring
     times.update(fused=2.0, chunked=1.0)
+    fake_time = auto._time
+    ran = []
+
+    def run_then_time(engine, opts, run, deadline, device):
+        # The measurement runs real tensors while the step is being traced.
+        assert not isinstance(torch.empty(1), torch._subclasses.FakeTensor)
+        run()
+        ran.append(engine.label)
+        return fake_time(engine, opts, run, deadline, device)
+
+    monkeypatch.setattr(auto, "_time", run_then_time)
     torch._dynamo.reset()
     hidden, weight, labels = make_batch(seed=8)
 
@@ -216,7 +227,7 @@ def test_auto_measurement_under_torch_compile_fullgraph(measuring, dispatched):
 
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     got = torch.autograd.grad(torch.compile(step, backend="aot_eager", fullgraph=True)(h, w), (h, w))
-    assert sorted(measured) == ["chunked", "fused"]
+    assert sorted(measured) == sorted(ran) == ["chunked", "fused"]
     assert {b for b, _ in dispatched} == {"torch"}
     want = torch.autograd.grad(step(h, w), (h, w))
     for a, b in zip(got, want):
