@@ -46,33 +46,23 @@ def _keepable(opts: HeadOptions) -> bool:
     return opts.softcap is None or opts.scale != 0
 
 
-def forward(hidden, weight, bias, targets, opts: HeadOptions):
-    """``(out, (kept_a, kept_b))``: the backend's outputs (with ``lse``) and what it keeps (empty if nothing fits)."""
-    if opts.backend == "triton":
-        return _triton_forward(hidden, weight, bias, targets, opts)
-    return _torch_forward(hidden, weight, bias, targets, opts)
+def _triton_kept_like(hidden, weight, opts: HeadOptions):
+    """Empty tensors shaped like what :func:`_triton_forward` keeps (for the custom op's fake implementation)."""
+    from . import _triton_path
+    from .kernels import logprob_fast as K
 
-
-def backward(hidden, weight, bias, targets, lse, grad_logp, opts: HeadOptions, needs, logp, kept_a, kept_b):
-    """Gradients as the backends' ``backward``; kept chunks are read from ``kept_a``/``kept_b``."""
-    if opts.backend == "triton":
-        return _triton_backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs, logp, kept_a, kept_b)
-    return _torch_backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs, kept_a)
-
-
-def kept_like(hidden, weight, opts: HeadOptions):
-    """Empty tensors shaped like what :func:`forward` keeps (for the custom op's fake implementation)."""
     N, V = hidden.shape[0], weight.shape[0]
-    if opts.backend == "triton":
-        from . import _triton_path
-        from .kernels import logprob_fast as K
+    config = _triton_path._config(hidden)
+    v_keep = K.keep_columns(N, V, hidden.dtype, opts.memory * _GIB, config) if _keepable(opts) else 0
+    if v_keep:
+        (e_shape, e_dtype), (m_shape, m_dtype) = K.kept_shapes(N, v_keep, hidden.dtype, config)
+        return hidden.new_empty(e_shape, dtype=e_dtype), hidden.new_empty(m_shape, dtype=m_dtype)
+    return hidden.new_empty(0), hidden.new_empty(0)
 
-        config = _triton_path._config(hidden)
-        v_keep = K.keep_columns(N, V, hidden.dtype, opts.memory * _GIB, config) if _keepable(opts) else 0
-        if v_keep:
-            (e_shape, e_dtype), (m_shape, m_dtype) = K.kept_shapes(N, v_keep, hidden.dtype, config)
-            return hidden.new_empty(e_shape, dtype=e_dtype), hidden.new_empty(m_shape, dtype=m_dtype)
-        return hidden.new_empty(0), hidden.new_empty(0)
+
+def _torch_kept_like(hidden, weight, opts: HeadOptions):
+    """Empty tensors shaped like what :func:`_torch_forward` keeps."""
+    N, V = hidden.shape[0], weight.shape[0]
     rows = _torch_kept_rows(N, V, hidden.dtype, opts)
     return hidden.new_empty((rows, V) if rows else (0,), dtype=_compute_dtype(hidden.dtype)), hidden.new_empty(0)
 
@@ -161,7 +151,7 @@ def _torch_backward(hidden, weight, bias, targets, lse_all, grad_logp, opts: Hea
 # --------------------------------------------------------------------------------------------- Triton backend
 
 
-def _triton_forward(hidden, weight, bias, targets, opts: HeadOptions):
+def _triton_forward(hidden, weight, bias, targets, opts: HeadOptions, rows=None):
     import functools
 
     from . import _triton_path
@@ -172,25 +162,25 @@ def _triton_forward(hidden, weight, bias, targets, opts: HeadOptions):
     N, V = hidden.shape[0], weight.shape[0]
     v_keep = K.keep_columns(N, V, hidden.dtype, opts.memory * _GIB, config) if _keepable(opts) else 0
     if v_keep == 0:
-        out, _ = _triton_path.forward(hidden, weight, bias, targets, opts)
+        out, _ = _triton_path.forward(hidden, weight, bias, targets, opts, rows=rows)
         return out, (hidden.new_empty(0), hidden.new_empty(0))
     kept = K.allocate_kept(N, v_keep, hidden.dtype, hidden.device, config)
     out, _ = _triton_path.forward(hidden, weight, bias, targets, opts,
-                                  launch=functools.partial(logprob_fwd.logprob_forward, kept=kept))
+                                  launch=functools.partial(logprob_fwd.logprob_forward, kept=kept), rows=rows)
     return out, (kept.e, kept.m_tile)
 
 
-def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs, logp, kept_a, kept_b):
+def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs, logp, kept_a, kept_b, rows=None):
     from . import _triton_path
     from .kernels import logprob_fast as K
 
     if kept_a.dim() != 2:
-        return _triton_path.backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs)
+        return _triton_path.backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs, rows=rows)
     config = _triton_path._config(hidden)
     N, V = hidden.shape[0], weight.shape[0]
     kept = K.Kept(kept_a, kept_b, K.keep_columns(N, V, hidden.dtype, opts.memory * _GIB, config),
                   config.fwd_block_v)
-    rows, tgt, nv, valid = _triton_path._compact(targets, opts.ignore_index)
+    rows, tgt, nv, valid = _triton_path._compact(targets, opts.ignore_index, rows)
     zero = torch.zeros((), device=hidden.device)
     lse_c = torch.where(valid, lse.to(torch.float32).gather(0, rows), zero).contiguous()
     g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), zero).contiguous()

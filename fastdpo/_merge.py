@@ -70,6 +70,12 @@ def resolve_group(name: str | None):
     """The process group recorded under ``name`` by :func:`group_name` (None for no group)."""
     if name is None:
         return None
+    # torch's own registry first: torch.compile traces group_name() without replaying its record, and a name
+    # recorded once may since belong to a new group (after destroy_process_group and a new init).
+    try:
+        return dist.distributed_c10d._resolve_process_group(name)
+    except (AttributeError, LookupError, RuntimeError, ValueError):
+        pass
     try:
         return _GROUPS[name]
     except KeyError:

@@ -1,11 +1,12 @@
-"""Options that travel into the autograd Functions as one frozen (hashable) object."""
+"""Options that travel into the head's custom ops as one frozen (hashable) object, encoded as one string."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
 import numbers
 from dataclasses import dataclass
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class HeadOptions:
         ignore_index: label value of positions that are skipped (no projection, log-prob 0).
         softcap: tanh soft-capping of the raw logits (Gemma-2's ``final_logit_softcapping``), or None.
         scale: ``logit_scale / temperature``, applied after the softcap.
-        backend: the resolved backend, ``"triton"`` or ``"torch"``.
+        backend: the resolved engine's backend name (see :mod:`fastdpo.head`), never ``"auto"``.
         extras: also compute the entropy, ``log Σ_v p_v²`` and whether the target is the argmax.
         vocab_start: the global id of the weight's first row (vocabulary-parallel head; 0 otherwise).
         vocab_total: the whole vocabulary ``V`` (the weight's rows unless vocabulary-parallel; -1 for that).
@@ -37,6 +38,53 @@ class HeadOptions:
     vocab_total: int = -1
     group: str | None = None
     memory: float = 0.0
+
+    def encode(self) -> str:
+        """The options as one canonical string (``name=value;...``), which a custom op takes as a primitive
+        argument and :meth:`decode` turns back into the equal object. Plain string formatting, so that
+        ``torch.compile`` traces it into a constant; ``group`` (a free-form name) comes last."""
+        return ";".join(f"{f.name}={_encode_value(getattr(self, f.name))}" for f in _FIELDS)
+
+    @staticmethod
+    def decode(text: str) -> "HeadOptions":
+        """The options :meth:`encode` wrote (cached: a step decodes the same few strings again and again)."""
+        return _decode(text)
+
+
+def _encode_value(value) -> str:
+    # float() also fixes a traced (symbolic) float to its value, so that the string is a constant.
+    if isinstance(value, float):
+        return repr(float(value))
+    return repr(value)
+
+
+_PARSERS = {"int": int, "float": float, "bool": lambda v: {"True": True, "False": False}[v],
+            "str": ast.literal_eval}
+
+
+def _parse(annotation: str, value: str):
+    kind, _, optional = annotation.partition(" | ")
+    if optional == "None" and value == "None":
+        return None
+    return _PARSERS[kind](value)
+
+
+_FIELDS = sorted(dataclasses.fields(HeadOptions), key=lambda f: f.name == "group")
+
+
+@functools.lru_cache(maxsize=256)
+def _decode(text: str) -> HeadOptions:
+    parts = text.split(";", len(_FIELDS) - 1)
+    values = {}
+    try:
+        for f, part in zip(_FIELDS, parts, strict=True):
+            name, _, value = part.partition("=")
+            if name != f.name:
+                raise ValueError(f"expected field {f.name!r}, got {name!r}")
+            values[name] = _parse(f.type, value)
+    except (ValueError, KeyError, SyntaxError) as err:
+        raise ValueError(f"options: not an encoding of HeadOptions: {text!r} ({err})") from None
+    return HeadOptions(**values)
 
 
 @dataclass(frozen=True)

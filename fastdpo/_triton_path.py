@@ -25,10 +25,18 @@ def _config(x: torch.Tensor):
     return default_config(x.dtype, capability)
 
 
-def _compact(targets: torch.Tensor, ignore_index: int):
-    """``rows``: a permutation of ``0..N-1`` with the labelled rows first (in order); ``nv``: their count."""
+def compaction_order(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """A permutation of ``0..N-1`` with the labelled rows first, in order (a stable sort, no host sync); the
+    forward computes it once and the backward reuses it."""
+    return torch.argsort((targets == ignore_index).to(torch.int8), stable=True)
+
+
+def _compact(targets: torch.Tensor, ignore_index: int, rows=None):
+    """``rows``: :func:`compaction_order` (computed unless given); ``tgt`` the targets in that order; ``nv``: the
+    labelled count; ``valid``: which of ``rows`` are labelled."""
     mask = targets != ignore_index
-    rows = torch.argsort((~mask).to(torch.int8), stable=True)
+    if rows is None:
+        rows = compaction_order(targets, ignore_index)
     nv = mask.sum().to(torch.int32).reshape(1)
     tgt = targets.gather(0, rows).to(torch.int64)
     valid = torch.arange(targets.numel(), device=targets.device) < nv
@@ -41,14 +49,15 @@ def _unit_stride(bias):
     return bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
 
 
-def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None):
+def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None, rows=None):
     """As :func:`fastdpo._torch_path.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp.
 
-    ``launch`` replaces the forward kernel's launcher (same arguments and record; fast mode's also keeps tiles).
+    ``launch`` replaces the forward kernel's launcher (same arguments and record; fast mode's also keeps tiles);
+    ``rows`` is :func:`compaction_order` when the caller already has it.
     """
     N = hidden.shape[0]
     bias = _unit_stride(bias)
-    rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
+    rows, tgt, nv, valid = _compact(targets, opts.ignore_index, rows)
     # A vocabulary-parallel head's rows start at global id vocab_start: the kernels see local ids (a target
     # outside this rank's rows matches no column).
     stats = (launch or logprob_fwd.logprob_forward)(hidden, weight, bias, rows, tgt - opts.vocab_start, nv,
@@ -70,9 +79,10 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None):
     return out, out["lse"]
 
 
-def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions, needs):
+def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions, needs, rows=None):
+    """As :func:`fastdpo._torch_path.backward`; ``rows``: the forward's :func:`compaction_order`, if kept."""
     bias = _unit_stride(bias)
-    rows, tgt, nv, valid = _compact(targets, opts.ignore_index)
+    rows, tgt, nv, valid = _compact(targets, opts.ignore_index, rows)
     zero = torch.zeros((), device=hidden.device)
     lse = torch.where(valid, saved.to(torch.float32).gather(0, rows), zero)
     g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), zero)

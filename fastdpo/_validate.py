@@ -8,8 +8,6 @@ import os
 
 import torch
 
-from ._options import BACKENDS
-
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -75,8 +73,9 @@ def head_options(ignore_index, softcap, logit_scale, temperature, backend_name):
     scale = number("logit_scale", logit_scale) / number("temperature", temperature, positive=True)
     if not finite(scale):
         raise ValueError(f"logit_scale / temperature must be finite, got {logit_scale!r} / {temperature!r} = {scale}")
-    if not isinstance(backend_name, str) or backend_name not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend_name!r}")
+    from .head import check_backend  # the head imports this module
+
+    check_backend(backend_name)
     return ignore_index, softcap, scale
 
 
@@ -170,23 +169,3 @@ def common_dtype(hidden, weight, hidden_name="hidden", weight_name="weight"):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def backend(name, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``"auto"`` and check that the requested backend can run these tensors."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and dtype in TRITON_DTYPES else "torch"
-    if name == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError as err:
-            raise ValueError("backend='triton' needs the triton package, which is not installed") from err
-        if device.type != "cuda" and not interpreting():
-            raise ValueError(f"backend='triton' runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
-                             f"got tensors on {device}: use backend='torch' or 'auto'")
-        if dtype not in TRITON_DTYPES:
-            raise TypeError(f"backend='triton' computes bf16, fp16 and fp32 inputs, got {dtype}; "
-                            f"use backend='torch' for {dtype}")
-    return name

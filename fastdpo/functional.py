@@ -7,8 +7,7 @@ import torch
 from . import _packing
 from . import _validate as check
 from . import _vocab_parallel
-from ._autograd import EXTRA_OUTPUTS, head
-from ._fast import resolve_memory
+from . import head as _head
 from ._options import HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
@@ -35,28 +34,27 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     check.flag("extras", extras)
     check.flag("check_labels", check_labels)
     dtype = check.common_dtype(hidden, weight, hn, wn)
-    resolved = check.backend(backend, hidden.device, dtype)
     # Under torch.compile the range check would be a data-dependent guard: it is skipped there.
     vocab = vp.total if vp.group is not None else weight.shape[0]
     if check_labels and not torch.compiler.is_compiling():
         check.label_range(tn, targets, vocab, ignore_index)
-    memory = resolve_memory(memory)
+    memory = _head.resolve_memory(memory)
     if memory > 0 and vp.group is not None:
         raise ValueError("memory='fast' (or a budget) is single-device: with vocab_parallel use memory='lean'")
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         memory = 0.0  # no backward will read what the forward would keep
-    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale,
-                       backend=resolved, extras=bool(extras), vocab_start=vp.start, vocab_total=vp.total,
-                       group=vp.group, memory=memory)
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, scale=scale, extras=bool(extras),
+                       vocab_start=vp.start, vocab_total=vp.total, group=vp.group, memory=memory)
     shape = targets.shape
     H = hidden.shape[-1]
+    opts = _head.resolve(opts, backend, hidden.device, dtype, targets.numel(), H, weight.shape[0])
     h2 = hidden.reshape(-1, H).to(dtype)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    outs = head(h2, w, b, check.token_ids(targets).reshape(-1), opts)
+    outs = _head.head(h2, w, b, check.token_ids(targets).reshape(-1), opts)
     result = {"logp": outs[0].view(shape), "mean_logit": outs[1].view(shape)}
     if extras:
-        for name, value in zip(EXTRA_OUTPUTS, outs[2:]):
+        for name, value in zip(_head.EXTRA_OUTPUTS, outs[2:]):
             result[name] = value.view(shape)
     return result
 
@@ -78,8 +76,11 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
         softcap: optional tanh soft-capping of the raw logits (Gemma-2), ``None`` for none.
         logit_scale: multiplier of the (capped) logits (Cohere's ``logit_scale``). Default 1.
         temperature: divisor of the logits. Default 1.
-        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"`` (CUDA, or CPU with
-            ``TRITON_INTERPRET=1``) or ``"torch"``.
+        backend: the engine. ``"auto"``: on CUDA the faster of the two at this shape, measured on the first
+            call at a shape bucket and cached on disk (see :mod:`fastdpo.head.auto`; ``FASTDPO_BACKEND`` pins
+            one), the chunked engine on CPU. ``"triton"``: the fused Triton kernels (CUDA, or CPU with
+            ``TRITON_INTERPRET=1``). ``"torch"``: the chunked engine (products over vocabulary chunks; any
+            device and dtype).
         vocab_parallel: a :class:`fastdpo.VocabParallel` when ``weight`` (and ``bias``) are this rank's rows
             ``[start, stop)`` of a head split over the ranks of a process group, which all pass the same
             ``hidden`` and ``targets`` (global token ids); the results are those of the whole head on every
@@ -253,7 +254,8 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         cu_seqlens: padding-free input: ``[2B+1]`` int32/int64 offsets (flash-attn's varlen convention,
             ``0 = cu[0] <= ... <= cu[2B] = L``) of ``2B`` sequences packed back to back, chosen 1..B then rejected
             1..B; ``hidden`` is then ``[L, H]`` (or ``[1, L, H]``), ``labels`` ``[L]`` (or ``[1, L]``) with the
-            same alignment, ``ref_hidden`` ``[L, H_ref]``. Gives the padded batch's numbers (to rounding).
+            same alignment, ``ref_hidden`` ``[L, H_ref]``. Gives the padded batch's numbers (to rounding). Under
+            ``torch.compile`` the offsets' values are not checked (as the labels' range is not).
 
     Returns:
         :class:`DPOOutput` with ``loss``, ``chosen_logps``/``rejected_logps`` ``[B]``,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastdpo
+from fastdpo._options import HeadOptions
 from fdtest import backend_params, make_batch
 
 
@@ -62,15 +63,17 @@ def test_compiled_step_inductor_fullgraph_equals_eager():
     _compare(compiled, eager, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("memory", [0.0, float("inf"), 1e-5], ids=["lean", "fast", "budget"])
-def test_head_ops_pass_opcheck(memory):
-    """Schema, fake (meta) implementation and autograd registration of the forward op, as torch checks them, in
-    lean mode, fast mode and a budget (the fake implementation sizes what fast mode keeps)."""
+def test_head_ops_pass_opcheck(memory, backend):
+    """Schema, fake (meta) implementation and autograd registration of the forward op, as torch checks them, for
+    every engine in lean mode, fast mode and a budget (the fake implementation sizes what fast mode keeps and the
+    saved compaction)."""
     hidden, weight, labels = make_batch(dtype=torch.float32, seed=5)
     h = hidden.reshape(-1, hidden.shape[-1]).requires_grad_()
     w = weight.clone().requires_grad_()
-    args = (h, w, None, labels.reshape(-1), -100, None, 1.0, "torch", True, 0, -1, None, memory)
-    torch.library.opcheck(torch.ops.fastdpo.head_forward.default, args,
+    opts = HeadOptions(backend=backend, extras=True, memory=memory)
+    torch.library.opcheck(torch.ops.fastdpo.head_forward.default, (h, w, None, labels.reshape(-1), opts.encode()),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -212,3 +215,68 @@ def test_module_fullgraph():
     _assert_all_close(_grads_and_outputs(torch.compile(step, backend="aot_eager", fullgraph=True),
                                          (hidden, weight, bias), labels),
                       _grads_and_outputs(step, (hidden, weight, bias), labels))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_compiled_vocab_parallel_step_fullgraph_equals_eager(backend, tmp_path):
+    """A vocabulary-parallel head (here one gloo rank holding every row) compiles into one graph: its process group
+    reaches the ops by name although tracing skips the group's record."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        inputs = _inputs(seed=4)
+        V = inputs[1].shape[0]
+
+        def step(hidden, weight, bias, labels, ref_hidden):
+            out = fastdpo.dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=weight,
+                                   backend=backend, extra_metrics=True,
+                                   vocab_parallel=fastdpo.VocabParallel(0, V, vocab_size=V))
+            return out.loss, out.metrics["entropy"]
+
+        compiled = _run(torch.compile(step, backend="aot_eager", fullgraph=True), *inputs)
+        _compare(compiled, _run(step, *inputs), atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_compiled_packed_step_fullgraph_equals_eager(backend):
+    """Packed (padding-free) input compiles into one graph (the offsets' value check, a data-dependent guard, is
+    skipped while tracing, as the label range check is)."""
+    torch._dynamo.reset()
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=9)
+    keep = torch.ones(labels.shape, dtype=torch.bool)
+    keep[1::2, -2:] = False  # the padding of every other row
+    lengths = keep.sum(1)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    packed_h, packed_y = hidden[keep], labels[keep]
+    g = torch.Generator().manual_seed(3)
+    ref_h = torch.randn(packed_h.shape, generator=g)
+    bias = torch.randn(weight.shape[0], generator=g)
+
+    def step(hidden, weight, bias, labels, ref_hidden):
+        out = fastdpo.dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=weight,
+                               cu_seqlens=cu, backend=backend, extra_metrics=True)
+        return out.loss, out.metrics["rewards/margins"]
+
+    inputs = (packed_h, weight, bias, packed_y, ref_h)
+    _compare(_run(torch.compile(step, backend="aot_eager", fullgraph=True), *inputs), _run(step, *inputs), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("memory", [0.0, float("inf")], ids=["lean", "fast"])
+def test_head_backward_op_passes_opcheck(memory, backend):
+    """Schema and fake implementation of the backward op, on what the forward op saved (kept tiles, the fused
+    engine's compaction order)."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, seed=7)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(2))
+    options = HeadOptions(backend=backend, memory=memory).encode()
+    outs = torch.ops.fastdpo.head_forward(h, weight, bias, y, options)
+    grad = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(3))
+    args = (grad, h, weight, bias, y, outs[5], outs[0], outs[6], outs[7], outs[8], options, True, True, True)
+    torch.library.opcheck(torch.ops.fastdpo.head_backward.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -464,3 +464,30 @@ def test_exact_tie_logs_no_reward_accuracy(backend):
         assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards))
         assert out.metrics["rewards/accuracies"].item() == 0.0 and out.metrics["rewards/margins"].item() == 0.0
         assert out.loss.item() == pytest.approx(0.6931471805599453, rel=1e-6)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+def test_memory_reaches_the_head_and_keeps_the_lean_gradients(padding_free, monkeypatch):
+    """memory='fast' and a GiB budget reach the policy's head through causal_lm_dpo_loss and give lean's gradients
+    (float64)."""
+    from fastdpo.head import ops
+
+    seen = []
+    real = ops.dispatch
+    monkeypatch.setattr(ops, "dispatch", lambda backend, memory: seen.append(memory) or real(backend, memory))
+    policy = make_model("phi").double()
+    reference = make_model("phi", seed=1).double()
+    ids, labels, attention = make_batch()
+    results = {}
+    for memory in ("lean", "fast", 1e-3):
+        seen.clear()
+        loss = fx.causal_lm_dpo_loss(policy, ids, labels, attention, ref_model=reference, memory=memory,
+                                     padding_free=padding_free).loss
+        results[memory] = (loss.detach(), torch.autograd.grad(loss, list(policy.parameters())))
+        assert max(seen) == fastdpo.head.resolve_memory(memory)  # the policy's head, forward and backward
+    lean_loss, lean_grads = results["lean"]
+    for memory in ("fast", 1e-3):
+        loss, grads = results[memory]
+        torch.testing.assert_close(loss, lean_loss, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, lean_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

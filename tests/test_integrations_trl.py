@@ -665,3 +665,50 @@ def test_bf16_training_stays_as_close_to_fp32_as_stock(kind, tmp_path, trl_head_
     assert stock_bf16 > 1e-3, "bf16 should move the weights off the fp32 trajectory"
     for name, distance in (("FastDPOTrainer", fast_bf16), ("patch_trl()", patched_bf16)):
         assert distance <= stock_bf16 * (1 + BF16_MARGIN), (name, distance, stock_bf16)
+
+
+def _one_step_grads(trainer_cls, tmp_path, **kwargs):
+    """Loss and gradients of the policy (float64) for the first batch of a fresh trainer."""
+    model = make_model("phi").double()
+    trainer = trainer_cls(model=model, ref_model=copy.deepcopy(model), args=make_args(tmp_path, max_steps=1),
+                          train_dataset=make_dataset(), processing_class=make_tokenizer(), **kwargs)
+    batch = next(iter(trainer.get_train_dataloader()))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    loss = trainer.compute_loss(trainer.model, batch)
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("via", ["FastDPOTrainer", "patch_trl"])
+def test_memory_reaches_the_head_and_keeps_the_lean_gradients(via, tmp_path, monkeypatch, trl_head_forbidden):
+    """memory='fast' and a GiB budget reach fastdpo's head through FastDPOTrainer(fastdpo_memory=) and
+    patch_trl(memory=), and give lean's loss and gradients (float64)."""
+    from fastdpo import head
+    from fastdpo.head import ops
+
+    seen = []
+    real = ops.dispatch
+    monkeypatch.setattr(ops, "dispatch", lambda backend, memory: seen.append(memory) or real(backend, memory))
+    results = {}
+    for memory in ("lean", "fast", 1e-3):
+        seen.clear()
+        if via == "FastDPOTrainer":
+            results[memory] = _one_step_grads(FastDPOTrainer, tmp_path, fastdpo_memory=memory)
+        else:
+            with patch_trl(memory=memory):
+                results[memory] = _one_step_grads(DPOTrainer, tmp_path)
+        assert max(seen) == head.resolve_memory(memory)
+    lean_loss, lean_grads = results["lean"]
+    for memory in ("fast", 1e-3):
+        loss, grads = results[memory]
+        torch.testing.assert_close(loss, lean_loss, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, lean_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda: patch_trl(memory="quick"), lambda: patch_trl(backend="fused_v2"),
+                                  lambda: FastDPOTrainer(None, fastdpo_memory=-1.0),
+                                  lambda: FastDPOTrainer(None, fastdpo_backend="cuda")])
+def test_bad_backend_or_memory_is_refused_by_name(make):
+    with pytest.raises(ValueError, match=r"(backend|memory) must be"):
+        make()
+    unpatch_trl()

@@ -193,13 +193,25 @@ class FastDPO(Implementation):
         self.label = self.key if backend == "auto" else f"{self.key}[{backend}]"
 
     def unavailable_reason(self, device, dtype):
-        from .. import _validate
+        from .. import head
 
         try:
-            _validate.backend(self.backend, torch.device(device), dtype)
+            if head.check_backend(self.backend) != head.AUTO:  # auto runs everywhere
+                head.dispatch(self.backend, 0.0).check(torch.device(device), dtype)
         except (ValueError, TypeError) as err:
             return str(err)
         return None
+
+    def choice(self, inp) -> str:
+        """The engine ``backend="auto"`` runs the policy's head on at this shape ("" for a named backend)."""
+        from .. import head
+
+        if self.backend != head.AUTO:
+            return ""
+        opts = head.resolve(head.HeadOptions(memory=head.resolve_memory(self.memory), extras=self.extras), "auto",
+                            inp.hidden.device, inp.hidden.dtype, inp.labels.numel(), inp.hidden.shape[-1],
+                            inp.weight.shape[0])
+        return f"auto: {head.dispatch(opts.backend, opts.memory).label}"
 
     def step_bytes(self, tokens, hidden, vocab, itemsize, with_ref):
         from .._torch_path import CHUNK_ELEMENTS

@@ -384,6 +384,8 @@ def measure(impl, inp: DPOInputs, *, truth=None, repeats=3, warmup=1, progress=N
                 impl.step(inp)
             row.ms_all.append(t.ms)
             tick()
+        if hasattr(impl, "choice"):
+            row.note = impl.choice(inp)
     except Exception as err:  # noqa: BLE001 - a failing competitor must not end the comparison
         row.status = "failed"
         row.note = f"{type(err).__name__}: {err}".splitlines()[0][:240]

@@ -397,7 +397,7 @@ class _TokenStatsHead:
 
 
 def model_head_output(model, labels, *, packed=None, hidden_states=None, temperature=1.0, extras=False,
-                      ignore_index=-100, backend="auto", **model_kwargs) -> HeadOutput:
+                      ignore_index=-100, backend="auto", memory="lean", **model_kwargs) -> HeadOutput:
     """:func:`causal_lm_token_stats` without the input checks, as the :class:`HeadOutput` of one forward.
 
     ``model_kwargs`` go to the model's forward; with ``output_router_logits=True`` the MoE router logits come back
@@ -406,7 +406,7 @@ def model_head_output(model, labels, *, packed=None, hidden_states=None, tempera
     of ``packed.targets``.
     """
     lm = unwrap_causal_lm(model)
-    options = dict(ignore_index=ignore_index, temperature=temperature, backend=backend, extras=extras,
+    options = dict(ignore_index=ignore_index, temperature=temperature, backend=backend, extras=extras, memory=memory,
                    **_head_transform(lm))
     if packed is not None:
         check_packable(model, device=packed.input_ids.device)
@@ -670,15 +670,16 @@ def check_packable(model, *, probe: bool = True, device=None) -> None:
         _refuse(reason)
 
 
-def _packed_token_stats(model, packed: PackedBatch, *, temperature, extras, ignore_index, backend) -> dict:
+def _packed_token_stats(model, packed: PackedBatch, *, temperature, extras, ignore_index, backend,
+                        memory="lean") -> dict:
     """Per-token statistics ``[L]`` of ``packed.targets`` from one forward of ``model`` over the packed row."""
     return model_head_output(model, None, packed=packed, temperature=temperature, extras=extras,
-                             ignore_index=ignore_index, backend=backend).head
+                             ignore_index=ignore_index, backend=backend, memory=memory).head
 
 
 def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temperature=1.0, extras=False,
                           ignore_index=-100, backend="auto", hidden_states=None, padding_free=False,
-                          **model_kwargs) -> dict:
+                          memory="lean", **model_kwargs) -> dict:
     """Per-token statistics of the next-token labels, as ``model(...).logits`` would give them.
 
     Args:
@@ -701,6 +702,8 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
             or for no token at all). Default False; a bool (``TypeError`` otherwise). Eager and sdpa attention compute the packed row as
             one ``L × L`` product under a block-diagonal mask (work in ``L²``, not ``Σ T_s²``);
             ``flash_attention_2``'s varlen kernels compute only the diagonal blocks.
+        memory: what the head keeps for its backward, as in :func:`fastdpo.fused_logprobs` (``"lean"``,
+            ``"fast"`` or a budget in GiB).
         **model_kwargs: passed to the backbone (e.g. ``position_ids``).
 
     Returns:
@@ -715,14 +718,14 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
                              "pass padded hidden states")
         packed = pack_batch(input_ids, labels, attention_mask, ignore_index=ignore_index, **model_kwargs)
         stats = _packed_token_stats(model, packed, temperature=temperature, extras=extras,
-                                    ignore_index=ignore_index, backend=backend)
+                                    ignore_index=ignore_index, backend=backend, memory=memory)
         return {name: packed.to_padded(value) for name, value in stats.items()}
     if hidden_states is not None and type(model).__name__ == "DistributedDataParallel":
         raise ValueError("hidden_states: with a DDP-wrapped model the lm-head would run outside DDP's forward (its "
                          "gradient would arrive unannounced); leave hidden_states out so that model(...) runs the "
                          "backbone and the head in one forward")
     return model_token_stats(model, labels, hidden_states=hidden_states, temperature=temperature, extras=extras,
-                             ignore_index=ignore_index, backend=backend, input_ids=input_ids,
+                             ignore_index=ignore_index, backend=backend, memory=memory, input_ids=input_ids,
                              attention_mask=attention_mask, **model_kwargs)
 
 
@@ -742,7 +745,8 @@ def _adapter_disabled(model):
 
 def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, ref_logps=None,
                        reference_free=False, beta=None, temperature=1.0, ignore_index=-100, backend="auto",
-                       config: LossConfig | None = None, padding_free=False, **loss_options) -> DPOOutput:
+                       config: LossConfig | None = None, padding_free=False, memory="lean",
+                       **loss_options) -> DPOOutput:
     """The DPO loss of a causal LM on a batch of ``2B`` rows (``B`` chosen, then ``B`` rejected).
 
     Args:
@@ -758,6 +762,7 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
         beta, config, **loss_options: the loss, as in :func:`fastdpo.dpo_loss` (``beta`` 0.1 by default, or
             ``config.beta``; a ``beta`` that differs from ``config.beta`` raises a ``ValueError``).
         temperature, ignore_index, backend: as in :func:`fastdpo.token_stats`.
+        memory: what the policy's head keeps for its backward, as in :func:`fastdpo.fused_logprobs`.
         padding_free: remove the padding and run the policy's (and the reference model's) backbone once on the
             ``2B`` sequences packed into one row (see :func:`causal_lm_token_stats`); the loss then sums over the
             packed stream's segments. Gives the right-padded batch's results, to rounding, with fewer tokens through
@@ -788,10 +793,10 @@ def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_mod
     packed = None
     if padding_free:
         packed = pack_batch(input_ids, labels, attention_mask, ignore_index=ignore_index)
-        stats = _packed_token_stats(model, packed, extras=config.needs_token_extras, **common)
+        stats = _packed_token_stats(model, packed, extras=config.needs_token_extras, memory=memory, **common)
     else:
         stats = causal_lm_token_stats(model, input_ids, labels, attention_mask, extras=config.needs_token_extras,
-                                      **common)
+                                      memory=memory, **common)
     ref_token_logps = None
     if ref_model is not None:
         if isinstance(ref_model, str):

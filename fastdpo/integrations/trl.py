@@ -54,9 +54,7 @@ _trl_chunked = optional_module("trl.kernels.chunked_logprob")
 disable_gradient_checkpointing = getattr(_trl_model_utils, "disable_gradient_checkpointing", None)
 
 from .. import _validate  # noqa: E402
-from .._autograd import _backend_module  # noqa: E402
-from .._options import BACKENDS, HeadOptions  # noqa: E402
-from .._torch_path import _compute_dtype, chunked_backward  # noqa: E402
+from .. import head as _head  # noqa: E402
 from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
 from .transformers import (  # noqa: E402
     _innermost,
@@ -100,6 +98,7 @@ _NO_IGNORE = -100
 class _PatchState:
     patched = False
     backend = "auto"
+    memory = 0.0  # GiB, see fastdpo._fast.resolve_memory
     # The TRL modules whose `add_fused_lm_head` the patch replaced.
     replaced = []
 
@@ -174,22 +173,6 @@ def _module_call(args, dtype, hidden, weight, bias):
     return FastChunkedLogProbFunction.apply(hidden.to(dtype), weight, bias, *args)
 
 
-def _entropy_backward(hidden, weight, bias, grad_entropy, opts: HeadOptions, needs):
-    """Exact gradients of ``Σ_t g_t·entropy_t`` in PyTorch, chunked over tokens (no ``[N, V]`` tensor).
-
-    ``∂H/∂z_j = −p_j·(log p_j + H)``. Only rows with a non-zero coefficient are projected.
-    """
-    g_all = grad_entropy.to(_compute_dtype(hidden.dtype))
-
-    def dentropy(z, start, rows):
-        logsm = z - torch.logsumexp(z, dim=1, keepdim=True)
-        p = logsm.exp()
-        entropy = -(p * logsm).sum(1, keepdim=True)
-        return p.mul_(logsm.add_(entropy)).mul_(-g_all[rows].unsqueeze(1))
-
-    return chunked_backward(hidden, weight, bias, (g_all != 0).nonzero().squeeze(1), dentropy, opts, needs)
-
-
 class FastChunkedLogProbFunction(torch.autograd.Function):
     """Drop-in for ``trl.kernels.ChunkedLogProbFunction`` computed by fastdpo's kernels.
 
@@ -197,9 +180,9 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
     final_logit_softcapping, logit_scale, outputs``) and outputs (``log_probs, entropy, log_sum_sq_probs,
     mean_logits, is_top1``, ``None`` where not requested). ``chunk_size`` is TRL's tiling and is ignored:
     fastdpo picks its own. TRL's transform ``softcap·tanh(logit_scale·z/softcap)/temperature`` is mapped
-    exactly onto fastdpo's softcap-then-scale order. The log-prob gradient runs on fastdpo's backward; an
-    entropy gradient (which TRL supports, fastdpo's kernels do not) falls back to an exact chunked PyTorch
-    computation.
+    exactly onto fastdpo's softcap-then-scale order. The head runs through fastdpo's head interface
+    (:mod:`fastdpo.head`) with the backend and memory mode given to :func:`patch_trl`; an entropy gradient (which
+    TRL supports, fastdpo's engines do not) comes from :func:`fastdpo.head.entropy_backward`.
     """
 
     @classmethod
@@ -227,16 +210,18 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
         if unknown:
             raise ValueError(f"outputs: unknown per-token fields {sorted(unknown)}; TRL's head computes "
                              f"{['log_probs', *_TRL_OPTIONAL_OUTPUTS]}")
-        opts = HeadOptions(ignore_index=_NO_IGNORE, softcap=softcap, scale=scale / temperature,
-                           backend=_validate.backend(_PatchState.backend, device, dtype),
-                           extras=any(name in outputs for name in _FASTDPO_EXTRAS))
+        # What the forward keeps is only worth keeping for a backward.
+        memory = _PatchState.memory if any(ctx.needs_input_grad[:3]) else 0.0
+        opts = _head.HeadOptions(ignore_index=_NO_IGNORE, softcap=softcap, scale=scale / temperature,
+                                 extras=any(name in outputs for name in _FASTDPO_EXTRAS), memory=memory)
+        opts = _head.resolve(opts, _PatchState.backend, device, dtype, targets.numel(), hidden.shape[-1],
+                             weight.shape[0])
         h, w = hidden.to(dtype), weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
-        # The inputs now carry the compute dtype; autocast must not recast the chunked matmuls inside.
-        with torch.autocast(device.type, enabled=False):
-            out, saved = _backend_module(opts).forward(h, w, b, targets, opts)
-        ctx.opts, ctx.saved, ctx.dtype = opts, saved, dtype
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        outs = _head.forward(h, w, b, targets, opts)
+        ctx.opts, ctx.dtype = opts, dtype
+        ctx.save_for_backward(hidden, weight, bias, targets, *_head.saved(outs))
+        out = dict(zip(("logp", "mean_logit", *_head.EXTRA_OUTPUTS), outs))
         entropy = out["entropy"].float() if "entropy" in outputs else None
         lssp = out["log_sum_sq_probs"].float() if "log_sum_sq_probs" in outputs else None
         mean_logits = out["mean_logit"].float() if "mean_logits" in outputs else None
@@ -246,7 +231,7 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, *saved = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         none = (None,) * 9
         if not any(needs) or (grad_logp is None and grad_entropy is None):
@@ -258,10 +243,10 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
             h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
             b = bias.to(ctx.dtype) if bias is not None else None
             if grad_logp is not None:
-                grads = list(_backend_module(ctx.opts).backward(h, w, b, targets, ctx.saved, grad_logp.contiguous(),
-                                                                ctx.opts, needs))
+                grads = list(_head.backward(grad_logp, h, w, b, targets, _head.Saved(*saved), ctx.opts.encode(),
+                                            needs))
             if grad_entropy is not None:
-                extra = _entropy_backward(h, w, b, grad_entropy, ctx.opts, needs)
+                extra = _head.entropy_backward(h, w, b, grad_entropy, ctx.opts, needs)
                 grads = [e if g is None else (g if e is None else g + e.to(g.dtype)) for g, e in zip(grads, extra)]
         originals = (hidden, weight, bias)
         grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, originals)]
@@ -271,36 +256,38 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
 class _Patch:
     """What :func:`patch_trl` returns: already applied; as a context manager it restores the prior state."""
 
-    def __init__(self, was_patched, previous_backend):
+    def __init__(self, was_patched, previous_backend, previous_memory):
         self._was_patched = was_patched
-        self._previous_backend = previous_backend
+        self._previous = (previous_backend, previous_memory)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         if self._was_patched:
-            _PatchState.backend = self._previous_backend
+            _PatchState.backend, _PatchState.memory = self._previous
         else:
             unpatch_trl()
         return False
 
 
-def patch_trl(backend: str = "auto") -> _Patch:
+def patch_trl(backend: str = "auto", memory="lean") -> _Patch:
     """Run TRL's per-token fused head on fastdpo's kernels, in every TRL trainer that uses it.
 
     Applied at once; :func:`unpatch_trl` undoes it, or use it as a context manager (``with patch_trl():``),
-    which restores the state it found. Patching twice only updates ``backend``.
+    which restores the state it found. Patching twice only updates ``backend`` and ``memory``.
 
     Args:
-        backend: fastdpo backend for the head: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise),
-            ``"triton"`` or ``"torch"``.
+        backend: fastdpo backend for the head, as in :func:`fastdpo.fused_logprobs`: ``"auto"``, ``"triton"``
+            or ``"torch"``.
+        memory: what the head's forward keeps for its backward, as in :func:`fastdpo.fused_logprobs`:
+            ``"lean"`` (default), ``"fast"`` or a budget in GiB.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    _head.check_backend(backend)
+    memory = _head.resolve_memory(memory)
     require_trl_internals("patch_trl()", PATCH_INTERNALS)
-    handle = _Patch(_PatchState.patched, _PatchState.backend)
-    _PatchState.backend = backend
+    handle = _Patch(_PatchState.patched, _PatchState.backend, _PatchState.memory)
+    _PatchState.backend, _PatchState.memory = backend, memory
     for module, name in _PATCH_SITES:
         setattr(module, name, FastChunkedLogProbFunction)
     _trl_utils.maybe_gather_lm_head_ctx = _gather_ctx
@@ -325,7 +312,7 @@ def unpatch_trl() -> bool:
             module.add_fused_lm_head = _TRL_ADD_FUSED_LM_HEAD
     _PatchState.replaced = []
     _PatchState.patched = False
-    _PatchState.backend = "auto"
+    _PatchState.backend, _PatchState.memory = "auto", 0.0
     return was
 
 
@@ -421,9 +408,10 @@ class FastDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` with the whole DPO loss computed by fastdpo.
 
     Takes the same arguments as ``DPOTrainer`` plus ``fastdpo_backend`` (``"auto"``, ``"triton"`` or
-    ``"torch"``). The policy's backbone runs once per step; its final hidden states and the lm-head (with
-    the model's softcap / logit scale / bias) go to fastdpo, which projects only completion tokens and never
-    builds the logits. The reference is the ``ref_model``, the PEFT policy with its adapter disabled (or its
+    ``"torch"``) and ``fastdpo_memory`` (``"lean"``, ``"fast"`` or a budget in GiB; see
+    :func:`fastdpo.fused_logprobs`). The policy's backbone runs once per step; its final hidden states and the
+    lm-head (with the model's softcap / logit scale / bias) go to fastdpo, which projects only completion tokens
+    and never builds the logits. The reference is the ``ref_model``, the PEFT policy with its adapter disabled (or its
     ``"ref"`` adapter), or the reference log-probs precomputed with ``precompute_ref_log_probs=True`` (also
     computed by fastdpo). Logs TRL's metrics under TRL's names.
 
@@ -462,13 +450,16 @@ class FastDPOTrainer(DPOTrainer):
     _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pos, fastdpo_backend: str = "auto",
-                 **kwargs):
+                 fastdpo_memory="lean", **kwargs):
         # Every refusal comes before DPOTrainer.__init__, which is expensive: it tokenizes the datasets, builds the
         # reference model and, when precomputing, already runs the reference pass through fastdpo's loss.
         require_trl_internals("FastDPOTrainer", TRAINER_INTERNALS, (*DPO_LOSS_FIELDS, *TRAINER_CONFIG_FIELDS))
-        if fastdpo_backend not in BACKENDS:
-            raise ValueError(f"fastdpo_backend must be one of {list(BACKENDS)}, got {fastdpo_backend!r}")
-        self.fastdpo_backend = fastdpo_backend
+        self.fastdpo_backend = _head.check_backend(fastdpo_backend, "fastdpo_backend")
+        try:
+            _head.resolve_memory(fastdpo_memory)
+            self.fastdpo_memory = fastdpo_memory
+        except ValueError as err:
+            raise ValueError(f"fastdpo_{err}") from None
         self.fastdpo_config = loss_config_from_dpo_config(args)
         train_dataset = kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None)
         if train_dataset is not None:
@@ -534,7 +525,7 @@ class FastDPOTrainer(DPOTrainer):
         # trainer's autocast (bf16=True / fp16=True); fastdpo's forward replaces that wrapped one, so enter it here.
         with self.accelerator.autocast():
             out = model_head_output(model, labels, packed=packed, extras=extras, backend=self.fastdpo_backend,
-                                    **kwargs)
+                                    memory=self.fastdpo_memory, **kwargs)
             # Packed, every token is real: no attention mask, and the router loss averages over the same tokens.
             aux = (self._router_aux_loss(model, out.router_logits, kwargs.get("attention_mask")) if aux_loss
                    else None)
