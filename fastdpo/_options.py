@@ -50,6 +50,19 @@ class HeadOptions:
         """The options :meth:`encode` wrote (cached: a step decodes the same few strings again and again)."""
         return _decode(text)
 
+    def op_args(self) -> tuple:
+        """The options as the head ops take them: the string of the fields that fix the engine and the graph
+        (:meth:`encode` without the numbers), then ``ignore_index, softcap, scale, memory`` as
+        numbers of their own. Under ``torch.compile`` those numbers may be symbolic (a value that changed between
+        calls, ``dynamic=True``), and a symbolic number cannot be written into a string."""
+        static = ";".join(f"{f.name}={_encode_value(getattr(self, f.name))}" for f in _STATIC_FIELDS)
+        return (static, *(getattr(self, name) for name in _NUMBERS))
+
+    @staticmethod
+    def from_op_args(text: str, *numbers) -> "HeadOptions":
+        """The options :meth:`op_args` gave."""
+        return HeadOptions(**_decode_fields(text, _STATIC_FIELDS), **dict(zip(_NUMBERS, numbers, strict=True)))
+
 
 def _encode_value(value) -> str:
     # float() also fixes a traced (symbolic) float to its value, so that the string is a constant.
@@ -69,22 +82,28 @@ def _parse(annotation: str, value: str):
     return _PARSERS[kind](value)
 
 
-_FIELDS = sorted(dataclasses.fields(HeadOptions), key=lambda f: f.name == "group")
+_NUMBERS = ("ignore_index", "softcap", "scale", "memory")
+_FIELDS = tuple(sorted(dataclasses.fields(HeadOptions), key=lambda f: f.name == "group"))
+_STATIC_FIELDS = tuple(f for f in _FIELDS if f.name not in _NUMBERS)
 
 
 @functools.lru_cache(maxsize=256)
-def _decode(text: str) -> HeadOptions:
-    parts = text.split(";", len(_FIELDS) - 1)
+def _decode_fields(text: str, fields: tuple) -> dict:
+    parts = text.split(";", len(fields) - 1)
     values = {}
     try:
-        for f, part in zip(_FIELDS, parts, strict=True):
+        for f, part in zip(fields, parts, strict=True):
             name, _, value = part.partition("=")
             if name != f.name:
                 raise ValueError(f"expected field {f.name!r}, got {name!r}")
             values[name] = _parse(f.type, value)
     except (ValueError, KeyError, SyntaxError) as err:
         raise ValueError(f"options: not an encoding of HeadOptions: {text!r} ({err})") from None
-    return HeadOptions(**values)
+    return values
+
+
+def _decode(text: str) -> HeadOptions:
+    return HeadOptions(**_decode_fields(text, _FIELDS))
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def test_head_ops_pass_opcheck(memory, backend):
     h = hidden.reshape(-1, hidden.shape[-1]).requires_grad_()
     w = weight.clone().requires_grad_()
     opts = HeadOptions(backend=backend, extras=True, memory=memory)
-    torch.library.opcheck(torch.ops.fastdpo.head_forward.default, (h, w, None, labels.reshape(-1), opts.encode()),
+    torch.library.opcheck(torch.ops.fastdpo.head_forward.default, (h, w, None, labels.reshape(-1), *opts.op_args()),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -275,8 +275,8 @@ def test_head_backward_op_passes_opcheck(memory, backend):
     hidden, weight, labels = make_batch(dtype=torch.float32, seed=7)
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(2))
-    options = HeadOptions(backend=backend, memory=memory).encode()
-    outs = torch.ops.fastdpo.head_forward(h, weight, bias, y, options)
+    options = HeadOptions(backend=backend, memory=memory).op_args()
+    outs = torch.ops.fastdpo.head_forward(h, weight, bias, y, *options)
     grad = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(3))
-    args = (grad, h, weight, bias, y, outs[5], outs[0], outs[6], outs[7], outs[8], options, True, True, True)
+    args = (grad, h, weight, bias, y, outs[5], outs[0], outs[6], outs[7], outs[8], *options, True, True, True)
     torch.library.opcheck(torch.ops.fastdpo.head_backward.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastdpo
+from fastdpo._options import HeadOptions
 from fastdpo.kernels.config import INTERPRETER_DEFAULT, KernelConfig, default_config, use_config
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
 from fdtest import backend_params, make_batch
@@ -230,11 +231,15 @@ def test_head_ops_refuse_an_unknown_backend(backend, device):
     forward and backward, instead of silently running the torch backend."""
     hidden, weight, labels = make_batch(dtype=torch.float32, device=device)
     h, t = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    with pytest.raises(ValueError, match=rf"backend must be one of \['triton', 'torch'\], got '{backend}'"):
-        torch.ops.fastdpo.head_forward(h, weight, None, t, -100, None, 1.0, backend, False)
+    options = HeadOptions(backend=backend).op_args()
+    refused = rf"backend must be one of \['triton', 'torch'\] here \(resolve 'auto' first\), got '{backend}'"
+    with pytest.raises(ValueError, match=refused):
+        torch.ops.fastdpo.head_forward(h, weight, None, t, *options)
     lse = torch.zeros(h.shape[0], device=device)
-    with pytest.raises(ValueError, match=rf"backend must be one of \['triton', 'torch'\], got '{backend}'"):
-        torch.ops.fastdpo.head_backward(lse, h, weight, None, t, lse, -100, None, 1.0, backend, True, True, False)
+    empty = lse.new_empty(0)
+    with pytest.raises(ValueError, match=refused):
+        torch.ops.fastdpo.head_backward(lse, h, weight, None, t, lse, lse, empty, empty, t, *options, True, True,
+                                        False)
 
 
 @pytest.mark.parametrize("backend", backend_params())

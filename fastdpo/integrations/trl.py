@@ -243,7 +243,7 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
             h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
             b = bias.to(ctx.dtype) if bias is not None else None
             if grad_logp is not None:
-                grads = list(_head.backward(grad_logp, h, w, b, targets, _head.Saved(*saved), ctx.opts.encode(),
+                grads = list(_head.backward(grad_logp, h, w, b, targets, _head.Saved(*saved), ctx.opts.op_args(),
                                             needs))
             if grad_entropy is not None:
                 extra = _head.entropy_backward(h, w, b, grad_entropy, ctx.opts, needs)
