@@ -167,10 +167,11 @@ def _chunk_operands(weight, bias, v0, v1, epilogues, cd, extra_cols=()):
     return w
 
 
-def _stat_record(z, local, col0, extras, out, e_out=None, maskable=True):
-    """A compute-dtype tile's record (``z`` transformed logits) from one fused softmax and two row maxima;
-    ``e_out`` receives ``softmax(z) = exp(z − r)`` (else a scratch tile); returns the reference ``r`` (the tile's
-    logsumexp, ``-inf`` for an all ``-inf`` row, whose ``e`` is 0). ``maskable``: whether such rows can occur."""
+def _stat_record(z, local, col0, extras, out, e_out=None, maskable=True, shift=None):
+    """A compute-dtype tile's record from one fused softmax and two row maxima. ``z`` are the transformed logits
+    minus ``shift`` (per row, None for 0); ``e_out`` receives ``softmax(z)`` (else a scratch tile). Returns the
+    reference ``r`` with ``e = exp(z + shift − r)`` (the tile's logsumexp; ``-inf`` for an all ``-inf`` row, whose
+    ``e`` is 0). ``maskable``: whether such rows can occur. ``TARGET`` and ``SUM`` are the caller's."""
     m = z.amax(1)
     e = torch.ops.aten._softmax.out(z, 1, False, out=e_out if e_out is not None else torch.empty_like(z))
     masked = torch.isneginf(m)
@@ -178,21 +179,39 @@ def _stat_record(z, local, col0, extras, out, e_out=None, maskable=True):
     if maskable and (z.is_cuda or bool(masked.any())):
         e.masked_fill_(masked.unsqueeze(1), 0.0)
     s = torch.where(masked, 0.0, e.amax(1).reciprocal())  # Σ exp(z − m) = 1 / max softmax
-    out[_merge.MAX] = m
-    out[_merge.SUMEXP] = s
-    inside = (local >= 0) & (local < z.shape[1])
-    zt = z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
-    out[_merge.TARGET] = torch.where(inside, zt, 0.0)
     if extras:
-        # Σ e·z and Σ e² with e = s·softmax; a -inf logit (e = 0) counts as the lowest finite value.
+        # Σ e·z and Σ e² with e = s·softmax; a -inf logit (e = 0) counts as the lowest finite value. Never shifted.
         out[_merge.XSUMEXP] = (z.clamp(min=torch.finfo(z.dtype).min) * e).sum(1) * s
         out[_merge.SQSUMEXP] = e.square().sum(1) * (s * s)
         out[_merge.ARGMAX] = (z.argmax(1) + col0).to(out.dtype)
+    if shift is not None:
+        m = m + shift
+    out[_merge.MAX] = m
+    out[_merge.SUMEXP] = s
     return m + torch.log(s)
 
 
+def _target_logits(x, weight, bias, tgt, vocab_start):
+    """``x_t·w_{y_t} (+ b_{y_t})`` of each row in the compute dtype of ``x``, and whether ``y_t`` is one of this
+    head's rows (0 where not)."""
+    V = weight.shape[0]
+    local = tgt - vocab_start
+    inside = (local >= 0) & (local < V)
+    local = local.clamp(0, V - 1)
+    raw = (x * weight.index_select(0, local).to(x.dtype)).sum(1)
+    if bias is not None:
+        raw += bias.index_select(0, local).to(x.dtype)
+    return torch.where(inside, raw, 0.0), inside
+
+
 def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
-    """``(out, e, r)``: the ``[N]`` outputs, and what fast mode keeps for the first ``n_keep`` chunks."""
+    """``(out, e, r)``: the ``[N]`` outputs, and what fast mode keeps for the first ``n_keep`` chunks.
+
+    Compute-dtype tiles without softcap and extras take ``exp(z − r)`` straight from the product, ``r`` the rows'
+    running logsumexp over the chunks so far, folded into the product as a column; its sum is the record
+    (``MAX = r``). The first chunk, a row whose ``r`` is still ``-inf`` and a tile whose sum overflows take the
+    softmax route. Their target logit and ``Σ z`` come once per call (chunk 0's record; the others hold 0).
+    """
     N, V = hidden.shape[0], weight.shape[0]
     epi = _epilogues(hidden)
     R = _Rows(hidden, targets, opts.ignore_index, epi)
@@ -205,13 +224,29 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
     kept_e = torch.empty(N * v_keep, dtype=e_dtype, device=dev) if n_keep else hidden.new_empty(0)
     kept_r = torch.empty((n_keep, N), dtype=r_dtype, device=dev) if n_keep else hidden.new_empty(0)
     softcap, scale = opts.softcap, opts.scale
+    running = not epi and softcap is None and not opts.extras
     if epi:
         x = R.x
     else:
-        # The scale (or 1/softcap) goes into the gathered rows once; the bias into the products as a column.
-        x = R.x.mul_(scale if softcap is None else 1.0 / softcap)
+        raw_t, inside = _target_logits(R.x, weight, bias, R.tgt, opts.vocab_start)
+        if softcap is None:
+            stats[_merge.TARGET, 0] = raw_t * scale
+            # Σ_v z_v of every row at once: the rows times the column sums (without a softcap z is linear).
+            colsum = weight.sum(0, dtype=cd)
+            stats[_merge.SUM, 0] = R.x @ colsum * scale + (bias.sum(dtype=cd) * scale if bias is not None else 0)
+        else:
+            stats[_merge.TARGET, 0] = torch.where(inside, torch.tanh(raw_t / softcap) * (softcap * scale), 0.0)
+        stats[_merge.TARGET, 1:] = 0
+        if softcap is None:
+            stats[_merge.SUM, 1:] = 0
+        # The scale (or 1/softcap) goes into the gathered rows once; the bias and −r into the products as columns.
+        cols = [R.x.mul_(scale if softcap is None else 1.0 / softcap)]
         if bias is not None:
-            x = torch.cat([x, x.new_ones(n, 1)], 1)
+            cols.append(R.x.new_ones(n, 1))
+        if running:
+            cols.append(R.x.new_zeros(n, 1))
+            r_run = torch.full((n,), float("-inf"), dtype=cd, device=dev)
+        x = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
     for c, (v0, v1) in enumerate(chunks):
         vc, col0 = v1 - v0, opts.vocab_start + v0
         b = bias[v0:v1] if bias is not None else None
@@ -219,10 +254,10 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
             w = _chunk_operands(weight, None, v0, v1, True, cd)
             b = b.contiguous() if b is not None else None
         else:
-            b_cols = () if b is None else ((b.to(cd) * scale if softcap is None else b.to(cd) / softcap),)
-            w = _chunk_operands(weight, bias, v0, v1, False, cd, b_cols)
-            # Σ_v z_v of every row at once: the rows times the chunk's column sums (no softcap: z is linear).
-            zsum = x @ w.sum(0) if softcap is None else None
+            extra = () if b is None else ((b.to(cd) * scale if softcap is None else b.to(cd) / softcap),)
+            if running:
+                extra += (torch.ones(vc, dtype=cd, device=dev),)
+            w = _chunk_operands(weight, bias, v0, v1, False, cd, extra)
         step = _rows_per_chunk(vc, weight.numel(), dev)
         e_chunk = kept_e[N * v0:N * v1].view(N, vc) if c < n_keep else None
         for s in range(0, n, step):
@@ -239,12 +274,31 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
                 if opts.extras:
                     record[_merge.ARGMAX] += col0
                 continue
+            shift = None
+            if running:
+                r = r_run[s:e]
+                shift = torch.where(torch.isneginf(r), 0.0, r)
+                if c > 0 and not bool(torch.isneginf(r).any()):
+                    sums = (z.exp_() if keep[0] is None else torch.exp(z, out=keep[0])).sum(1)
+                    if bool(torch.isfinite(sums).all()):
+                        record[_merge.MAX] = r
+                        record[_merge.SUMEXP] = sums
+                        if keep[1] is not None:
+                            keep[1].copy_(r)
+                        continue
+                    z = _logit_product(x[s:e], w, v0)  # a logit past r + 88: the softmax route
             if softcap is not None:
                 z.tanh_().mul_(softcap * scale)
-            r = _stat_record(z, local, col0, opts.extras, record, keep[0], maskable=bias is not None or not z.is_cuda)
+            ref = _stat_record(z, local, col0, opts.extras, record, keep[0], bias is not None or not z.is_cuda,
+                               shift)
             if keep[1] is not None:
-                keep[1].copy_(r)
-            record[_merge.SUM] = zsum[s:e] if zsum is not None else z.sum(1)
+                keep[1].copy_(ref)
+            if softcap is not None:
+                record[_merge.SUM] = z.sum(1)
+        if running:
+            rec = stats[:, c]
+            r_run = torch.logaddexp(r_run, rec[_merge.MAX] + torch.log(rec[_merge.SUMEXP]))
+            x[:, -1] = torch.where(torch.isneginf(r_run), 0.0, -r_run)
     merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else V, opts.extras, R.tgt,
                           _merge.resolve_group(opts.group))
     top1 = merged["argmax"] == R.tgt.to(merged["argmax"].dtype) if opts.extras else None
@@ -315,11 +369,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     t_target = None
     if softcap is not None and n_keep:
         # tanh at the target, for the one-hot part of the kept chunks: from the exact target logit.
-        inside = (R.tgt >= opts.vocab_start) & (R.tgt < opts.vocab_start + V)
-        rows_w = weight.index_select(0, (R.tgt - opts.vocab_start).clamp(0, V - 1)).to(acc_dtype)
-        raw = (R.x.to(acc_dtype) * rows_w).sum(1)
-        if bias is not None:
-            raw += bias.index_select(0, (R.tgt - opts.vocab_start).clamp(0, V - 1)).to(acc_dtype)
+        raw, inside = _target_logits(R.x.to(acc_dtype), weight, bias, R.tgt, opts.vocab_start)
         t_target = torch.where(inside, torch.tanh(raw / softcap), 0.0)
     acc_h = torch.zeros((n, H), dtype=acc_dtype, device=dev) if need_h else None
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
