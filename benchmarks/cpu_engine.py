@@ -149,9 +149,10 @@ def main(argv=None) -> int:
         for impl in IMPLS:
             loaded = f", loaded {res['loaded'][impl]['median_s']:.2f} s" if "loaded" in res else ""
             print(f"  {impl:6s} {t[impl]['median_s']:7.2f} s  peak {p[impl] / 2**20:8.1f} MiB{loaded}")
-        print("  " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print("  " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+        # Written after every shape, so that an interrupted run keeps what it measured.
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

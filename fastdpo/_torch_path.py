@@ -390,62 +390,45 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
         gw = torch.zeros((vc, H), dtype=acc_dtype, device=dev) if need_w else None
         gb = torch.zeros(vc, dtype=acc_dtype, device=dev) if need_b else None
         kept_chunk = c < n_keep
-        step = n if kept_chunk else _rows_per_chunk(vc, weight.numel(), dev)
-        for s in range(0, n, max(step, 1)):
+        step = _rows_per_chunk(vc, weight.numel(), dev)
+        for s in range(0, n, step):
             e = min(n, s + step)
             local = R.tgt[s:e] - col0
+            hit = ((local >= 0) & (local < vc)).nonzero().squeeze(1)
+            t = None
             if kept_chunk:
-                d = kept_e[N * v0:N * v1].view(N, vc)[s:e]
+                # p = e·exp(r − lse) from the kept chunk, into a new tile (the kept one serves a second backward).
+                ek = kept_e[N * v0:N * v1].view(N, vc)[s:e]
                 r = kept_r[c, s:e].to(acc_dtype)
-                factor = torch.where(torch.isneginf(r), 0.0, torch.exp(r - lse[s:e]))
+                factor = torch.where(torch.isneginf(r), 0.0, torch.exp(r - lse[s:e])).unsqueeze(1)
+                d = (ek * factor).to(ek.dtype)
                 if softcap is not None:
-                    # tanh from z = r + log e where e > 0 (elsewhere the term is 0 anyway).
-                    ed = d.to(acc_dtype)
-                    t = (r.unsqueeze(1) + ed.log()) / (softcap * scale)
-                    d = torch.where(ed > 0, ed * (1 - t * t), 0.0).to(d.dtype)
+                    # tanh from z = r + log e where e > 0 (elsewhere p is 0), exact at the target.
+                    ef = ek.to(acc_dtype)
+                    t = torch.where(ef > 0, (r.unsqueeze(1) + ef.log()) / (softcap * scale), 0.0)
+                    t[hit, local[hit]] = t_target[s:e][hit]
             else:
                 z = _logit_product(x[s:e], w, v0)
-                factor = None
                 if epi:
                     from .kernels import chunk_epilogue
 
                     d = chunk_epilogue.chunk_backward(z, b, local, lse[s:e], hidden.dtype, softcap=softcap,
                                                       scale=scale)
+                elif softcap is None:
+                    d = z.exp_()
                 else:
-                    if softcap is None:
-                        d = z.exp_()
-                    else:
-                        t = z.tanh_()
-                        d = torch.mul(t, softcap * scale).sub_(lse[s:e].unsqueeze(1)).exp_()
-                    hit = ((local >= 0) & (local < vc)).nonzero().squeeze(1)
-                    d.index_put_((hit, local[hit]), d.new_tensor(-1.0), accumulate=True)
-                    if softcap is not None:
-                        d.mul_(t.square_().neg_().add_(1))
+                    t = z.tanh_()
+                    d = torch.mul(t, softcap * scale).sub_(lse[s:e].unsqueeze(1)).exp_()
+            if kept_chunk or not epi:
+                d.index_put_((hit, local[hit]), d.new_tensor(-1.0), accumulate=True)
+                if t is not None:
+                    d.mul_(t.square_().neg_().add_(1).to(d.dtype))
             if need_h:
-                if factor is None:
-                    _addmm_(acc_h[s:e], d, w_h)
-                else:
-                    acc_h[s:e].addcmul_(_mm(d, w_h), factor.unsqueeze(1))
-            if need_w or need_b:
-                rows_a = xa[s:e] if factor is None else (xa[s:e].to(acc_dtype) * factor.unsqueeze(1)).to(xa.dtype)
-                if need_w:
-                    _addmm_(gw, d.t(), rows_a)
-                if need_b:
-                    col_a = a_op[s:e] if factor is None else a_op[s:e] * factor
-                    _addmm_(gb.unsqueeze(1), d.t(), col_a.unsqueeze(1).to(rows_a.dtype))
-        if kept_chunk:
-            # The one-hot part of a kept chunk, −(1 − tanh²(target)) at each target inside it.
-            local = R.tgt - col0
-            hit = ((local >= 0) & (local < vc)).nonzero().squeeze(1)
-            cols = local[hit]
-            coef = -(1 - t_target[hit] ** 2) if t_target is not None else -torch.ones(hit.numel(), dtype=acc_dtype,
-                                                                                     device=dev)
-            if need_h:
-                acc_h.index_add_(0, hit, w_h.index_select(0, cols).to(acc_dtype) * coef.unsqueeze(1))
+                _addmm_(acc_h[s:e], d, w_h)
             if need_w:
-                gw.index_add_(0, cols, xa.index_select(0, hit).to(acc_dtype) * coef.unsqueeze(1))
+                _addmm_(gw, d.t(), xa[s:e])
             if need_b:
-                gb.index_add_(0, cols, a_op[hit] * coef)
+                _addmm_(gb.unsqueeze(1), d.t(), a_op[s:e].unsqueeze(1).to(xa.dtype))
         if gscale is not None:
             gw = gw.mul_(gscale) if need_w else gw
             gb = gb.mul_(gscale) if need_b else gb
