@@ -7,18 +7,20 @@ count, as ``h[mask]`` does) and walks the vocabulary in chunks, each chunk in ti
 - forward: every tile writes its rows' partial statistics record (:mod:`fastdpo._merge`, which combines the
   chunks as it combines the fused kernels' splits); in fast mode the chunks within the budget also keep
   ``e = exp(z − r)`` and the per-row reference ``r`` (``[N·V_keep]`` and ``[kept chunks, N]``).
-- backward: for every tile ``D`` and a per-row factor such that the logit gradient (through scale and softcap) is
-  ``−g·scale·factor·D``: ``D = (p − onehot(y))·(1 − tanh²)`` recomputed in lean chunks, ``D = e·(1 − tanh²)`` read
-  from a kept chunk (factor ``exp(r − lse)``; its one-hot part is added once per chunk). The factor ``−g·scale``
+- backward: every tile becomes ``D = (p − onehot(y))·(1 − tanh²)``, the logit gradient without its per-row factor
+  ``a = −g·scale``: recomputed from the product in lean chunks, ``p = e·exp(r − lse)`` (one pass into a new tile;
+  the kept one serves a second backward too) in kept chunks, so fast mode skips the chunk's product. ``a``
   multiplies the hidden gradient once at the end and is folded into the gathered rows for the weight gradient,
   so the products see ``D`` as it is. Each chunk's weight and bias gradient is complete when its chunk is done
   and is written once, in the parameter's dtype.
 
 Two ways to make a tile:
 
-- the compute dtype (CPU, and fp32/fp64 inputs anywhere): products in fp32 (fp64 for fp64) with the bias and,
-  in the backward, ``−lse`` folded into them as extra columns; the statistics from ``softmax`` (one fused pass)
-  and two row maxima.
+- the compute dtype (CPU, and fp32/fp64 inputs anywhere): products in fp32 (fp64 for fp64) with the bias and a
+  per-row reference (the running logsumexp in the forward, ``lse`` in the backward) folded into them as extra
+  columns, so that one ``exp_`` (and in the forward a row sum) is all a tile adds to its product; the first chunk
+  takes its statistics from ``softmax`` (one fused pass) and two row maxima, as do the extras and the softcap.
+  The target logit and ``Σ z`` come once per call.
 - epilogues (CUDA, 16-bit inputs): cuBLAS products of the 16-bit operands with fp32 outputs
   (``torch.mm(..., out_dtype=torch.float32)``), the hidden gradient accumulated in fp32 by the functional
   ``torch.addmm(..., out_dtype=...)``, and the Triton kernels of ``kernels/fastdpo_kernels/chunk_epilogue.py``
@@ -34,8 +36,8 @@ import torch
 from . import _merge
 from ._options import HeadOptions
 
-# Logits of one CPU tile (fp32: 2 MiB): the element-wise passes over a tile stay in the cache.
-CHUNK_ELEMENTS = 1 << 19
+# Logits of one CPU tile (fp32: 16 MiB): few, large ops (a tile adds one or two element-wise passes to its product).
+CHUNK_ELEMENTS = 1 << 22
 # Logits of one GPU tile (fp32: 128 MiB): as many labelled rows as fit, so the products are large.
 DEVICE_CHUNK_ELEMENTS = 1 << 25
 # Vocabulary rows of a chunk: at most VOCAB_CHUNK and a sixteenth of the vocabulary, not under MIN_VOCAB_CHUNK (an
@@ -155,7 +157,7 @@ def _addmm_(acc, a, b):
     return acc.addmm_(a, b)
 
 
-def _chunk_operands(weight, bias, v0, v1, epilogues, cd, extra_cols=()):
+def _chunk_operands(weight, v0, v1, epilogues, cd, extra_cols=()):
     """The chunk's weight for the products: a view (16-bit on the epilogue path, a compute-dtype weight), else its
     compute-dtype copy; ``extra_cols`` (``[vc]`` tensors) are appended as columns."""
     w = weight[v0:v1]
@@ -251,13 +253,13 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
         vc, col0 = v1 - v0, opts.vocab_start + v0
         b = bias[v0:v1] if bias is not None else None
         if epi:
-            w = _chunk_operands(weight, None, v0, v1, True, cd)
+            w = _chunk_operands(weight, v0, v1, True, cd)
             b = b.contiguous() if b is not None else None
         else:
             extra = () if b is None else ((b.to(cd) * scale if softcap is None else b.to(cd) / softcap),)
             if running:
                 extra += (torch.ones(vc, dtype=cd, device=dev),)
-            w = _chunk_operands(weight, bias, v0, v1, False, cd, extra)
+            w = _chunk_operands(weight, v0, v1, False, cd, extra)
         step = _rows_per_chunk(vc, weight.numel(), dev)
         e_chunk = kept_e[N * v0:N * v1].view(N, vc) if c < n_keep else None
         for s in range(0, n, step):
@@ -378,14 +380,14 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
         vc, col0 = v1 - v0, opts.vocab_start + v0
         b = bias[v0:v1] if bias is not None else None
         if epi:
-            w = _chunk_operands(weight, None, v0, v1, True, cd)
+            w = _chunk_operands(weight, v0, v1, True, cd)
             b = b.contiguous() if b is not None else None
         else:
             extra = () if c < n_keep else (
                 (torch.ones(vc, dtype=cd, device=dev),) if softcap is None else ())
             if b is not None and c >= n_keep:
                 extra += ((b.to(cd) * scale if softcap is None else b.to(cd) / softcap),)
-            w = _chunk_operands(weight, bias, v0, v1, False, cd, extra)
+            w = _chunk_operands(weight, v0, v1, False, cd, extra)
         w_h = w[:, :H]
         gw = torch.zeros((vc, H), dtype=acc_dtype, device=dev) if need_w else None
         gb = torch.zeros(vc, dtype=acc_dtype, device=dev) if need_b else None
