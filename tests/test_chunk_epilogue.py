@@ -116,8 +116,8 @@ def test_epilogues_refuse_bad_chunks():
     with pytest.raises(ValueError, match="stats must be"):
         E.chunk_forward(z, None, targets, stats[:, 1:], softcap=None, scale=1.0, extras=False)
     with pytest.raises(ValueError, match="contiguous"):
-        E.chunk_backward(torch.zeros(ROWS, VC + 5)[:, :VC], None, targets, targets.float(), torch.bfloat16, softcap=None,
-                         scale=1.0)
+        E.chunk_backward(torch.zeros(ROWS, VC + 5)[:, :VC], None, targets, targets.float(), torch.bfloat16,
+                         softcap=None, scale=1.0)
     with pytest.raises(ValueError, match="dtype must be"):
         E.chunk_backward(z.clone(), None, targets, targets.float(), torch.float64, softcap=None, scale=1.0)
 

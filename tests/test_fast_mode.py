@@ -151,7 +151,8 @@ def test_fast_mode_skips_the_logit_recompute_on_torch(monkeypatch, _small_torch_
         dtype = torch.bfloat16
     calls = []
     real = _torch_path._logit_product
-    monkeypatch.setattr(_torch_path, "_logit_product", lambda x, w, v0: calls.append((v0, x.shape[0])) or real(x, w, v0))
+    monkeypatch.setattr(_torch_path, "_logit_product",
+                        lambda x, w, v0: calls.append((v0, x.shape[0])) or real(x, w, v0))
     n = int((labels != -100).sum())
     tiles = []
     for v0, v1 in _torch_path._vocab_chunks(V):

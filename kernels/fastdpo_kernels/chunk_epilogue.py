@@ -24,7 +24,8 @@ BLOCK_M, BLOCK_V = 16, 128
 @triton.jit
 def _transformed(z_ptr, b_ptr, rows, row_mask, cols, col_mask, stride_zn, softcap, scale,
                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """``(z, t)`` of one tile: ``z = scale·softcap·tanh((x·wᵀ + b)/softcap)`` (without a cap ``scale·(x·wᵀ + b)``),
+    """``(z, t)`` of one tile: ``z = scale·softcap·tanh((x·wᵀ + b)/softcap)`` (without a cap
+    ``scale·(x·wᵀ + b)``),
     ``t`` the tanh (``t = z`` without a cap), as :func:`.logit_tile.logit_tile` transforms its product."""
     acc = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
                   other=0.0).to(tl.float32)
