@@ -8,9 +8,9 @@ recomputed. What is kept travels through the head's custom op as two tensors.
 - Triton: each logit tile's ``e = exp(z − m_tile)`` in the inputs' dtype and ``m_tile`` in fp32 for the first
   ``V_keep`` vocabulary columns (``kernels/fastdpo_kernels/logprob_fast.py``); about ``2·N·V`` bytes for 16-bit inputs, where
   ``N`` counts every row (the labelled count stays on the device, so the buffer is sized without a host sync).
-- torch: the transformed logits of whole token chunks in fp32 (fp64 for fp64 inputs), up to ``4·N·V`` bytes
-  (sized by all rows, like the Triton buffer); the backward reuses them. This path walks token chunks with an
-  fp32 copy of the weight, as the torch backend did before it walked the vocabulary: fine for CPU-sized heads.
+- chunked engine (:mod:`fastdpo._torch_path`): for the leading vocabulary chunks within the budget, each chunk's
+  ``e = exp(z − r)`` (16-bit on CUDA with 16-bit inputs, else the compute dtype) and the per-row reference ``r``;
+  the backward reads them instead of recomputing the chunk's product (sized by all rows, like the Triton buffer).
 
 What is kept is only read by the backward, so a second backward (``retain_graph=True``) reuses it; it is freed
 with the autograd graph.
@@ -24,11 +24,9 @@ import torch
 
 from . import _torch_path, _validate
 from ._options import HeadOptions
-from ._torch_path import _compute_dtype, _logits
+from ._torch_path import _keepable
 
 _GIB = float(1 << 30)
-# Elements of one [tokens, V] logits chunk on the torch backend (fp32: 16 MiB).
-TORCH_CHUNK_ELEMENTS = 1 << 22
 
 
 def resolve_memory(memory) -> float:
@@ -39,11 +37,6 @@ def resolve_memory(memory) -> float:
     elif _validate.is_real(memory) and 0 <= memory < math.inf:
         return float(memory)
     raise ValueError(f"memory must be 'lean', 'fast' or a budget in GiB (a finite number >= 0), got {memory!r}")
-
-
-def _keepable(opts: HeadOptions) -> bool:
-    # With a softcap the backward rebuilds tanh from the kept logits through the scale.
-    return opts.softcap is None or opts.scale != 0
 
 
 def _triton_kept_like(hidden, weight, opts: HeadOptions):
@@ -59,93 +52,6 @@ def _triton_kept_like(hidden, weight, opts: HeadOptions):
         return hidden.new_empty(e_shape, dtype=e_dtype), hidden.new_empty(m_shape, dtype=m_dtype)
     return hidden.new_empty(0), hidden.new_empty(0)
 
-
-def _torch_kept_like(hidden, weight, opts: HeadOptions):
-    """Empty tensors shaped like what :func:`_torch_forward` keeps."""
-    N, V = hidden.shape[0], weight.shape[0]
-    rows = _torch_kept_rows(N, V, hidden.dtype, opts)
-    return hidden.new_empty((rows, V) if rows else (0,), dtype=_compute_dtype(hidden.dtype)), hidden.new_empty(0)
-
-
-# ---------------------------------------------------------------------------------------------- torch backend
-
-
-def _torch_step(V: int) -> int:
-    return max(1, TORCH_CHUNK_ELEMENTS // max(V, 1))
-
-
-def _torch_kept_rows(N: int, V: int, dtype, opts: HeadOptions) -> int:
-    """Labelled rows whose logits are kept: whole token chunks within the budget, sized by all ``N`` rows (the
-    labelled count is data)."""
-    if not _keepable(opts) or N == 0:
-        return 0
-    per_row = V * _compute_dtype(dtype).itemsize
-    fit = N if math.isinf(opts.memory) else int(opts.memory * _GIB // per_row)
-    if fit >= N:
-        return N
-    step = _torch_step(V)
-    return fit // step * step
-
-
-def _torch_forward(hidden, weight, bias, targets, opts: HeadOptions):
-    N, V = hidden.shape[0], weight.shape[0]
-    cd = _compute_dtype(hidden.dtype)
-    dev = hidden.device
-    idx = (targets != opts.ignore_index).nonzero().squeeze(1)
-    w = weight.to(cd)
-    b = bias.to(cd) if bias is not None else None
-    out = {k: torch.zeros(N, dtype=cd, device=dev) for k in ("logp", "mean_logit", "lse")}
-    if opts.extras:
-        out["entropy"] = torch.zeros(N, dtype=cd, device=dev)
-        out["log_sum_sq_probs"] = torch.zeros(N, dtype=cd, device=dev)
-        out["is_top1"] = torch.zeros(N, dtype=torch.bool, device=dev)
-    rows_kept = _torch_kept_rows(N, V, hidden.dtype, opts)
-    kept = torch.empty((rows_kept, V) if rows_kept else (0,), dtype=cd, device=dev)
-    step = _torch_step(V)
-    for s in range(0, idx.numel(), step):
-        rows = idx[s:s + step]
-        y = targets[rows].unsqueeze(1)
-        z, _ = _logits(hidden[rows].to(cd), w, b, opts)
-        chunk_lse = torch.logsumexp(z, dim=1)
-        out["lse"][rows] = chunk_lse
-        out["logp"][rows] = z.gather(1, y).squeeze(1) - chunk_lse
-        out["mean_logit"][rows] = z.mean(1)
-        if opts.extras:
-            logsm = z - chunk_lse.unsqueeze(1)
-            p = logsm.exp()
-            # p·log p → 0 for a masked (-inf) logit, its limit, instead of 0·(-inf) = NaN.
-            out["entropy"][rows] = -torch.where(p > 0, p * logsm, 0).sum(1)
-            del p
-            out["log_sum_sq_probs"][rows] = torch.logsumexp(2 * logsm, dim=1)
-            out["is_top1"][rows] = z.argmax(1) == y.squeeze(1)
-            del logsm
-        if s + rows.numel() <= rows_kept:
-            kept[s:s + rows.numel()] = z
-    return out, (kept, hidden.new_empty(0))
-
-
-def _torch_backward(hidden, weight, bias, targets, lse_all, grad_logp, opts: HeadOptions, needs, kept):
-    cd = _compute_dtype(hidden.dtype)
-    idx = (targets != opts.ignore_index).nonzero().squeeze(1)
-    g_all = grad_logp.to(cd)
-    lse_all = lse_all.to(cd)
-    rows_kept = kept.shape[0] if kept.dim() == 2 else 0
-
-    def chunk_logits(x, w, b, s, rows):
-        if s + rows.numel() <= rows_kept:
-            z = kept[s:s + rows.numel()]
-            return z, (z / (opts.softcap * opts.scale) if opts.softcap is not None else None)
-        return _logits(x, w, b, opts)
-
-    def dlogp(z, s, rows):
-        g = g_all[rows].unsqueeze(1)
-        # Out of place: the kept z serves a second backward too.
-        dz = torch.exp(z - lse_all[rows].unsqueeze(1)).mul_(-g)
-        return dz.scatter_add_(1, targets[rows].unsqueeze(1), g)
-
-    grads = _torch_path.chunked_backward(hidden, weight, bias, idx, dlogp, opts, needs, logits=chunk_logits,
-                                         step=_torch_step(weight.shape[0]))
-    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
 
 
 # --------------------------------------------------------------------------------------------- Triton backend

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo import _fast
+from fastdpo import _torch_path
 from fastdpo.kernels import logprob_fast as K
 from fastdpo.kernels.config import INTERPRETER_DEFAULT
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
@@ -53,16 +53,20 @@ def _ref(h, w, y, b, **kw):
 
 
 def _part_budget(dtype, backend):
-    """A budget (GiB) that keeps some but not all of the vocabulary (Triton) / of the token chunks (torch)."""
+    """A budget (GiB) that keeps some but not all of the vocabulary: the first chunk (torch: of 16 ids, see
+    _small_torch_chunks; ``e`` and one reference per row)."""
     if backend == "triton":
         return K.kept_bytes(N_ROWS * T, INTERPRETER_DEFAULT.vocab_chunk, dtype, INTERPRETER_DEFAULT) / 2 ** 30
-    return 16 * V * (8 if dtype == torch.float64 else 4) / 2 ** 30  # one 16-row chunk (see _small_torch_chunks)
+    return N_ROWS * T * (16 + 1) * (8 if dtype == torch.float64 else 4) / 2 ** 30
 
 
 @pytest.fixture
 def _small_torch_chunks(monkeypatch):
-    # 16 rows a chunk: the 24 labelled tokens cross two chunks, so a budget can keep one and recompute the other.
-    monkeypatch.setattr(_fast, "TORCH_CHUNK_ELEMENTS", 16 * V)
+    # Vocabulary chunks of 16 ids (4 chunks) in tiles of 8 rows (the 24 labelled tokens cross three): a budget
+    # can keep the first chunk and recompute the others.
+    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16)
+    monkeypatch.setattr(_torch_path, "MIN_VOCAB_CHUNK", 16)
+    monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", 8 * 16)
 
 
 def _poison(monkeypatch):
@@ -136,17 +140,32 @@ def test_fast_mode_skips_the_logit_recompute_on_triton(monkeypatch):
     assert launches == list(range(chunk, V, chunk))
 
 
-def test_fast_mode_skips_the_logit_recompute_on_torch(monkeypatch, _small_torch_chunks):
-    """The torch path's backward projects no kept chunk again: none in fast mode, the other chunk with part kept."""
+@pytest.mark.parametrize("epilogues", [False, True], ids=["compute-dtype", "epilogues"])
+def test_fast_mode_skips_the_logit_recompute_on_torch(monkeypatch, _small_torch_chunks, epilogues):
+    """The chunked engine's backward projects no kept chunk again: none in fast mode, the chunks past the first
+    with part kept; the forward projects every (chunk, tile) once."""
     hidden, weight, _, labels, _ = _batch(2)
+    dtype = torch.float32
+    if epilogues:
+        monkeypatch.setattr(_torch_path, "EPILOGUES", True)
+        dtype = torch.bfloat16
     calls = []
-    real = _fast._logits
-    monkeypatch.setattr(_fast, "_logits", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
-    for memory, recomputed in (("fast", []), (_part_budget(torch.float32, "torch"), [8])):
-        h = hidden.float().requires_grad_()
-        w = weight.float().requires_grad_()
+    real = _torch_path._logit_product
+    monkeypatch.setattr(_torch_path, "_logit_product",
+                        lambda x, w, v0: calls.append((v0, x.shape[0])) or real(x, w, v0))
+    n = int((labels != -100).sum())
+    tiles = []
+    for v0, v1 in _torch_path._vocab_chunks(V):
+        step = _torch_path._rows_per_chunk(v1 - v0, V * H)
+        tiles += [(v0, min(step, n - s)) for s in range(0, n, step)]
+    assert [v0 for v0, _ in tiles[::3]] == [0, 16, 32, 48] and len(tiles) == 12
+    part = _torch_path.kept_chunks(N_ROWS * T, V, hidden.to(dtype), _part_budget(dtype, "torch"))
+    assert part == 1
+    for memory, recomputed in (("lean", tiles), ("fast", []), (_part_budget(dtype, "torch"), tiles[3:])):
+        h = hidden.to(dtype).requires_grad_()
+        w = weight.to(dtype).requires_grad_()
         logp = fastdpo.fused_logprobs(h, w, labels, backend="torch", memory=memory)
-        assert calls == [16, 8]  # the forward's two token chunks
+        assert calls == tiles
         calls.clear()
         logp.sum().backward()
         assert calls == recomputed

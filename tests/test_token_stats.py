@@ -332,9 +332,8 @@ def test_minus_inf_logits_are_finite(backend, memory, monkeypatch):
     """A bias of -inf on the first tile of a split, on a whole split (Triton; a whole chunk on torch) and on
     scattered columns: log-probs, entropy and every gradient finite and equal to float64's, in lean mode, fast
     mode (the backward reads the kept tiles) and with a budget that keeps part (Triton: columns 0-63, so the
-    masked split 2 is recomputed; torch: the first 16-row chunk of the 20 labelled tokens)."""
-    from fastdpo import _fast, _torch_path
-    from fastdpo._options import HeadOptions
+    masked split 2 is recomputed; torch: the first two chunks of 16 ids, the first wholly masked)."""
+    from fastdpo import _torch_path
     from fastdpo.kernels import logprob_fast
 
     V = 80
@@ -365,10 +364,9 @@ def test_minus_inf_logits_are_finite(backend, memory, monkeypatch):
             memory = logprob_fast.kept_bytes(N, 64, torch.float32, config) / 2 ** 30
             assert logprob_fast.keep_columns(N, V, torch.float32, memory * 2 ** 30, config) == 64
         else:
-            monkeypatch.setattr(_fast, "TORCH_CHUNK_ELEMENTS", 16 * V)
-            memory = 16 * V * 4 / 2 ** 30
-            kept_rows = _fast._torch_kept_rows(N, V, torch.float32, HeadOptions(memory=memory))
-            assert 0 < kept_rows < (labels != -100).sum()
+            # The first two chunks of 16 ids (the first wholly masked), e and a reference per row each.
+            memory = N * (32 + 2) * 4 / 2 ** 30
+            assert _torch_path.kept_chunks(N, V, hidden.float(), memory) == 2
     h, w, b = (t.float().requires_grad_() for t in (hidden, weight, bias))
     with use_config(config):
         ours = fastdpo.token_stats(h, w, labels, bias=b, logit_scale=scale, backend=backend, extras=True,

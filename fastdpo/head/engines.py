@@ -9,7 +9,7 @@ memory modes:
 - ``"triton"``, the fused engine: Triton kernels, the logits never leave registers (CUDA; CPU under
   ``TRITON_INTERPRET=1``); :mod:`fastdpo._triton_path`, fast mode in :mod:`fastdpo._fast`.
 - ``"torch"``, the chunked engine: matrix products over vocabulary chunks of the labelled rows, any device and
-  dtype; :mod:`fastdpo._torch_path`, fast mode in :mod:`fastdpo._fast`.
+  dtype; :mod:`fastdpo._torch_path` (lean and fast mode).
 
 Lean mode (``memory == 0``) keeps per-token statistics only and the backward recomputes the logits; fast mode
 (``memory > 0``: infinite, or a budget in GiB) keeps what fits for the backward.
@@ -111,14 +111,15 @@ class _ChunkedKeep(_Chunked):
     label, keeps = "chunked-fast", True
 
     def forward(self, hidden, weight, bias, targets, opts):
-        out, kept = _fast._torch_forward(hidden, weight, bias, targets, opts)
+        out, kept = _torch_path.forward_kept(hidden, weight, bias, targets, opts)
         return out, kept, self.order_like(targets)
 
     def backward(self, hidden, weight, bias, targets, saved, grad_logp, opts, needs):
-        return _fast._torch_backward(hidden, weight, bias, targets, saved.lse, grad_logp, opts, needs, saved.kept_a)
+        return _torch_path.backward(hidden, weight, bias, targets, saved.lse, grad_logp, opts, needs,
+                                    kept=(saved.kept_a, saved.kept_b))
 
     def kept_like(self, hidden, weight, opts):
-        return _fast._torch_kept_like(hidden, weight, opts)
+        return _torch_path.kept_like(hidden, weight, opts)
 
 
 class _Fused(Engine):
