@@ -7,7 +7,12 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA wheels; override with `make TORCH=... test`.
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 
-.PHONY: demo test venv clean
+# The compile guard also runs against triton 3.6 (what the GPU machines we benchmark on run), in its own venv:
+# torch as above, then triton 3.6.0 without dependencies (the guard needs only its compiler and ptxas).
+TRITON36_VENV ?= .venv-triton36
+TRITON36 ?= triton==3.6.0
+
+.PHONY: demo test venv clean test-compile-triton36
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +23,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+$(TRITON36_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON36_VENV)/bin/python -m pip install -q "$(TORCH)" numpy tqdm pytest pytest-benchmark
+	$(TRITON36_VENV)/bin/python -m pip install -q --no-deps "$(TRITON36)"
+	$(TRITON36_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-compile-triton36: $(TRITON36_VENV)/.installed
+	$(TRITON36_VENV)/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+	$(TRITON36_VENV)/bin/python -m pytest -q tests/test_kernels_compile.py
+
 demo: venv
 	$(PY) -m fastdpo bench
 
@@ -25,4 +42,4 @@ test: venv
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(TRITON36_VENV) build dist *.egg-info

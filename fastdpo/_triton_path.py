@@ -20,12 +20,13 @@ assert (_merge.MAX, _merge.SUMEXP, _merge.TARGET, _merge.SUM, _merge.XSUMEXP, _m
         _merge.ARGMAX) == tuple(range(7))
 
 
-def _config(hidden: torch.Tensor, weight=None, bias=None, opts: HeadOptions | None = None, compacted=None):
+def _config(hidden: torch.Tensor, weight=None, bias=None, opts: HeadOptions | None = None, compacted=None,
+            force: bool = False):
     """The kernels' launch config for this call: :mod:`.kernels.config`'s default for the dtype and GPU, or on
     CUDA the one tuned for this call's key (:mod:`.kernels.autotune`).
 
     With ``compacted`` (``_compact``'s result) a key not tuned yet is tuned now on these tensors; without it (no
-    tensors to time: shapes only, tracing) the cached choice or the default is returned.
+    tensors to time: shapes only, tracing) the cached choice or the default is returned. ``force`` tunes again.
     """
     if not hidden.is_cuda:
         return default_config(hidden.dtype, None)
@@ -38,7 +39,29 @@ def _config(hidden: torch.Tensor, weight=None, bias=None, opts: HeadOptions | No
                            extras=bool(opts.extras), partial_keep=0 < opts.memory < float("inf"))
     timeable = compacted is not None and not torch.cuda.is_current_stream_capturing() and not _is_fake(hidden)
     measure = _measure(hidden, weight, bias, opts, compacted) if timeable else None
-    return autotune.tuned_config(key, base, measure, props.multi_processor_count)
+    return autotune.tuned_config(key, base, measure, props.multi_processor_count, force=force)
+
+
+def tune_ahead(tokens: int, hidden: int, vocab: int, dtype=torch.bfloat16, *, bias: bool = False, softcap=None,
+               extras: bool = False, memory: float = 0.0, device="cuda", force: bool = False):
+    """Tune the fused kernels for heads of this shape on ``device`` now (on random inputs with a quarter of the
+    tokens ignored, like a prompt) and cache the choice; returns ``(config, cache file)``. ``force`` tunes even
+    where a choice is cached. What ``fastdpo tune`` runs."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device must be a CUDA device (tuning times the kernels on it), got {device}")
+    for name, value in (("tokens", tokens), ("hidden", hidden), ("vocab", vocab)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
+    w = (torch.randn(vocab, hidden, generator=g) * 4.0 / hidden ** 0.5).to(device, dtype)
+    b = torch.zeros(vocab, device=device, dtype=dtype) if bias else None
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    targets[: tokens // 4] = -100
+    opts = HeadOptions(backend="triton", softcap=softcap, extras=extras, memory=float(memory))
+    config = _config(x, w, b, opts, _compact(targets.to(device), opts.ignore_index), force=force)
+    return config, autotune.cache_path(torch.cuda.get_device_properties(device).name)
 
 
 def _is_fake(t: torch.Tensor) -> bool:
