@@ -41,7 +41,8 @@ TINY=${FASTDPO_DEVICE_TINY:-0}
 if [ "$TINY" = 1 ]; then
   export TRITON_INTERPRET=1
   DEV=(--device cpu --tiny)
-  COMPARE=(--device cpu --tiny --dtype fp32 --repeats 1 --warmup 0)
+  # With a reference only: the interpreter runs every row's kernels in numpy (gpu_compare's tests cover noref).
+  COMPARE=(--device cpu --tiny --dtype fp32 --repeats 1 --warmup 0 --cases ref)
   SHAPES_REST=${FASTDPO_DEVICE_SHAPES-gemma2-2b}
 else
   DEV=()
