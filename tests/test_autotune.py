@@ -28,7 +28,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def base(monkeypatch):
-    """The sm_90 bf16 default on a 132-SM GPU (the session runs the kernels under the interpreter)."""
+    """The sm_90 bf16 default on a 132-SM GPU (the tests run the kernels under the interpreter)."""
     from triton import knobs
 
     monkeypatch.setattr(knobs.runtime, "interpret", False)
