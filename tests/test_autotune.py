@@ -123,6 +123,11 @@ def test_switched_off_the_default_is_used_and_nothing_is_timed(cache, monkeypatc
     calls = []
     assert autotune.tuned_config(KEY, base, fake_measure(calls), sm_count=132) is base
     assert not calls and not cache.exists()
+    # Off means the default even where a choice is cached.
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    assert autotune.tuned_config(KEY, base, fake_measure(), sm_count=132) != base
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "0")
+    assert autotune.tuned_config(KEY, base, fake_measure(calls), sm_count=132) is base and not calls
     monkeypatch.setenv(autotune.ENV_AUTOTUNE, "maybe")
     with pytest.raises(ValueError, match=autotune.ENV_AUTOTUNE):
         autotune.tuned_config(KEY, base, fake_measure(), sm_count=132)
@@ -150,8 +155,11 @@ def test_the_first_tuning_is_announced_once(capsys, monkeypatch, base):
     assert err.count("fastdpo: tuning the fused kernels") == 1 and autotune.ENV_AUTOTUNE in err
 
 
-def test_without_tensors_to_time_the_default_is_returned(cache, base):
+def test_without_tensors_to_time_the_default_is_returned(cache, base, monkeypatch):
     assert autotune.tuned_config(KEY, base, None) is base and not cache.exists()
+    # The miss is remembered: later calls do not read the disk again.
+    monkeypatch.setattr(autotune, "_read", lambda path: pytest.fail("the cache file was read again"))
+    assert autotune.tuned_config(KEY, base, None) is base
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "inf", "soon"])
@@ -211,3 +219,18 @@ def test_a_partial_keep_never_changes_the_chunk_its_kept_columns_are_laid_out_by
     best = autotune.tuned_config(dataclasses.replace(KEY, partial_keep=True), base, fake_measure(calls), sm_count=132)
     assert calls and {cfg.vocab_chunk for _, cfg in calls} == {base.vocab_chunk} == {best.vocab_chunk}
     assert {cfg.fwd_block_v for _, cfg in calls} == {base.fwd_block_v}
+
+
+def test_tune_command_needs_a_gpu_and_a_whole_custom_head(capsys):
+    from fastdpo.bench import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert cli.main(["tune", "--shape", "gemma2-2b"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    for bad in (["tune", "--hidden", "64"], ["tune", "--shape", "llama3-8b", "--hidden", "64", "--vocab", "99",
+                                               "--tokens", "8"], ["tune", "--dtype", "int8"]):
+        with pytest.raises(SystemExit):
+            cli.main(bad)
+    with pytest.raises(ValueError, match="device must be a CUDA device"):
+        _triton_path.tune_ahead(8, 16, 32, device="cpu")

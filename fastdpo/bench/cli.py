@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=_positive_int, help="hidden size H (with --vocab and --tokens: a custom head)")
     t.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
     t.add_argument("--tokens", type=_positive_int, help="tokens a call sees (rows of the batch times their length)")
-    t.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    t.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="the inputs' dtype (default bf16)")
     t.add_argument("--extras", action="store_true", help="also for the extra metrics (what TRL's trainer logs)")
     t.add_argument("--bias", action="store_true", help="a head with a bias")
     t.add_argument("--softcap", type=_positive_float, default=None, help="a head with this logit softcap")

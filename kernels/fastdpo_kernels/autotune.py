@@ -42,7 +42,7 @@ MIN_BUCKET = 256
 CACHE_SCHEMA = 1
 
 _lock = threading.Lock()
-_memory: dict[tuple, KernelConfig] = {}  # (device, key text) -> choice
+_memory: dict[tuple, KernelConfig | None] = {}  # (device, key text) -> choice, None: none on disk
 _announced = False
 
 
@@ -140,16 +140,16 @@ def _config_from(fields) -> KernelConfig | None:
 
 
 def lookup(key: TuneKey) -> KernelConfig | None:
-    """The tuned config of ``key`` from this process or the disk cache, or None."""
-    text = key.text()
+    """The tuned config of ``key`` from this process or the disk cache, or None. The disk is read once per key
+    and process (a miss is remembered too), so a call costs a dictionary look-up."""
+    mem = (key.device, key.text())
     with _lock:
-        if (key.device, text) in _memory:
-            return _memory[(key.device, text)]
-    entry = _read(cache_path(key.device)).get(text)
+        if mem in _memory:
+            return _memory[mem]
+    entry = _read(cache_path(key.device)).get(key.text())
     config = _config_from(entry) if isinstance(entry, dict) else None
-    if config is not None:
-        with _lock:
-            _memory[(key.device, text)] = config
+    with _lock:
+        _memory[mem] = config
     return config
 
 
@@ -230,14 +230,17 @@ def tuned_config(key: TuneKey, base: KernelConfig, measure, sm_count=None, budge
                  force: bool = False) -> KernelConfig:
     """The config for ``key``: cached, else tuned now with ``measure`` (see :func:`search`) and cached.
 
-    ``measure`` None (no tensors to time, e.g. while tracing) or tuning off: ``base``. ``force`` tunes even when
-    a choice is cached (``fastdpo tune --force``).
+    Tuning off (``FASTDPO_AUTOTUNE=0``): ``base``, whatever is cached. ``measure`` None (no tensors to time, e.g.
+    while tracing) and nothing cached: ``base``. ``force`` tunes even when a choice is cached (``fastdpo tune
+    --force``).
     """
+    if not enabled():
+        return base
     if not force:
         found = lookup(key)
         if found is not None:
             return found
-    if measure is None or not enabled():
+    if measure is None:
         return base
     budget = budget_s() if budget is None else budget
     _announce(key, budget)
