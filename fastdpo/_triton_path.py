@@ -39,7 +39,9 @@ def _config(hidden: torch.Tensor, weight=None, bias=None, opts: HeadOptions | No
                            extras=bool(opts.extras), partial_keep=0 < opts.memory < float("inf"))
     timeable = compacted is not None and not torch.cuda.is_current_stream_capturing() and not _is_fake(hidden)
     measure = _measure(hidden, weight, bias, opts, compacted) if timeable else None
-    return autotune.tuned_config(key, base, measure, props.multi_processor_count, force=force)
+    return autotune.tuned_config(key, base, measure, props.multi_processor_count, force=force,
+                                 shared_limit=getattr(props, "shared_memory_per_block_optin", None),
+                                 itemsize=hidden.element_size())
 
 
 def tune_ahead(tokens: int, hidden: int, vocab: int, dtype=torch.bfloat16, *, bias: bool = False, softcap=None,

@@ -62,6 +62,13 @@ def test_space_starts_at_the_default_and_spans_what_is_tuned(base):
     assert space["gh"][1] == C.GH_TWO_CTAS
     assert all("fwd_block_v" not in c for cands in space.values() for c in cands)
     assert "vocab_chunk" not in dict(C.tuning_space(base, 132, tune_chunk=False))
+    # Within a block's shared memory (227 KiB on sm_90): BLOCK_K 128 fits 3 stages of 128x128 bf16 tiles, not 4.
+    fits = dict(C.tuning_space(base, 132, shared_limit=232448, itemsize=2))
+    assert {(c.get("fwd_block_k", 64), c.get("fwd_stages", 3)) for c in fits["fwd"]} == {
+        (64, 3), (64, 4), (64, 5), (128, 3)}
+    assert all(C.shared_bytes(dataclasses.replace(base, **c), f, 2) <= 232448 for f in ("fwd", "dlogits", "gh")
+               for c in fits[f])
+    assert C.shared_bytes(base, "fwd", 2) == 96 * 1024  # what the compiled forward allocates (compile guard)
 
 
 def test_search_picks_the_fastest_of_each_family(base):

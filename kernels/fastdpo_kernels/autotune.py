@@ -227,7 +227,7 @@ def search(base: KernelConfig, space, measure, budget: float, clock=time.perf_co
 
 
 def tuned_config(key: TuneKey, base: KernelConfig, measure, sm_count=None, budget: float | None = None,
-                 force: bool = False) -> KernelConfig:
+                 force: bool = False, shared_limit=None, itemsize: int = 2) -> KernelConfig:
     """The config for ``key``: cached, else tuned now with ``measure`` (see :func:`search`) and cached.
 
     Tuning off (``FASTDPO_AUTOTUNE=0``): ``base``, whatever is cached. ``measure`` None (no tensors to time, e.g.
@@ -245,7 +245,8 @@ def tuned_config(key: TuneKey, base: KernelConfig, measure, sm_count=None, budge
     budget = budget_s() if budget is None else budget
     _announce(key, budget)
     start = time.perf_counter()
-    best, rows = search(base, tuning_space(base, sm_count, tune_chunk=not key.partial_keep), measure, budget)
+    space = tuning_space(base, sm_count, tune_chunk=not key.partial_keep, shared_limit=shared_limit, itemsize=itemsize)
+    best, rows = search(base, space, measure, budget)
     store(key, best, {"seconds": round(time.perf_counter() - start, 3), "trials": rows,
                       "complete": all(r[3] != "skipped: tuning budget spent" for r in rows)})
     return best

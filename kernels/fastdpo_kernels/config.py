@@ -161,8 +161,11 @@ def shared_bytes(config: KernelConfig, family: str, itemsize: int) -> int:
     return stages * (a + b) * k * itemsize
 
 
-def tuning_space(base: KernelConfig, sm_count=None, tune_chunk=True):
-    """``[(family, [overrides, ...]), ...]``: the candidates of each family, the base's own values first."""
+def tuning_space(base: KernelConfig, sm_count=None, tune_chunk=True, shared_limit=None, itemsize=2):
+    """``[(family, [overrides, ...]), ...]``: the candidates of each family, the base's own values first.
+
+    With ``shared_limit`` (bytes a block may use) the tile candidates whose pipelined loop needs more
+    (:func:`shared_bytes`, for ``itemsize``-byte inputs) are left out: they would not launch."""
     def tiles(prefix):
         k = getattr(base, f"{prefix}_block_k")
         return [{f"{prefix}_block_k": bk, f"{prefix}_stages": st} for bk in (k, 2 * k) for st in TUNE_STAGES]
@@ -175,12 +178,16 @@ def tuning_space(base: KernelConfig, sm_count=None, tune_chunk=True):
              ("gh", [{}, dict(GH_TWO_CTAS)])]
     if tune_chunk:
         space.append(("vocab_chunk", [{"vocab_chunk": base.vocab_chunk}, {"vocab_chunk": 2 * base.vocab_chunk}]))
+    if shared_limit:
+        space = [(family, [c for c in cands if family not in ("fwd", "dlogits", "gh")
+                           or shared_bytes(replace(base, **c), family, itemsize) <= shared_limit])
+                 for family, cands in space]
     return [(family, _first_is_base(base, cands)) for family, cands in space]
 
 
 def _first_is_base(base, candidates):
     """The base's own values first (ties keep the default), each distinct candidate once."""
-    own = {k: getattr(base, k) for k in candidates[0]} if candidates[0] else {}
+    own = {k: getattr(base, k) for k in candidates[0]} if candidates else {}
     out = [own]
     for c in candidates:
         if replace(base, **c) not in [replace(base, **o) for o in out]:
