@@ -34,9 +34,7 @@ def _config(hidden: torch.Tensor, weight=None, bias=None, opts: HeadOptions | No
     base = default_config(hidden.dtype, (props.major, props.minor), props.multi_processor_count)
     if weight is None or opts is None or overridden():
         return base
-    key = autotune.TuneKey(props.name, str(hidden.dtype).removeprefix("torch."), autotune.token_bucket(hidden.shape[0]),
-                           hidden.shape[1], weight.shape[0], bias=bias is not None, softcap=opts.softcap is not None,
-                           extras=bool(opts.extras), partial_keep=0 < opts.memory < float("inf"))
+    key = tune_key(props.name, hidden, weight, bias, opts)
     timeable = compacted is not None and not torch.cuda.is_current_stream_capturing() and not _is_fake(hidden)
     measure = _measure(hidden, weight, bias, opts, compacted) if timeable else None
     return autotune.tuned_config(key, base, measure, props.multi_processor_count, force=force,
@@ -64,6 +62,14 @@ def tune_ahead(tokens: int, hidden: int, vocab: int, dtype=torch.bfloat16, *, bi
     opts = HeadOptions(backend="triton", softcap=softcap, extras=extras, memory=float(memory))
     config = _config(x, w, b, opts, _compact(targets.to(device), opts.ignore_index), force=force)
     return config, autotune.cache_path(torch.cuda.get_device_properties(device).name)
+
+
+def tune_key(device_name: str, hidden, weight, bias, opts: HeadOptions) -> autotune.TuneKey:
+    """The autotuning key of a call: host-known values only (shapes, dtype, the flags that pick kernels)."""
+    return autotune.TuneKey(device_name, str(hidden.dtype).removeprefix("torch."),
+                            autotune.token_bucket(hidden.shape[0]), hidden.shape[1], weight.shape[0],
+                            bias=bias is not None, softcap=opts.softcap is not None, extras=bool(opts.extras),
+                            partial_keep=0 < opts.memory < float("inf"))
 
 
 def _is_fake(t: torch.Tensor) -> bool:

@@ -241,3 +241,17 @@ def test_tune_command_needs_a_gpu_and_a_whole_custom_head(capsys):
             cli.main(bad)
     with pytest.raises(ValueError, match="device must be a CUDA device"):
         _triton_path.tune_ahead(8, 16, 32, device="cpu")
+
+
+def test_a_calls_key_holds_host_known_values_only():
+    x, w = torch.empty(3000, 64, dtype=torch.bfloat16), torch.empty(1000, 64, dtype=torch.bfloat16)
+    key = _triton_path.tune_key("GPU", x, w, None, HeadOptions(backend="triton"))
+    assert key == autotune.TuneKey("GPU", "bfloat16", 4096, 64, 1000)
+    # Token counts in one power-of-two bucket share the choice; the flags that pick kernels do not.
+    assert _triton_path.tune_key("GPU", x[:2100], w, None, HeadOptions(backend="triton")) == key
+    flagged = _triton_path.tune_key("GPU", x, w, torch.empty(1000), HeadOptions(backend="triton", softcap=30.0,
+                                                                                  extras=True, memory=0.5))
+    assert (flagged.bias, flagged.softcap, flagged.extras, flagged.partial_keep) == (True, True, True, True)
+    for memory in (0.0, float("inf")):  # lean and fast tune alike; only a partial budget pins the chunk
+        assert not _triton_path.tune_key("GPU", x, w, None, HeadOptions(backend="triton", memory=memory)).partial_keep
+    assert len({key.text(), flagged.text()}) == 2
