@@ -110,7 +110,7 @@ step compare-llama3-8b 200 "$PY" -u benchmarks/gpu_compare.py --skip-checks --sh
   --name compare-llama3-8b --repeats 5 --warmup 2 ${COMPARE[@]+"${COMPARE[@]}"}
 step profile 90 "$PY" -u benchmarks/profile_step.py ${DEV[@]+"${DEV[@]}"}
 for shape in $SHAPES_REST; do
-  # Issue 10's targets at these shapes are with a reference head, like with like without the extras.
+  # The targets at these shapes are with a reference head, like with like without the extras.
   step "compare-$shape" 120 "$PY" -u benchmarks/gpu_compare.py --skip-checks --shapes "$shape" --cases ref \
     --extras off --name "compare-$shape" --repeats 5 --warmup 2 ${COMPARE[@]+"${COMPARE[@]}"}
 done
