@@ -15,7 +15,13 @@ FLOORS_TESTS ?= tests/test_integrations_transformers.py tests/test_integrations_
 	tests/test_distributed_head.py tests/test_distributed.py tests/test_distributed_trainers.py \
 	tests/test_vocab_parallel.py tests/test_adversarial.py
 
-.PHONY: demo test test-floors venv clean
+.PHONY: demo test test-floors test-compile-triton36 venv clean
+
+# The compile guard also runs against triton 3.6 (what the GPU machines we benchmark on run), in its own venv:
+# torch as above, then triton 3.6.0 without dependencies (the guard needs only its compiler and ptxas).
+TRITON36_VENV ?= .venv-triton36
+TRITON36 ?= triton==3.6.0
+
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +31,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 venv: $(VENV)/.installed
+
+$(TRITON36_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON36_VENV)/bin/python -m pip install -q "$(TORCH)" numpy tqdm pytest pytest-benchmark
+	$(TRITON36_VENV)/bin/python -m pip install -q --no-deps "$(TRITON36)"
+	$(TRITON36_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-compile-triton36: $(TRITON36_VENV)/.installed
+	$(TRITON36_VENV)/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+	$(TRITON36_VENV)/bin/python -m pytest -q tests/test_kernels_compile.py
 
 demo: venv
 	$(PY) -m fastdpo bench
@@ -47,4 +65,4 @@ test-floors: $(VENV_FLOORS)/.installed
 	$(PYF) -m pytest -q -p no:cacheprovider $(FLOORS_TESTS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 clean:
-	rm -rf $(VENV) $(VENV_FLOORS) build dist *.egg-info
+	rm -rf $(VENV) $(VENV_FLOORS) $(TRITON36_VENV) build dist *.egg-info

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# The one device call (issue 10): everything a session lent a GPU for ~15 minutes should measure, in <= 8 minutes.
+# fastdpo's whole GPU benchmark in one command of at most 8 minutes, on a machine with an NVIDIA GPU and no network:
 #
-#   run(command="bash benchmarks/device_run.sh", carry=[".wheels"], timeout_s=540)     # see benchmarks/README.md
+#   bash benchmarks/fetch_wheels.sh      # once, where there is network: the competitors' wheels into .wheels/
+#   OUT=results-dir bash benchmarks/device_run.sh
 #
-# Needs python3 with torch and triton (transformers for TRL), no network: the competitors come from .wheels/
-# (benchmarks/fetch_wheels.sh, run beforehand where there is network). Every step runs under `timeout`, with
-# unbuffered output, and writes its results into $OUT as soon as it has them, so a run cut off anywhere still
-# returns what it measured. The overall budget (FASTDPO_DEVICE_BUDGET_S, default 470 s) caps every step's timeout
-# by the time left. Steps, in order of value:
+# Needs python3 with torch and triton (transformers for TRL); the competitors (TRL, Liger-Kernel, Cut Cross-Entropy)
+# install from .wheels/ (--no-deps, --no-index). Every step runs under `timeout`, with unbuffered output, and writes
+# its results into $OUT as soon as it has them, so a run cut off anywhere still leaves what it measured. The overall
+# budget (FASTDPO_DEVICE_BUDGET_S, default 470 s) caps every step's timeout by the time left. Steps, in order of
+# value:
 #   env      GPU, driver, versions                                      -> $OUT/env.txt
 #   install  competitors' wheels (--no-deps, --no-index) and fastdpo     -> $OUT/install.json
 #   cublas   the card's bf16 matmul rate at the head's shapes           -> $OUT/cublas.json
+#   tune     the fused kernels' autotuning at the compared shapes        -> $OUT/tuning/autotune-<card>-....json
 #   checks   correctness of the compiled kernels, lean and fast modes   -> $OUT/gpu_checks.md
-#   compare  llama3-8b: every implementation, ref/noref, extras off/on  -> $OUT/compare-llama3-8b.{json,md}
+#   compare  llama3-8b: every engine in lean and fast mode and auto       -> $OUT/compare-llama3-8b.{json,md}
+#            (fastdpo-fused[-fast], fastdpo-chunked[-fast], fastdpo[-fast]) beside TRL, Liger, CCE and naive;
+#            ref/noref, extras off/on
 #   profile  per-kernel time of one llama3-8b step (torch.profiler)     -> $OUT/profile.{md,json}
 #   compare  llama3-8b-1x512, gemma2-2b, qwen2.5-7b (ref, no extras)    -> $OUT/compare-<shape>.{json,md}
 #   record   all rows in one file, a markdown table naming the card     -> $OUT/results.json, $OUT/RESULTS-run.md
-# Then, back on the session's machine: python3 benchmarks/record_results.py --from <files_at> (see README).
+# The autotuning cache lives in $OUT/tuning (FASTDPO_CACHE_DIR), so the run records the configs it chose and their
+# trials; each compare report lists them too. FASTDPO_AUTOTUNE_BUDGET_S (default here 25 s) bounds each shape's
+# tuning. Then, to keep the run: python3 benchmarks/record_results.py --from $OUT --record (see README).
 #
 # FASTDPO_DEVICE_TINY=1 runs the same flow on CPU at toy sizes through the Triton interpreter (the tests use it);
 # FASTDPO_DEVICE_SKIP_STEPS="checks profile" leaves steps out (a rerun, or a test that covers them elsewhere);
@@ -28,13 +34,15 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} PIP_DISABLE_PIP_
 OUT=${OUT:-$PWD/device-out}
 export OUT
 mkdir -p "$OUT"
+export FASTDPO_CACHE_DIR=${FASTDPO_CACHE_DIR:-$OUT/tuning} FASTDPO_AUTOTUNE_BUDGET_S=${FASTDPO_AUTOTUNE_BUDGET_S:-25}
 BUDGET=${FASTDPO_DEVICE_BUDGET_S:-470}
 END=$((SECONDS + BUDGET))
 TINY=${FASTDPO_DEVICE_TINY:-0}
 if [ "$TINY" = 1 ]; then
   export TRITON_INTERPRET=1
   DEV=(--device cpu --tiny)
-  COMPARE=(--device cpu --tiny --dtype fp32 --repeats 1 --warmup 0)
+  # With a reference only: the interpreter runs every row's kernels in numpy (gpu_compare's tests cover noref).
+  COMPARE=(--device cpu --tiny --dtype fp32 --repeats 1 --warmup 0 --cases ref)
   SHAPES_REST=${FASTDPO_DEVICE_SHAPES-gemma2-2b}
 else
   DEV=()
@@ -90,12 +98,19 @@ else
 fi
 
 step cublas 60 "$PY" -u benchmarks/cublas_rate.py ${DEV[@]+"${DEV[@]}"}
-step checks 180 "$PY" -u benchmarks/gpu_checks.py ${DEV[@]+"${DEV[@]}"}
-step compare-llama3-8b 170 "$PY" -u benchmarks/gpu_compare.py --skip-checks --shapes llama3-8b \
-  --name compare-llama3-8b ${COMPARE[@]+"${COMPARE[@]}"}
+if [ "$TINY" != 1 ]; then
+  # Ahead of the timings (which would otherwise tune in their warm-up): the compared shapes' policy heads.
+  TUNE_SHAPES=(--shape llama3-8b)
+  for shape in $SHAPES_REST; do TUNE_SHAPES+=(--shape "$shape"); done
+  step tune 150 "$PY" -u -m fastdpo tune "${TUNE_SHAPES[@]}"
+  step tune-extras 40 "$PY" -u -m fastdpo tune --shape llama3-8b --extras
+fi
+step checks 120 "$PY" -u benchmarks/gpu_checks.py ${DEV[@]+"${DEV[@]}"}
+step compare-llama3-8b 200 "$PY" -u benchmarks/gpu_compare.py --skip-checks --shapes llama3-8b \
+  --name compare-llama3-8b --repeats 5 --warmup 2 ${COMPARE[@]+"${COMPARE[@]}"}
 step profile 90 "$PY" -u benchmarks/profile_step.py ${DEV[@]+"${DEV[@]}"}
 for shape in $SHAPES_REST; do
-  # Issue 10's targets at these shapes are with a reference head, like with like without the extras.
+  # The targets at these shapes are with a reference head, like with like without the extras.
   step "compare-$shape" 120 "$PY" -u benchmarks/gpu_compare.py --skip-checks --shapes "$shape" --cases ref \
     --extras off --name "compare-$shape" --repeats 5 --warmup 2 ${COMPARE[@]+"${COMPARE[@]}"}
 done

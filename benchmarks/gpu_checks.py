@@ -5,12 +5,15 @@ shapes (H, V, T not multiples of any block) in fp32, bf16 and fp16, with a softc
 tokens, in lean mode, fast mode and a GiB budget that keeps part of the vocabulary, against a float64
 reference on the same device, every gradient included; then the cases only
 a GPU can hold: a weight and a hidden-state tensor of more than 2^31 elements (int64 offsets),
-bit-identical reruns, and an all-ignored batch. ``tiny=True`` shrinks everything so the same code can
+bit-identical reruns, and an all-ignored batch; and every config the autotuner may choose, against float64. The
+checks run with autotuning off (``FASTDPO_AUTOTUNE=0``: the default config), the candidates explicitly. ``tiny=True`` shrinks everything so the same code can
 be smoke-tested on CPU through the interpreter.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 import traceback
 
@@ -244,30 +247,75 @@ def check_packed(device, tiny):
     return ok, lines
 
 
+def check_tuning_candidates(device, tiny):
+    """Each config the autotuner may choose here (:func:`fastdpo.kernels.config.tuning_space` from the default),
+    bf16 on a GPU (fp32 through the interpreter), softcap, bias and extras, lean and fast, against float64."""
+    from fastdpo import _triton_path
+    from fastdpo.kernels.config import tuning_space, use_config
+
+    rows, T, H, V = (2, 9, 19, 53) if tiny else (4, 129, 1031, 20011)
+    dtype, (logp_tol, grad_tol) = ((torch.float32, (1e-4, 1e-4)) if device == "cpu" else
+                                   (torch.bfloat16, (1e-3, 1.5e-2)))
+    hidden, weight, bias, labels = _batch(rows, T, H, V, device, seed=7)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(device)
+    head = HEADS["softcap+bias+scale"]
+    rounded = [t.to(dtype).double() for t in (hidden, weight, bias)]
+    ref, ref_g = _stats_and_grads(_reference, *rounded, labels, upstream, head, torch.float64)
+    base = _triton_path._config(hidden.to(dtype))
+    sm = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else None
+    configs = list(dict.fromkeys(dataclasses.replace(base, **c) for _, cands in tuning_space(base, sm) for c in cands))
+    lines, ok = [], True
+    for cfg in configs:
+        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(base, k) != v} or "default"
+        if tiny and changed != "default" and all(k.endswith("_stages") for k in changed):
+            continue  # the interpreter ignores the pipeline depth: the same run as the default's
+        for memory in ("lean", "fast"):
+            with use_config(cfg):
+                ours, ours_g = _stats_and_grads(_ours, hidden, weight, bias, labels, upstream,
+                                                dict(head, memory=memory), dtype)
+            err = max(_abs(ours[name], ref[name]) for name in STATS)
+            grad_err = max(_rel(a, b) for a, b in zip(ours_g, ref_g))
+            good = err <= logp_tol and grad_err <= grad_tol
+            ok &= good
+            lines.append(f"{changed} {memory}: stats err {err:.1e} (tol {logp_tol:.0e}), grad rel err {grad_err:.1e} "
+                         f"(tol {grad_tol:.1e}): {'PASS' if good else 'FAIL'}")
+    return ok, lines
+
+
 CHECKS = {
     "odd shapes vs float64": check_odd_shapes,
     "weight > 2^31 elements": check_large_weight,
     "hidden > 2^31 elements": check_large_hidden,
     "determinism, empty batch": check_determinism_and_empty,
     "packed (padding-free) vs padded": check_packed,
+    "autotuning candidates vs float64": check_tuning_candidates,
 }
 
 
 def run_checks(device="cuda", tiny=False):
     """Run every check; returns ``(all_passed, markdown_lines)``. A check that raises counts as failed."""
     all_ok, out = True, []
-    for name, fn in CHECKS.items():
-        t0 = time.perf_counter()
-        try:
-            ok, lines = fn(device, tiny)
-        except Exception:  # noqa: BLE001 - a crash is a failed check, reported with its traceback
-            ok, lines = False, ["raised:", "```", traceback.format_exc(limit=6).rstrip(), "```"]
-        finally:
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        all_ok &= ok
-        out.append(f"- **{name}** ({time.perf_counter() - t0:.1f} s): {'PASS' if ok else 'FAIL'}")
-        out += [f"  - {line}" if not line.startswith(("`", "  ")) else line for line in lines]
+    # The default config in every check; check_tuning_candidates runs the others.
+    saved = os.environ.get("FASTDPO_AUTOTUNE")
+    os.environ["FASTDPO_AUTOTUNE"] = "0"
+    try:
+        for name, fn in CHECKS.items():
+            t0 = time.perf_counter()
+            try:
+                ok, lines = fn(device, tiny)
+            except Exception:  # noqa: BLE001 - a crash is a failed check, reported with its traceback
+                ok, lines = False, ["raised:", "```", traceback.format_exc(limit=6).rstrip(), "```"]
+            finally:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            all_ok &= ok
+            out.append(f"- **{name}** ({time.perf_counter() - t0:.1f} s): {'PASS' if ok else 'FAIL'}")
+            out += [f"  - {line}" if not line.startswith(("`", "  ")) else line for line in lines]
+    finally:
+        if saved is None:
+            os.environ.pop("FASTDPO_AUTOTUNE", None)
+        else:
+            os.environ["FASTDPO_AUTOTUNE"] = saved
     return all_ok, out
 
 

@@ -1,4 +1,9 @@
-"""The GPU comparison of DESIGN §3/§6: fastdpo (lean and fast) against naive, TRL 1.16, Liger 0.8.5 and CCE 25.1.1.
+"""The GPU comparison of DESIGN §3/§6: fastdpo against naive, TRL 1.16, Liger 0.8.5 and CCE 25.1.1.
+
+fastdpo's rows: each engine in lean and fast mode, ``fastdpo-fused`` / ``fastdpo-fused-fast`` (the fused Triton
+kernels, ``backend="triton"``) and ``fastdpo-chunked`` / ``fastdpo-chunked-fast`` (``backend="torch"``), and what
+``backend="auto"`` picks, ``fastdpo`` (lean) and ``fastdpo-fast``. The fused kernels tune themselves on the first
+call at a shape (during the warm-up); the choices are listed in the report (from the autotuning cache).
 
 For each shape (llama3-8b, gemma2-2b, qwen2.5-7b by default), with a reference head (policy forward+backward plus
 reference forward) and without one, and like with like: first every implementation asked for the log-probs only,
@@ -28,7 +33,7 @@ import sys
 
 import torch
 
-from fastdpo.bench.competitors import get_implementations, make_inputs
+from fastdpo.bench.competitors import FastDPO, get_implementations, make_inputs
 from fastdpo.bench.memory import PeakMeter
 from fastdpo.bench.run import GPU_SHAPES, SHAPES, BenchConfig, BenchReport, BenchRow, exact_reference, format_table
 from fastdpo.bench.run import machine_name, measure
@@ -44,10 +49,50 @@ FAST_MAX_PEAK_VS_TRL = 1.0
 TINY = dict(hidden=32, vocab=96, pairs=2, seq_len=16)
 # Liger compiles with torch.compile on its first call (tens of seconds): it runs after both extras passes of a
 # case, so a run cut off there keeps every other row.
-DEFAULT_ORDER = ("fastdpo", "fastdpo-fast", "trl", "naive", "cce", "liger")
+# Each engine's rows: (backend, memory).
+ENGINE_ROWS = {"fastdpo-fused": ("triton", "lean"), "fastdpo-fused-fast": ("triton", "fast"),
+               "fastdpo-chunked": ("torch", "lean"), "fastdpo-chunked-fast": ("torch", "fast")}
+DEFAULT_ORDER = ("fastdpo", "fastdpo-fast", *ENGINE_ROWS, "trl", "naive", "cce", "liger")
 RUN_LAST = ("liger",)
-OURS = ("fastdpo", "fastdpo-fast")
+OURS = ("fastdpo", "fastdpo-fast", *ENGINE_ROWS)
+FAST_ROWS = {"fastdpo-fast", "fastdpo-fused-fast", "fastdpo-chunked-fast"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def implementations(keys, extras: bool = False) -> list:
+    """Adapters for ``keys``: the engine rows of :data:`ENGINE_ROWS`, else what
+    :func:`fastdpo.bench.competitors.get_implementations` knows."""
+    out = []
+    for key in keys:
+        if key in ENGINE_ROWS:
+            backend, memory = ENGINE_ROWS[key]
+            impl = FastDPO(backend, memory=memory, extras=extras)
+            impl.key = impl.label = key
+            out.append(impl)
+        else:
+            out += get_implementations((key,), extras=extras)
+    return out
+
+
+def tuning_lines(cache_dir=None) -> list:
+    """What the fused kernels' autotuner chose in this environment (its cache files), as markdown lines."""
+    from fastdpo.kernels import autotune
+
+    folder = cache_dir or autotune.cache_dir()
+    files = sorted(f for f in os.listdir(folder) if f.startswith("autotune-")) if os.path.isdir(folder) else []
+    lines = []
+    for name in files:
+        try:
+            with open(os.path.join(folder, name)) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as err:
+            lines.append(f"- {name}: unreadable ({err})")
+            continue
+        for key, entry in sorted(data.get("configs", {}).items()):
+            trials = entry.get("trials", [])
+            lines.append(f"- {data.get('device')} {key}: `{entry.get('config')}` ({len(trials)} trials, "
+                         f"{entry.get('seconds')} s{'' if entry.get('complete') else ', budget spent'})")
+    return lines or [f"- none in {folder} (the default config: no CUDA, or {autotune.ENV_AUTOTUNE}=0)"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"argument --cases: unknown case {c!r}; choose from ref, noref")
     args.impl = tuple(k.strip() for k in args.impl.split(",") if k.strip())
     try:
-        get_implementations(args.impl)
+        implementations(args.impl)
     except ValueError as err:
         p.error(f"argument --impl: {err}")
     if args.repeats < 1 or args.warmup < 0:
@@ -125,7 +170,7 @@ def run_case(shape_name, with_ref, args, dtype, sink=None) -> list:
                              date=_dt.datetime.now().isoformat(timespec="seconds"), input_bytes=inp.input_bytes(),
                              valid_tokens=inp.valid_tokens)
         out.append((extras, report))
-        for impl in get_implementations(args.impl, extras=extras):
+        for impl in implementations(args.impl, extras=extras):
             if extras and not impl.supports_extras:
                 continue
             if impl.key in RUN_LAST:
@@ -184,8 +229,9 @@ def check_targets(results: list) -> tuple[list, bool]:
             lines.append(f"- {case} {key}: loss err {ours.loss_abs_err:.1e} {'PASS' if ok_loss else 'FAIL'} "
                          f"(<= {MAX_LOSS_ERR:g}); grad-hidden rel err {ours.grad_hidden_rel_err:.1e} "
                          f"{'PASS' if ok_grad else 'FAIL'} (<= {MAX_GRAD_HIDDEN_REL_ERR:g})")
-            max_time = LEAN_MAX_TIME_VS_TRL if key == "fastdpo" else FAST_MAX_TIME_VS_TRL
-            max_peak = LEAN_MAX_PEAK_VS_TRL if key == "fastdpo" else FAST_MAX_PEAK_VS_TRL
+            fast = key in FAST_ROWS
+            max_time = FAST_MAX_TIME_VS_TRL if fast else LEAN_MAX_TIME_VS_TRL
+            max_peak = FAST_MAX_PEAK_VS_TRL if fast else LEAN_MAX_PEAK_VS_TRL
             if trl is None:
                 lines.append("  vs TRL: not measured (TRL not run)")
             else:
@@ -197,7 +243,7 @@ def check_targets(results: list) -> tuple[list, bool]:
                     lines.append(f"  peak {ours.peak_bytes / (1 << 30):.3f} GiB = {pr:.2f}x TRL's "
                                  f"{trl.peak_bytes / (1 << 30):.3f} GiB: {'MET' if pr <= max_peak else 'MISSED'} "
                                  f"(target <= {max_peak}x)")
-            if key == "fastdpo" and c.shape == "llama3-8b" and c.with_ref and ours.peak_bytes is not None:
+            if not fast and c.shape == "llama3-8b" and c.with_ref and ours.peak_bytes is not None:
                 gib = ours.peak_bytes / (1 << 30)
                 lines.append(f"  peak {gib:.3f} GiB above inputs: {'MET' if gib <= LEAN_MAX_PEAK_GIB_LLAMA else 'MISSED'} "
                              f"(target <= {LEAN_MAX_PEAK_GIB_LLAMA} GiB)")
@@ -223,6 +269,7 @@ def markdown(results: list, target_lines: list, args, check_lines=()) -> str:
         out += [f"## {c.shape}: H={c.hidden} V={c.vocab}, {c.pairs} pairs x {c.seq_len}, {what}; {asked}", "",
                 format_table(rep, markdown=True), ""]
     out += ["## Targets (issue 10)", ""] + target_lines
+    out += ["", "## Autotuning chosen (fused kernels)", ""] + tuning_lines()
     return "\n".join(out) + "\n"
 
 

@@ -24,7 +24,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRED = ("device", "shape", "case", "impl", "ms", "peak_gib", "loss_err", "grad_h_rel_err")
-IMPL_ORDER = ("fastdpo", "fastdpo-fast", "trl", "liger", "cce", "naive")
+IMPL_ORDER = ("fastdpo", "fastdpo-fast", "fastdpo-fused", "fastdpo-fused-fast", "fastdpo-chunked",
+              "fastdpo-chunked-fast", "trl", "liger", "cce", "naive")
 
 
 def load_rows(folder: str) -> list:
@@ -71,8 +72,10 @@ def _targets(rows: list) -> list:
         pick = {r["impl"]: r for r in rows if r["shape"] == shape and r["case"] == case and not r.get("extras")
                 and r.get("status", "ok") == "ok"}
         trl = pick.get("trl")
-        for key, max_t, max_p in (("fastdpo", gc.LEAN_MAX_TIME_VS_TRL, gc.LEAN_MAX_PEAK_VS_TRL),
-                                  ("fastdpo-fast", gc.FAST_MAX_TIME_VS_TRL, gc.FAST_MAX_PEAK_VS_TRL)):
+        for key in gc.OURS:
+            fast = key in gc.FAST_ROWS
+            max_t = gc.FAST_MAX_TIME_VS_TRL if fast else gc.LEAN_MAX_TIME_VS_TRL
+            max_p = gc.FAST_MAX_PEAK_VS_TRL if fast else gc.LEAN_MAX_PEAK_VS_TRL
             ours = pick.get(key)
             if ours is None:
                 continue
@@ -86,7 +89,7 @@ def _targets(rows: list) -> list:
             if trl and trl["peak_gib"] and ours["peak_gib"] is not None:
                 p = ours["peak_gib"] / trl["peak_gib"]
                 line += f"; peak {p:.2f}x TRL {'MET' if p <= max_p else 'MISSED'} (<= {max_p}x)"
-            if key == "fastdpo" and shape == "llama3-8b" and case == "ref" and ours["peak_gib"] is not None:
+            if not fast and shape == "llama3-8b" and case == "ref" and ours["peak_gib"] is not None:
                 ok = ours["peak_gib"] <= gc.LEAN_MAX_PEAK_GIB_LLAMA
                 line += f"; peak {ours['peak_gib']:.3f} GiB {'MET' if ok else 'MISSED'} (<= {gc.LEAN_MAX_PEAK_GIB_LLAMA})"
             out.append(line)
@@ -134,6 +137,10 @@ def markdown(rows: list, folder: str) -> str:
                                f"{_fmt(r['loss_err'], '.1e')} | {_fmt(r['grad_h_rel_err'], '.1e')} | {note} |")
         out.append("")
     out += ["### Targets (issue 10)", ""] + _targets(rows) + [""]
+    sys.path.insert(0, HERE)
+    import gpu_compare as gc
+
+    out += ["### Autotuning chosen (fused kernels)", ""] + gc.tuning_lines(os.path.join(folder, "tuning")) + [""]
     return "\n".join(out)
 
 

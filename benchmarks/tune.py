@@ -1,13 +1,14 @@
-"""Opt-in tuning of the kernel tiles on a GPU: time candidate configs of each kernel family, print the best.
+"""A wider search of the kernel tiles on a GPU than the autotuner's: time candidate configs of each kernel family.
 
     python benchmarks/tune.py [--shape llama3-8b] [--dtype bf16] [--repeats 5]
 
 Coordinate descent from ``default_config``: the forward's tiles (and vocabulary split), then each backward
 kernel's tiles with the others held at the best so far, then the backward's vocabulary chunk (which also
 sets the workspace, so its peak memory is printed beside its time). Each row reports the registers
-spilled by the compiled kernel. The result is a ``KernelConfig(...)`` to put into ``kernels/fastdpo_kernels/config.py``
-(the one place tiles are chosen), and a JSON file under ``$OUT`` when set. Nothing here runs in
-the library: tuning is opt-in. ``--tiny --device cpu`` runs the same flow through the Triton
+spilled by the compiled kernel. The result is a ``KernelConfig(...)`` to weigh for the defaults in
+``kernels/fastdpo_kernels/config.py`` (the one place tiles are chosen), and a JSON file under ``$OUT`` when set. The
+library's own autotuning (``fastdpo tune``, or the first call at a shape; ``kernels/fastdpo_kernels/autotune.py``)
+times only the small space of ``config.tuning_space``. ``--tiny --device cpu`` runs the same flow through the Triton
 interpreter at toy sizes (the tests use it).
 """
 

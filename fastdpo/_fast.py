@@ -45,7 +45,8 @@ def _triton_kept_like(hidden, weight, opts: HeadOptions):
     from .kernels import logprob_fast as K
 
     N, V = hidden.shape[0], weight.shape[0]
-    config = _triton_path._config(hidden)
+    # Kept shapes depend on no tuned field (fwd_block_v is never tuned, nor vocab_chunk under a budget).
+    config = _triton_path._config(hidden, weight, None, opts)
     v_keep = K.keep_columns(N, V, hidden.dtype, opts.memory * _GIB, config) if _keepable(opts) else 0
     if v_keep:
         (e_shape, e_dtype), (m_shape, m_dtype) = K.kept_shapes(N, v_keep, hidden.dtype, config)
@@ -64,7 +65,7 @@ def _triton_forward(hidden, weight, bias, targets, opts: HeadOptions, rows=None)
     from .kernels import logprob_fast as K
     from .kernels import logprob_fwd
 
-    config = _triton_path._config(hidden)
+    config = _triton_path._config(hidden, weight, bias, opts)
     N, V = hidden.shape[0], weight.shape[0]
     v_keep = K.keep_columns(N, V, hidden.dtype, opts.memory * _GIB, config) if _keepable(opts) else 0
     if v_keep == 0:
@@ -82,7 +83,7 @@ def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs,
 
     if kept_a.dim() != 2:
         return _triton_path.backward(hidden, weight, bias, targets, lse, grad_logp, opts, needs, rows=rows)
-    config = _triton_path._config(hidden)
+    config = _triton_path._config(hidden, weight, bias, opts)
     N, V = hidden.shape[0], weight.shape[0]
     kept = K.Kept(kept_a, kept_b, K.keep_columns(N, V, hidden.dtype, opts.memory * _GIB, config),
                   config.fwd_block_v)

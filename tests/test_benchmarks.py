@@ -42,7 +42,9 @@ def test_gpu_compare_arguments():
     gc = _load("gpu_compare")
     args = gc.parse_args([])
     assert args.shapes == ["llama3-8b", "gemma2-2b", "qwen2.5-7b"] and args.cases == ["ref", "noref"]
-    assert set(args.impl) == set(IMPLEMENTATIONS) and args.dtype == "bf16" and args.device == "cuda"
+    assert set(args.impl) == set(IMPLEMENTATIONS) | set(gc.ENGINE_ROWS) and args.dtype == "bf16"
+    assert args.device == "cuda" and set(gc.ENGINE_ROWS) == {"fastdpo-fused", "fastdpo-fused-fast", "fastdpo-chunked",
+                                                             "fastdpo-chunked-fast"}
     assert args.impl[-1] == "liger" and args.extras == "both"  # torch.compile's warm-up last
     for bad, name in ((["--shapes", "llama3-8b,gpt9"], "--shapes"), (["--cases", "both"], "--cases"),
                       (["--impl", "fastdpo,nope"], "--impl")):
@@ -158,12 +160,20 @@ def test_device_run_flow_writes_every_result(device_run):
     rows = json.loads((out / "results.json").read_text())
     assert all(set(ROW_KEYS) <= set(r) for r in rows)
     ok = {(r["case"], r["impl"], r["extras"]) for r in rows if r["status"] == "ok"}
-    for case in ("ref", "noref"):
-        for impl in ("fastdpo", "fastdpo-fast", "trl"):
-            assert (case, impl, False) in ok and (case, impl, True) in ok
-        assert (case, "naive", False) in ok and (case, "naive", True) not in ok
+    # At toy size with a reference only (the interpreter is slow): every engine in lean and fast mode beside auto's
+    # rows and the competitors, each of ours checked against the reference.
+    assert {r["case"] for r in rows} == {"ref"}
+    for impl in ("fastdpo", "fastdpo-fast", "fastdpo-fused", "fastdpo-fused-fast", "fastdpo-chunked",
+                 "fastdpo-chunked-fast", "trl"):
+        assert ("ref", impl, False) in ok and ("ref", impl, True) in ok
+    assert ("ref", "naive", False) in ok and ("ref", "naive", True) not in ok
+    assert all(r["loss_err"] < 1e-5 and r["grad_h_rel_err"] < 1e-5 for r in rows
+               if r["impl"].startswith("fastdpo") and r["status"] == "ok")
     md = (out / "RESULTS-run.md").read_text()
     assert "| ref | yes | fastdpo-fast |" in md and "### Targets (issue 10)" in md
+    assert "| ref | no | fastdpo-chunked-fast |" in md and "ref fastdpo-fused-fast: exactness MET" in md
+    # On CPU nothing is tuned: the report says the default config ran.
+    assert "### Autotuning chosen (fused kernels)" in md and "the default config" in md
 
 
 def test_record_results_names_the_card(device_run, tmp_path):

@@ -3,14 +3,17 @@
 The interpreter runs kernels as numpy and accepts code the compiler rejects (non-constexpr globals,
 mixed dtypes in a dot, unsupported control flow). This compiles them to cubin ahead of time for
 Hopper (sm_90) and Ampere (sm_80) with Triton's bundled ptxas, specialized as a launch on contiguous,
-16-byte-aligned tensors is (unit strides constant, pointers and other strides divisible by 16), and
-checks, per kernel and target, what a GPU run relies on: the K loops are software-pipelined (asynchronous copies
+16-byte-aligned tensors at a real head is (unit strides constant; pointers, other strides and the sizes divisible
+by 16, DIVISIBLE_INTS), and
+also for sm_86, sm_89, sm_100a and sm_120a (where the installed Triton targets them) within each one's shared memory,
+and checks, per kernel and target, what a GPU run relies on: the K loops are software-pipelined (asynchronous copies
 into shared memory); the products run on tensor cores (``wgmma`` on Hopper, ``mma.sync`` on Ampere, for 16-bit
 inputs); no register spills; and each kernel within its register budget (``REGISTER_BUDGET``). It runs in a
 subprocess because the test session imports the kernels under the interpreter; ``python
 tests/test_kernels_compile.py --table`` prints the figures.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,16 +22,22 @@ import sys
 import pytest
 
 CASES = [(90, "bf16"), (90, "fp16"), (90, "fp32"), (80, "bf16")]
-KERNEL_NAMES = ["forward", "forward+extras", "dlogits", "grad_weight", "grad_hidden", "forward_keep",
-                "forward_keep+extras", "dlogits_from_kept"]
+# The other generations a user may train on (Ampere consumer, Ada, datacenter and consumer Blackwell), bf16, where
+# the installed Triton targets them (Blackwell from triton 3.3).
+OTHER_ARCHS = [(86, "bf16"), (89, "bf16"), (100, "bf16"), (120, "bf16")]
+KERNEL_NAMES = ["forward", "forward+extras", "dlogits", "grad_weight", "grad_hidden", "grad_hidden_2cta",
+                "forward_keep", "forward_keep+extras", "dlogits_from_kept"]
 # The extras variants (entropy, Σp², argmax: what TRL's trainer logs) only for the 16-bit targets, to keep CI short.
 EXTRAS_CASES = [(90, "bf16"), (80, "bf16")]
+# The autotuner's 2-CTA grad-hidden candidate is for Hopper (on sm_80 it takes 128-166 registers: one CTA an SM,
+# which the tuner's timing then weighs like any other candidate).
+TWO_CTA_CASES = [(90, "bf16")]
 # Registers per thread each kernel may use. The GEMM-shaped kernels run 8 warps (256 threads) a CTA: at <= 255
 # registers one CTA fits an SM (65536 registers), which the default tiles are designed for (DESIGN §7: forward
-# 255, logit gradient 238, grad-hidden 190); two CTAs an SM would need <= 128, which none of them reaches yet.
-# The fast backward's elementwise kernel has no product and must leave room for 2+ CTAs an SM (<= 128).
+# 255, logit gradient 238, grad-hidden 190); two CTAs an SM need <= 128: the autotuner's grad-hidden candidate
+# (config.GH_TWO_CTAS). The fast backward's elementwise kernel has no product and must leave room for 8 CTAs an SM.
 REGISTER_BUDGET = {"forward": 255, "forward+extras": 255, "dlogits": 255, "grad_weight": 255, "grad_hidden": 255,
-                   "forward_keep": 255, "forward_keep+extras": 255, "dlogits_from_kept": 64}
+                   "grad_hidden_2cta": 128, "forward_keep": 255, "forward_keep+extras": 255, "dlogits_from_kept": 64}
 # Spill-store bytes allowed: none, except the forwards with the extras, whose three more running statistics
 # spill a few bytes at the 128x128 tiles (measured: 32 lean, 60 fast on sm_90; a GPU run decides whether
 # smaller tiles pay, benchmarks/tune.py).
@@ -38,13 +47,31 @@ SPILL_BUDGET = {"forward+extras": 64, "forward_keep+extras": 72, "forward_keep":
                 # fp32 inputs take exact FMA products (the exactness path, not a speed target): 8 bytes measured.
                 ("forward_keep", "fp32"): 16}
 # Kernels whose main loop is a tensor-core product (the elementwise one has none).
-MMA_KERNELS = {"forward", "forward+extras", "dlogits", "grad_weight", "grad_hidden", "forward_keep",
-               "forward_keep+extras"}
-MMA_INSTRUCTION = {90: "wgmma.mma_async", 80: "mma.sync"}
+MMA_KERNELS = {"forward", "forward+extras", "dlogits", "grad_weight", "grad_hidden", "grad_hidden_2cta",
+               "forward_keep", "forward_keep+extras"}
+MMA_INSTRUCTION = {80: "mma.sync", 86: "mma.sync", 89: "mma.sync", 90: "wgmma.mma_async", 100: "tcgen05.mma",
+                   120: "mma.sync"}
+# Shared memory a block may use (opt-in maximum) per target.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# Integer arguments that a launch at a real head (llama3-8b: H=4096, V=128256, chunks of 4096) passes as multiples
+# of 16, which Triton's launcher specialises as divisible by 16 (as it does pointers and strides): the sizes, the
+# vocabulary chunk's start and width, the kept columns. (min_programs and the split count depend on the GPU.)
+DIVISIBLE_INTS = ("H", "V", "v0", "vc", "V_keep")
+
+
+def _targets_blackwell() -> bool:
+    import importlib.metadata
+
+    major, minor = (int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+    return (major, minor) >= (3, 3)
 
 
 def cases_of(name):
-    return EXTRAS_CASES if name.endswith("+extras") else CASES
+    if name == "grad_hidden_2cta":
+        return TWO_CTA_CASES
+    if name.endswith("+extras"):
+        return EXTRAS_CASES
+    return CASES + [(a, d) for a, d in OTHER_ARCHS if a < 100 or _targets_blackwell()]
 
 
 def _params(cases=None, names=KERNEL_NAMES):
@@ -56,12 +83,12 @@ def _ptxas_report(ptx, arch):
     import re
     import tempfile
 
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name,
+        out = subprocess.run([get_ptxas(arch).path, f"-arch={sm_arch_from_capability(arch)}", "-v", f.name,
                               "-o", os.devnull], capture_output=True, text=True)
     text = out.stdout + out.stderr
     spills = re.findall(r"(\d+) bytes spill stores", text)
@@ -79,7 +106,12 @@ def _compile_all():
     from triton.compiler import ASTSource
 
     from fastdpo.kernels import logprob_bwd, logprob_fast, logprob_fwd
-    from fastdpo.kernels.config import default_config
+    from fastdpo.kernels.config import GH_TWO_CTAS, default_config
+
+    def grad_hidden(C):
+        # A middle chunk's: it reads and writes the fp32 accumulator.
+        return (logprob_bwd._grad_hidden_kernel, C.gh_warps, C.gh_stages,
+                dict(FIRST=False, LAST=False, BLOCK_M=C.gh_block_m, BLOCK_H=C.gh_block_h, BLOCK_K=C.gh_block_k))
 
     def kernels_for(C):
         def forward(extras, keep):
@@ -95,9 +127,8 @@ def _compile_all():
                              BLOCK_K=C.dlogits_block_k)),
             "grad_weight": (logprob_bwd._grad_weight_kernel, C.gw_warps, C.gw_stages,
                             dict(HAS_BIAS=True, BLOCK_V=C.gw_block_v, BLOCK_H=C.gw_block_h, BLOCK_K=C.gw_block_k)),
-            "grad_hidden": (logprob_bwd._grad_hidden_kernel, C.gh_warps, C.gh_stages,
-                            dict(FIRST=False, LAST=True, BLOCK_M=C.gh_block_m, BLOCK_H=C.gh_block_h,
-                                 BLOCK_K=C.gh_block_k)),
+            "grad_hidden": grad_hidden(C),
+            "grad_hidden_2cta": grad_hidden(dataclasses.replace(C, **GH_TWO_CTAS)),
             "dlogits_from_kept": (logprob_fast._dlogits_from_kept_kernel, C.kept_warps, 1,
                                   dict(HAS_SOFTCAP=True, FWD_BLOCK_V=C.fwd_block_v, BLOCK_M=C.kept_block_m,
                                        BLOCK_V=C.kept_block_v)),
@@ -108,6 +139,7 @@ def _compile_all():
     # Strides that are 1 on contiguous inputs; Triton's launcher turns those into constants.
     unit = {"forward": ("stride_xh", "stride_wh"), "dlogits": ("stride_xh", "stride_wh"),
             "grad_weight": ("stride_xh", "stride_gwh"), "grad_hidden": ("stride_wh",),
+            "grad_hidden_2cta": ("stride_wh",),
             "forward_keep": ("stride_xh", "stride_wh"), "dlogits_from_kept": ()}
     unit["forward+extras"], unit["forward_keep+extras"] = unit["forward"], unit["forward_keep"]
     results = {}
@@ -115,13 +147,13 @@ def _compile_all():
     for name in KERNEL_NAMES:
         for arch, dtype in cases_of(name):
             # The config the launcher picks for this dtype and GPU generation.
-            config = default_config(torch_dtype[dtype], (arch // 10, 0))
+            config = default_config(torch_dtype[dtype], (arch // 10, arch % 10))
             kernel, warps, stages, constexprs = kernels_for(config)[name]
             const = dict(constexprs)
             if "DOT_F32" in kernel.arg_names:
                 const.update(DOT_F32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
             const.update({arg: 1 for arg in unit[name]})
-            if name in ("grad_weight", "grad_hidden"):
+            if name.startswith(("grad_weight", "grad_hidden")):
                 const["RESCALE"] = dtype == "fp16"
             sig, attrs = {}, {}
             for i, arg in enumerate(kernel.arg_names):
@@ -132,7 +164,7 @@ def _compile_all():
                     sig[arg] = fixed.get(arg, f"*{dtype}")
                 else:
                     sig[arg] = "fp32" if arg in ("softcap", "scale") else "i32"
-                if arg.endswith("_ptr") or arg.startswith("stride") or arg == "H":
+                if arg.endswith("_ptr") or arg.startswith("stride") or arg in DIVISIBLE_INTS:
                     attrs[(i,)] = [["tt.divisibility", 16]]
             key = f"{name}/{arch}/{dtype}"
             try:
@@ -144,7 +176,7 @@ def _compile_all():
                 results[key] = {"shared": compiled.metadata.shared, "cubin": bool(compiled.asm.get("cubin")),
                                 "async_copies": ttgir.count("async_copy_global_to_local"),
                                 "registers": registers, "spill_bytes": spills, "warps": warps,
-                                "mma": {ins: ptx.count(ins) for ins in ("wgmma.mma_async", "mma.sync")},
+                                "mma": {ins: ptx.count(ins) for ins in ("wgmma.mma_async", "mma.sync", "tcgen05.mma")},
                                 "tma": ptx.count("cp.async.bulk.tensor")}
             except Exception as err:  # noqa: BLE001 - reported per kernel by the test
                 results[key] = f"{type(err).__name__}: {err}"
@@ -164,8 +196,8 @@ def test_kernel_compiles_for_gpu(compiled, name, arch, dtype):
     result = compiled[f"{name}/{arch}/{dtype}"]
     assert isinstance(result, dict), result
     assert result["cubin"]
-    # The tiles must fit one SM's shared memory (227 KiB usable on sm_90, 163 KiB on sm_80).
-    assert result["shared"] <= (232448 if arch == 90 else 166912)
+    # The tiles must fit one block's shared memory on the target (227 KiB on sm_90, 99 KiB on sm_86/89/120).
+    assert result["shared"] <= SHARED_LIMIT[arch]
     if name in MMA_KERNELS:
         assert result["async_copies"] > 0, "the K loop is not pipelined"
 
@@ -184,14 +216,15 @@ def test_kernel_registers_fit_the_budget_without_spills(compiled, name, arch, dt
     assert result["registers"] * 32 * result["warps"] <= 65536
 
 
-@pytest.mark.parametrize("name, arch, dtype", _params([c for c in CASES if c[1] != "fp32"], sorted(MMA_KERNELS)))
+@pytest.mark.parametrize("name, arch, dtype", _params([c for c in CASES + OTHER_ARCHS if c[1] != "fp32"],
+                                                      sorted(MMA_KERNELS)))
 def test_products_run_on_tensor_cores(compiled, name, arch, dtype):
-    """16-bit products use the generation's MMA: warpgroup wgmma on Hopper, mma.sync on Ampere (fp32 inputs with
-    exact fp32 products run on the FMA units by design)."""
+    """16-bit products use the generation's MMA: warpgroup wgmma on Hopper, tcgen05 on datacenter Blackwell,
+    mma.sync on the others (fp32 inputs with exact fp32 products run on the FMA units by design)."""
     mma = compiled[f"{name}/{arch}/{dtype}"]["mma"]
     assert mma[MMA_INSTRUCTION[arch]] > 0, mma
-    if arch == 80:
-        assert mma["wgmma.mma_async"] == 0
+    if MMA_INSTRUCTION[arch] == "mma.sync":
+        assert mma["wgmma.mma_async"] == 0 and mma["tcgen05.mma"] == 0
 
 
 def table(results: dict) -> str:

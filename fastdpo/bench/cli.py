@@ -1,4 +1,5 @@
-"""The ``fastdpo`` command line: ``fastdpo bench`` and ``fastdpo profile`` (also ``python -m fastdpo``)."""
+"""The ``fastdpo`` command line: ``fastdpo bench``, ``fastdpo profile`` and ``fastdpo tune`` (also ``python -m
+fastdpo``)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: the DPO loss without the logits. "
                                      "Measure it on your machine with `fastdpo bench` and `fastdpo profile`.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,profile}", help="what to run")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,profile,tune}", help="what to run")
 
     b = sub.add_parser("bench", help="time, peak memory and error of the DPO loss step against the naive "
                        "reference, TRL, Liger and CCE", description="The DPO loss step (policy forward+backward, "
@@ -97,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "padded against packed (padding removed, one backbone row, cu_seqlens): backbone tokens, step "
                    "time, peak memory side by side")
     _out_options(p, "profile")
+
+    t = sub.add_parser("tune", help="tune the fused kernels for your GPU ahead of training (cached on disk)",
+                       description="Time the fused Triton kernels' candidate configs on this GPU for the head "
+                       "shapes given and cache the fastest, as the first training call at each shape would "
+                       "(FASTDPO_AUTOTUNE_BUDGET_S bounds each, FASTDPO_CACHE_DIR says where).")
+    t.add_argument("--shape", action="append", choices=list(SHAPES), default=None,
+                   help="named head and batch (repeatable; default llama3-8b)")
+    t.add_argument("--hidden", type=_positive_int, help="hidden size H (with --vocab and --tokens: a custom head)")
+    t.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
+    t.add_argument("--tokens", type=_positive_int, help="tokens a call sees (rows of the batch times their length)")
+    t.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="the inputs' dtype (default bf16)")
+    t.add_argument("--extras", action="store_true", help="also for the extra metrics (what TRL's trainer logs)")
+    t.add_argument("--bias", action="store_true", help="a head with a bias")
+    t.add_argument("--softcap", type=_positive_float, default=None, help="a head with this logit softcap")
+    t.add_argument("--force", action="store_true", help="tune again where a choice is cached")
     return parser
 
 
@@ -217,6 +233,28 @@ def _profile_padding_free(config, out, progress=True) -> int:
     return 0 if paths is not None else 1
 
 
+def _tune(args, parser) -> int:
+    import torch
+
+    from .. import _triton_path
+    from .run import DTYPES, SHAPES
+
+    custom = (args.hidden, args.vocab, args.tokens)
+    if any(v is not None for v in custom) and (None in custom or args.shape):
+        parser.error("--hidden, --vocab and --tokens go together, instead of --shape")
+    if not torch.cuda.is_available():
+        return _fail("tune", "no CUDA GPU visible to torch: tuning times the fused kernels on the GPU they run on")
+    heads = ([("custom", *custom)] if args.hidden else
+             [(n, SHAPES[n].hidden, SHAPES[n].vocab, 2 * SHAPES[n].pairs * SHAPES[n].seq_len)
+              for n in args.shape or ["llama3-8b"]])
+    for name, hidden, vocab, tokens in heads:
+        config, path = _triton_path.tune_ahead(tokens, hidden, vocab, DTYPES[args.dtype], bias=args.bias,
+                                               softcap=args.softcap, extras=args.extras, force=args.force)
+        print(f"{name}: H={hidden} V={vocab} {tokens} tokens {args.dtype}: {config}")
+    print(f"cache: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the ``fastdpo`` console script; returns the exit status.
 
@@ -231,6 +269,8 @@ def main(argv=None) -> int:
         return 2
     sub = parser._subparsers._group_actions[0].choices[args.command]
     try:
+        if args.command == "tune":
+            return _tune(args, sub)
         return _bench(args, sub) if args.command == "bench" else _profile(args, sub)
     except KeyboardInterrupt:
         print(f"fastdpo {args.command}: interrupted; nothing was written", file=sys.stderr)

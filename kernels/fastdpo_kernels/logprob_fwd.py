@@ -84,8 +84,9 @@ def _logprob_fwd_kernel(
                           stride_xn, stride_xh, stride_wv, stride_wh,
                           HAS_BIAS, HAS_SOFTCAP, DOT_F32, INPUT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         z_valid = tl.where(col_mask[None, :], z, 0.0)
-        if KEEP and EXTRAS:
-            # Every reduction of z first, then e: fewer tiles live at once (300 -> 40 spilled bytes on sm_90).
+        if KEEP:
+            # Every reduction of z first, then e: fewer tiles live at once (with the extras 300 -> 40 spilled bytes
+            # on sm_90; without them 24 -> 0 at a real head's specialisation, triton 3.6 and 3.9).
             zt, zsum = _target_and_sum(zt, zsum, cols, tgt, z_valid)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
@@ -110,9 +111,6 @@ def _logprob_fwd_kernel(
                 # p·z → 0 for a masked logit (e = 0, z = -inf), as in the lean branch.
                 sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1) * beta
                 s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1) * beta * beta
-            else:
-                # Without the extras, these after e keep the kernel spill-free (116 spilled bytes the other way).
-                zt, zsum = _target_and_sum(zt, zsum, cols, tgt, z_valid)
         else:
             e = tl.exp(z - m_ref[:, None])
             s = s * alpha + tl.sum(e, axis=1)
