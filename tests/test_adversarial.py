@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo import _fast
+from fastdpo import _torch_path
 from fastdpo.kernels import logprob_fast as K
 from fastdpo.kernels.config import INTERPRETER_DEFAULT, use_config
 from fdtest import backend_params, rel_err
@@ -62,8 +62,7 @@ LAYOUT_CASES = [(name, how, "lean") for name in ("hidden", "weight", "bias", "re
 # backward then reads the inputs again for the chunks it recomputes).
 LAYOUT_CASES += [(name, how, memory) for name in ("hidden", "weight", "bias") for how in ("strided", "expanded")
                  for memory in ("fast", "part")]
-# "part": vocabulary chunks of 16 columns, a budget that keeps the first (of 2) on Triton, an 8-token chunk (of 2)
-# on torch.
+# "part": vocabulary chunks of 16 columns on both engines, a budget that keeps only the leading ones.
 _PART_CONFIG = replace(INTERPRETER_DEFAULT, vocab_chunk=16)
 _PART_GIB = K.kept_bytes(R * T, 16, torch.float32, _PART_CONFIG) / 2 ** 30
 
@@ -82,7 +81,10 @@ def test_every_tensor_argument_in_any_layout(backend, name, how, memory):
         assert 0 < K.keep_columns(R * T, V, torch.float32, _PART_GIB * 2 ** 30, _PART_CONFIG) < V
     with use_config(_PART_CONFIG) if part else contextlib.nullcontext(), pytest.MonkeyPatch.context() as mp:
         if part:
-            mp.setattr(_fast, "TORCH_CHUNK_ELEMENTS", 8 * V)
+            mp.setattr(_torch_path, "VOCAB_CHUNK", 16)
+            mp.setattr(_torch_path, "MIN_VOCAB_CHUNK", 16)
+            if backend == "torch":
+                assert 0 < _torch_path.kept_chunks(R * T, V, t["hidden"], _PART_GIB) < len(_torch_path._vocab_chunks(V))
         base = _run(t, backend, memory)
         t[name] = _relayout(t[name], how)
         assert not t[name].is_contiguous()

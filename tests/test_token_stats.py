@@ -470,23 +470,32 @@ def test_softcap_from_saturated_to_negligible(backend, softcap, memory):
     for name in ("logp", "mean_logit", "entropy", "log_sum_sq_probs"):
         assert torch.isfinite(ours[name]).all(), name
         assert (ours[name].double() - ref[name]).abs().max() < 2e-5, name
-    for name, got, want in zip(("hidden", "weight", "bias"), ours_g, ref_g):
-        assert rel_err(got, want) < 5e-6, (name, rel_err(got, want))
+    # The gradients against float64, within three times the error of the same computation in plain fp32 PyTorch (the
+    # materialized reference run in fp32), or 5e-6 (1e-5 for the chunked engine, which folds -lse into its fp32
+    # products: at logits of ~50 that subtraction alone carries ~|z|·2^-24 ≈ 3e-6 per element).
+    floor = 1e-5 if backend == "torch" else 5e-6
+    _, ref32_g = _run(_reference, *(t.float() for t in rounded), labels, upstream.float(), kw, torch.float32)
+    for name, got, want, plain in zip(("hidden", "weight", "bias"), ours_g, ref_g, ref32_g):
+        bound = max(floor, 3 * rel_err(plain, want))
+        assert rel_err(got, want) < bound, (name, rel_err(got, want), bound)
 
     from fastdpo.reference import reference_dpo_loss
 
     losses = []
-    for args, fn in (((hidden.float(), weight.float(), bias.float()), fastdpo.dpo_loss), (rounded, reference_dpo_loss)):
+    plain = [t.float() for t in rounded]
+    for args, fn in (((hidden.float(), weight.float(), bias.float()), fastdpo.dpo_loss), (rounded, reference_dpo_loss),
+                     (plain, reference_dpo_loss)):
         h, w, b = (t.clone().requires_grad_() for t in args)
         if fn is fastdpo.dpo_loss:
             out = fn(h, w, labels, bias=b, reference_free=True, backend=backend, memory=memory, beta=0.5, **kw)
         else:
             out = fn(h, w, labels, bias=b, reference_free=True, beta=0.5, **kw)
         losses.append((out.loss, *torch.autograd.grad(out.loss, (h, w, b))))
-    (loss, *grads), (want_loss, *want_grads) = losses
+    (loss, *grads), (want_loss, *want_grads), (_, *plain_grads) = losses
     assert abs(loss.item() - want_loss.item()) <= 2e-6 * abs(want_loss.item())
-    for got, want in zip(grads, want_grads):
-        assert rel_err(got, want) < 5e-6, rel_err(got, want)
+    for got, want, plain_grad in zip(grads, want_grads, plain_grads):
+        bound = max(floor, 3 * rel_err(plain_grad, want))
+        assert rel_err(got, want) < bound, (rel_err(got, want), bound)
 
 
 @triton.jit

@@ -78,9 +78,10 @@ GPU_DEFAULT = KernelConfig()
 # tensor memory into registers; half-width vocabulary tiles keep them from spilling (164 and 8 B at 128 wide).
 BLACKWELL_DEFAULT = replace(GPU_DEFAULT, fwd_block_v=64, dlogits_block_v=64)
 # fp32 operands take FMA-based products with more live registers: smaller forward tiles and K steps (a K step
-# of 64 spills the logit-gradient kernel with triton 3.6; a 128-wide grad-weight tile spills 12 B with 3.9, where
+# of 64 spills the logit-gradient kernel with triton 3.6, and so does a 128-row one with the accurate softcap tanh;
+# a 128-wide grad-weight tile spills 12 B with 3.9, where
 # ptxas caps it at 128 registers).
-FP32_DEFAULT = replace(GPU_DEFAULT, fwd_block_m=64, fwd_block_k=32, dlogits_block_k=32, gw_block_h=64,
+FP32_DEFAULT = replace(GPU_DEFAULT, fwd_block_m=64, fwd_block_k=32, dlogits_block_m=64, dlogits_block_k=32, gw_block_h=64,
                        gw_block_k=32, gh_block_k=32)
 # Without Hopper's wgmma or datacenter Blackwell's tcgen05 (Ampere, Ada, consumer Blackwell sm_120: mma.sync, at
 # most 99 KiB of shared memory a block but on sm_80/87) the forward's epilogue fits the registers with half-width
