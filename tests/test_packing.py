@@ -564,6 +564,11 @@ def tiny_family(kind, seed=0):
     """A float64 tiny causal LM of the family ``kind`` (2 layers, 96 tokens) in eval mode, on sdpa where the family
     has it; MoE experts run as plain matmuls (the grouped ones take no float64)."""
     transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if kind not in CONFIG_MAPPING and kind not in MUST_PACK | MUST_REFUSE:
+        # A family newer than the installed transformers (the floors run an older release); the families whose
+        # verdict is pinned above exist in every supported release, so they are never skipped.
+        pytest.skip(f"transformers {transformers.__version__} has no {kind!r} family")
     config = transformers.AutoConfig.for_model(kind, **FAMILY_TINY, **FAMILIES[kind])
     torch.manual_seed(seed)
     try:
