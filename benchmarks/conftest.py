@@ -1,7 +1,7 @@
 """Sizes of the pytest-benchmark suites.
 
-``pytest benchmarks --benchmark-enable`` measures at ``small`` size on CPU and ``full`` size (DESIGN §3's
-llama3-8b head) on a GPU; set ``FASTDPO_BENCH_SIZE=tiny|small|full`` to choose. With benchmarking disabled (the
+``pytest benchmarks --benchmark-enable`` measures at ``small`` size on CPU and ``full`` size (the
+llama3-8b head of docs/benchmarks.md's reference figures) on a GPU; set ``FASTDPO_BENCH_SIZE=tiny|small|full`` to choose. With benchmarking disabled (the
 project's default ``--benchmark-disable``, as in ``make test``) every benchmark runs once at ``tiny`` size, so
 CI catches a broken benchmark without spending minutes on it.
 """
@@ -20,7 +20,7 @@ SIZES = {
 
 @pytest.fixture(scope="session")
 def bench_size(request):
-    """``(name, sizes)`` for this session (see the module docstring)."""
+    """``(name, sizes)`` for this test run (see the module docstring)."""
     chosen = os.environ.get("FASTDPO_BENCH_SIZE")
     if chosen:
         if chosen not in SIZES:

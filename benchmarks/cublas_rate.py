@@ -1,4 +1,5 @@
-"""The card's measured bf16 matmul rate (cuBLAS through ``torch.mm``), the yardstick of DESIGN §2/§7.
+"""The card's measured bf16 matmul rate (cuBLAS through ``torch.mm``), the yardstick the
+kernels are measured against (docs/design.md, "The work and its floor").
 
 For the head-shaped products a DPO step runs at llama3-8b (6144 labelled tokens, H=4096, V=128256): the
 forward's ``x·Wᵀ`` (over TRL's 32768-column tiles and the whole vocabulary), the grad-weight ``dZᵀ·x`` and the

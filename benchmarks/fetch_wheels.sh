@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Download, into .wheels/, the few wheels the one-call device run (benchmarks/device_run.sh) installs on a GPU
+# Download, into .wheels/, the few wheels that the one-script GPU run (benchmarks/device_run.sh) installs on a GPU
 # machine that has python3.12, torch, triton and transformers but no network: TRL 1.16 (its
 # ChunkedLogProbFunction needs only torch, triton and transformers.utils), Liger-Kernel 0.8.5 and Cut
 # Cross-Entropy 25.1.1, each without its dependencies; plus setuptools and wheel (in .wheels/build) for
-# fastdpo's editable install without build isolation where the device's Python lacks them.
+# fastdpo's editable install without build isolation where the GPU machine's Python lacks them.
 #
-#   bash benchmarks/fetch_wheels.sh                        # wheels for Python 3.12 (the lent machines')
+#   bash benchmarks/fetch_wheels.sh                        # wheels for Python 3.12 (the default)
 #   PY_VERSIONS="3.11 3.12 3.13" bash benchmarks/fetch_wheels.sh
 #
-# Then carry ".wheels" into the device call (see benchmarks/README.md).
+# Then copy the checkout, .wheels/ included, to the GPU machine (see benchmarks/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,4 +1,4 @@
-"""The GPU comparison of DESIGN §3/§6: fastdpo against naive, TRL 1.16, Liger 0.8.5 and CCE 25.1.1.
+"""The GPU comparison of fastdpo against naive, TRL 1.16, Liger 0.8.5 and CCE 25.1.1.
 
 fastdpo's rows: each engine in lean and fast mode, ``fastdpo-fused`` / ``fastdpo-fused-fast`` (the fused Triton
 kernels, ``backend="triton"``) and ``fastdpo-chunked`` / ``fastdpo-chunked-fast`` (``backend="torch"``), and what
@@ -10,7 +10,8 @@ reference forward) and without one, and like with like: first every implementati
 then those that can (fastdpo, fastdpo-fast, TRL) asked also for the per-token extras TRL's DPOTrainer logs
 (entropy, mean logit, top-1). Time (CUDA events, warm-up, median of repeats), peak memory above the inputs
 (``torch.cuda.max_memory_allocated``), loss / hidden-gradient errors against an fp32 run of the naive reference on
-the same inputs (logits with a std of about 4, the first 25% of every row ignored). Then issue 10's targets.
+the same inputs (logits with a std of about 4, the first 25% of every row ignored). Then the targets
+(``docs/benchmarks.md#targets``).
 
 Rows go to ``$OUT/<name>.json`` after every implementation (a run cut off still leaves what it measured): a list
 of ``{device, shape, case, impl, extras, ms, peak_gib, loss_err, grad_h_rel_err, ...}``; the markdown report to
@@ -38,7 +39,7 @@ from fastdpo.bench.memory import PeakMeter
 from fastdpo.bench.run import GPU_SHAPES, SHAPES, BenchConfig, BenchReport, BenchRow, exact_reference, format_table
 from fastdpo.bench.run import machine_name, measure
 
-# Issue 10's targets (5: exactness in both modes; 2: lean; 3: fast).
+# The targets (docs/benchmarks.md#targets): exactness in both memory modes; lean and fast time and peak against TRL.
 MAX_LOSS_ERR = 1e-4
 MAX_GRAD_HIDDEN_REL_ERR = 5e-3
 LEAN_MAX_TIME_VS_TRL = 1.0
@@ -205,7 +206,7 @@ def _find(rows, key):
 
 
 def check_targets(results: list) -> tuple[list, bool]:
-    """Issue 10's targets as ``(lines, correct)``; ``correct`` is False when fastdpo failed or is out of tolerance.
+    """The targets as ``(lines, correct)``; ``correct`` is False when fastdpo failed or is out of tolerance.
 
     Time and memory targets are reported (MET/MISSED with the figure), not enforced; exactness is a check.
     """
@@ -268,7 +269,7 @@ def markdown(results: list, target_lines: list, args, check_lines=()) -> str:
         asked = ("log-probs + TRL's logged extras (entropy, mean logit, top-1)" if extras else "log-probs only")
         out += [f"## {c.shape}: H={c.hidden} V={c.vocab}, {c.pairs} pairs x {c.seq_len}, {what}; {asked}", "",
                 format_table(rep, markdown=True), ""]
-    out += ["## Targets (issue 10)", ""] + target_lines
+    out += ["## Targets", ""] + target_lines
     out += ["", "## Autotuning chosen (fused kernels)", ""] + tuning_lines()
     return "\n".join(out) + "\n"
 

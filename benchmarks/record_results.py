@@ -1,14 +1,15 @@
 """Turn what a device run left in ``$OUT`` into the repository's record of GPU runs.
 
 Reads the row lists ``compare-*.json`` / ``gpu_compare*.json`` (written by ``gpu_compare.py``), ``cublas.json``,
-``gpu_checks.md``, ``profile.json`` and ``steps.tsv`` from ``--from`` (a device run's ``$OUT``, or the folder the
-device tool copied it to), and writes:
+``gpu_checks.md``, ``profile.json`` and ``steps.tsv`` from ``--from`` (a device run's ``$OUT``, or a copy of it
+on another machine), and writes:
 
 - ``--out DIR``: ``results.json`` (every row, one list) and ``RESULTS-run.md`` (the section below); the device
   script runs this as its last step;
 - ``--record``: ``benchmarks/results/<card>-<date>.json`` (the list of rows) and the section appended to
   ``benchmarks/RESULTS.md``: the card, the cuBLAS bf16 rate, the checks' verdict, one table per shape (ms and
-  peak with their ratio to TRL's asked for the same statistics, errors against fp32) and issue 10's targets.
+  peak with their ratio to TRL's asked for the same statistics, errors against fp32) and the targets
+  (``docs/benchmarks.md#targets``).
 
     python3 benchmarks/record_results.py --from <device out folder> --record
 """
@@ -63,7 +64,7 @@ def _fmt(v, spec):
 
 
 def _targets(rows: list) -> list:
-    """Issue 10's time/memory targets per shape and case, from the rows (log-probs only, like with like)."""
+    """The exactness, time and memory targets per shape and case, from the rows (log-probs only, like with like)."""
     sys.path.insert(0, HERE)
     import gpu_compare as gc
 
@@ -136,7 +137,7 @@ def markdown(rows: list, folder: str) -> str:
                                f"{_fmt(t, '.2f')} | {_fmt(r['peak_gib'], '.3f')} | {_fmt(p, '.2f')} | "
                                f"{_fmt(r['loss_err'], '.1e')} | {_fmt(r['grad_h_rel_err'], '.1e')} | {note} |")
         out.append("")
-    out += ["### Targets (issue 10)", ""] + _targets(rows) + [""]
+    out += ["### Targets", ""] + _targets(rows) + [""]
     sys.path.insert(0, HERE)
     import gpu_compare as gc
 

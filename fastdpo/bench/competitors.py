@@ -90,9 +90,9 @@ class DPOInputs:
 def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, *, dtype=torch.bfloat16, device="cpu",
                 with_ref: bool = True, prompt_frac: float = 0.25, logit_std: float = 4.0, beta: float = 0.1,
                 seed: int = 0) -> DPOInputs:
-    """Random inputs as DESIGN §6 asks: logits with a std of about ``logit_std``; the first ``prompt_frac`` of
-    every row ignored (a prompt). The reference is a slightly perturbed copy of the policy, so the margins
-    are not all zero."""
+    """Random inputs as the benchmark method asks (docs/benchmarks.md, "Method"): logits with a std of about
+    ``logit_std``; the first ``prompt_frac`` of every row ignored (a prompt). The reference is a slightly perturbed
+    copy of the policy, so the margins are not all zero."""
     for name, v in (("pairs", pairs), ("seq_len", seq_len), ("hidden", hidden), ("vocab", vocab)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")

@@ -38,7 +38,8 @@ __all__ = ["MODELS", "DEFAULT_LAYERS", "ProfileConfig", "ProfileReport", "Budget
            "build_model_config", "estimate_memory", "check_memory", "run_profile", "write_outputs", "format_report",
            "cuda_timeline", "ESTIMATE_MARGIN", "USABLE_FRACTION"]
 
-# Real sizes of each family's model of DESIGN §3 (GPU); the CPU variant keeps only the vocabulary.
+# Real sizes of each family's model (GPU), those behind the shapes of docs/benchmarks.md; the CPU variant keeps
+# only the vocabulary.
 MODELS = {
     "llama3": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,

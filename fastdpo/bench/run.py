@@ -48,12 +48,12 @@ class Shape:
     note: str = ""
 
 
-# The three shapes of DESIGN §3 first; the batch sizes are those of its measurements.
+# The three shapes of the reference figures (docs/benchmarks.md) first, at the batch sizes measured there.
 SHAPES = {
     "llama3-8b": Shape("llama3-8b", 4096, 128256, 4, 1024, "Llama-3-8B head, 4 pairs x 1024"),
     "gemma2-2b": Shape("gemma2-2b", 2304, 256000, 4, 1024, "Gemma-2-2B head (its softcap not applied), 4 pairs x 1024"),
     "qwen2.5-7b": Shape("qwen2.5-7b", 3584, 152064, 8, 512, "Qwen2.5-7B head, 8 pairs x 512"),
-    # Issue 10's small batch: one pair at llama3-8b, where launches and the grid's fill matter most.
+    # A small batch: one pair at llama3-8b, where launches and the grid's fill matter most.
     "llama3-8b-1x512": Shape("llama3-8b-1x512", 4096, 128256, 1, 512, "Llama-3-8B head, 1 pair x 512"),
     "llama3.2-1b": Shape("llama3.2-1b", 2048, 128256, 4, 1024, "Llama-3.2-1B head, 4 pairs x 1024"),
     "mistral-7b": Shape("mistral-7b", 4096, 32768, 4, 1024, "Mistral-7B-v0.3 head, 4 pairs x 1024"),

@@ -48,7 +48,7 @@ def tanh(u):
     ``2·sigmoid(2u) − 1`` cancels and loses every digit as ``u → 0`` (a large softcap). For ``|u| < 0.625``,
     ``u·q(u²)`` with ``q`` a degree-5 fit of ``tanh(a)/a`` on ``[0, 0.625]`` (relative error 4e-9, below fp32's
     rounding; a Taylor series needs 10 terms there, and registers the fast-mode forward lacks); above,
-    ``(1 − e)/(1 + e)`` with ``e = exp(−2|u|) <= 0.29``, which no longer cancels. The cap's derivative
+    ``(1 − e)/(1 + e)`` with ``e = exp(−2|u|) <= 0.29``, which does not cancel. The cap's derivative
     ``1 − t² = (1 − t)(1 + t)`` is then exact to a few units of 1 everywhere (relative precision is lost only
     where it is tiny, ``|u| >> 1``).
     """
