@@ -1,9 +1,9 @@
 """Sizes of the pytest-benchmark suites.
 
-``pytest benchmarks --benchmark-enable`` measures at ``small`` size on CPU and ``full`` size (the
-llama3-8b head of docs/benchmarks.md's reference figures) on a GPU; set ``FASTDPO_BENCH_SIZE=tiny|small|full`` to choose. With benchmarking disabled (the
-project's default ``--benchmark-disable``, as in ``make test``) every benchmark runs once at ``tiny`` size, so
-CI catches a broken benchmark without spending minutes on it.
+``pytest benchmarks --benchmark-enable`` measures at ``small`` size on CPU and ``full`` size (the llama3-8b head
+of docs/benchmarks.md's reference figures) on a GPU; set ``FASTDPO_BENCH_SIZE=tiny|small|full`` to choose. With
+benchmarking disabled (the project's default ``--benchmark-disable``, as in ``make test``) every benchmark runs once
+at ``tiny`` size, so CI catches a broken benchmark without spending minutes on it.
 """
 
 import os

@@ -29,7 +29,7 @@ def test_head_fn_runs_inside_the_head_forward_with_its_weight():
     assert seen == [model.lm_head], "the head must be called as a module (its hooks are the wrappers' hooks)"
     shape, weight, bias = out.head
     assert shape == (ids.shape[0], ids.shape[1], dist_worker.HIDDEN) and weight is model.lm_head.weight and bias is None
-    # Without the keyword the head and the model behave as before.
+    # Without the keyword the head and the model behave as plain transformers ones: logits out.
     logits = model(input_ids=ids, attention_mask=attention).logits
     assert logits.shape == (*ids.shape, dist_worker.V)
 

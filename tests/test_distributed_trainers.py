@@ -75,7 +75,7 @@ def assert_same_logs(distributed, single):
 
 
 def test_ddp_find_unused_parameters(one_process, tmp_path):
-    """DDP with find_unused_parameters=True (regression: "Expected to mark a variable ready only once")."""
+    """DDP with find_unused_parameters=True trains without "Expected to mark a variable ready only once"."""
     logs = launch(tmp_path, "ddp", accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                               "--mixed_precision", "no", "--dynamo_backend", "no"),
                   GLOBAL_BATCH // 2, ["ddp_find_unused"])

@@ -157,7 +157,7 @@ def test_triton_backend_on_cpu_without_interpreter_says_why(monkeypatch):
         _call(backend="triton")
 
 
-# ---- issue 11 item 16: reference isolation, differing heads ----------------------------------------------------
+# ---- reference isolation, differing heads ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("mode", ["hidden", "precomputed"])

@@ -1,5 +1,5 @@
-"""Issue 11, the loss core: options that were silently ignored, inputs that crashed instead of raising a named
-error, and the thread-locality of the kernel config."""
+"""The loss core's guard rails: options that must not be silently ignored, inputs that must raise a named error
+rather than crash, and the thread-locality of the kernel config."""
 
 import threading
 
@@ -13,7 +13,7 @@ from fastdpo.reference import reference_dpo_loss, reference_token_stats
 from fdtest import backend_params, make_batch
 
 
-# ---- item 2: beta together with a config ------------------------------------------------------------------------
+# ---- beta together with a config --------------------------------------------------------------------------------
 
 def test_beta_that_differs_from_the_config_raises():
     hidden, weight, labels = make_batch(dtype=torch.float32)
@@ -47,7 +47,7 @@ def test_module_takes_a_config_and_refuses_a_different_beta():
         fastdpo.FusedLinearDPOLoss(config=config, loss_type="sigmoid")
 
 
-# ---- item 5: small integer label dtypes --------------------------------------------------------------------------
+# ---- small integer label dtypes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.int32])
@@ -69,7 +69,7 @@ def test_small_integer_labels_are_widened(backend, dtype):
     assert abs(out.loss.item() - ref.loss.item()) < 1e-5
 
 
-# ---- item 6: named errors ----------------------------------------------------------------------------------------
+# ---- named errors ------------------------------------------------------------------------------------------------
 
 def _call(backend="torch", **overrides):
     hidden, weight, labels = make_batch(dtype=torch.float32)
@@ -147,7 +147,7 @@ def test_zero_sized_head_in_the_per_token_api(backend):
                          ref_bias=torch.zeros(weight.shape[0], dtype=torch.int64), backend=backend)
 
 
-# ---- device mismatch (item 16): the meta device needs no GPU -------------------------------------------------------
+# ---- device mismatch: the meta device needs no GPU -----------------------------------------------------------------
 
 @pytest.mark.parametrize("reference", ["ref_hidden", "ref_logps", "packed"])
 @pytest.mark.parametrize("which", ["hidden", "weight", "labels", "bias", "ref_hidden", "ref_weight", "ref_bias",
@@ -200,7 +200,7 @@ def test_device_mismatch_without_a_majority_names_every_tensor():
     _validate.one_device(("a", a), ("b", a.clone()), ("c", None))
 
 
-# ---- item 8: use_config is context-local -------------------------------------------------------------------------
+# ---- use_config is context-local ---------------------------------------------------------------------------------
 
 def test_use_config_does_not_leak_into_other_threads():
     mine = KernelConfig(vocab_chunk=7, min_programs=3)

@@ -328,7 +328,7 @@ def test_hf_trainer_example_from_readme(tmp_path):
     assert logged == pytest.approx(losses, abs=1e-4)
 
 
-# --- what the trainer-level numbers depend on, against model(...).logits in float64 (issue 11, item 16) ----------
+# --- what the trainer-level numbers depend on, against model(...).logits in float64 ------------------------------
 
 def make_uneven_batch(pairs=2, T=12, seed=3):
     """Like :func:`make_batch`, but the two completions of every pair have different lengths (right padding of

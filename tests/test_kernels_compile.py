@@ -9,7 +9,7 @@ also for sm_86, sm_89, sm_100a and sm_120a (where the installed Triton targets t
 and checks, per kernel and target, what a GPU run relies on: the K loops are software-pipelined (asynchronous copies
 into shared memory); the products run on tensor cores (``wgmma`` on Hopper, ``mma.sync`` on Ampere, for 16-bit
 inputs); no register spills; and each kernel within its register budget (``REGISTER_BUDGET``). It runs in a
-subprocess because the test session imports the kernels under the interpreter; ``python
+subprocess because the test process imports the kernels under the interpreter; ``python
 tests/test_kernels_compile.py --table`` prints the figures.
 """
 
@@ -33,9 +33,9 @@ EXTRAS_CASES = [(90, "bf16"), (80, "bf16")]
 # which the tuner's timing then weighs like any other candidate).
 TWO_CTA_CASES = [(90, "bf16")]
 # Registers per thread each kernel may use. The GEMM-shaped kernels run 8 warps (256 threads) a CTA: at <= 255
-# registers one CTA fits an SM (65536 registers), which the default tiles are designed for (DESIGN §7: forward
-# 255, logit gradient 238, grad-hidden 190); two CTAs an SM need <= 128: the autotuner's grad-hidden candidate
-# (config.GH_TWO_CTAS). The fast backward's elementwise kernel has no product and must leave room for 8 CTAs an SM.
+# registers one CTA fits an SM (65536 registers), which the default tiles are designed for (on sm_90a in bf16,
+# docs/design.md: forward 255, logit gradient 238, grad-hidden 190); two CTAs an SM need <= 128: the autotuner's
+# grad-hidden candidate (config.GH_TWO_CTAS). The fast backward's elementwise kernel has no product and must leave room for 8 CTAs an SM.
 REGISTER_BUDGET = {"forward": 255, "forward+extras": 255, "dlogits": 255, "grad_weight": 255, "grad_hidden": 255,
                    "grad_hidden_2cta": 128, "forward_keep": 255, "forward_keep+extras": 255, "dlogits_from_kept": 64}
 # Spill-store bytes allowed: none, except the forwards with the extras, whose three more running statistics

@@ -596,7 +596,7 @@ def test_same_numbers_as_trl(opts):
         assert out.metrics[name].item() == pytest.approx(trl_metrics[name][-1], rel=1e-6, abs=1e-6), name
 
 
-# --- what TRL 1.16 accepts, fastdpo accepts (issue 11, item 12) --------------------------------------------------
+# --- what TRL 1.16 accepts, fastdpo accepts ----------------------------------------------------------------------
 
 def _grid():
     """DPOConfig loss options TRL's DPOTrainer accepts, including values it ignores or that lie outside a loss's
@@ -615,7 +615,7 @@ def _grid():
 
 
 def test_every_option_trl_accepts_is_accepted_with_its_numbers():
-    """The class of item 12: for every case of the grid, LossConfig accepts what TRL computes, and the loss and its
+    """For every case of the grid, LossConfig accepts what TRL computes, and the loss and its
     gradients are TRL's own (including TRL's inf/NaN where an out-of-range ε makes the loss undefined)."""
     hidden, weight, labels, ref_hidden, ref_weight = _batch("torch")
     warned = 0
@@ -682,7 +682,7 @@ def test_accepted_options_compute_the_formula(opts):
         _check("torch", opts, ref="hidden" if opts.get("loss_type") != "cpo" else "none")
 
 
-# --- CPO/SimPO label smoothing, nll_loss, ORPO's metrics (issue 11, item 14) -----------------------------------
+# --- CPO/SimPO label smoothing, nll_loss, ORPO's metrics -------------------------------------------------------
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("loss_type", ["cpo", "simpo", ["simpo", "sft"]], ids=str)

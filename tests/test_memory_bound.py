@@ -34,7 +34,7 @@ def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
 
 
 def test_torch_backend_bf16_step_peak_under_twice_the_weight(monkeypatch):
-    """Issue 11 item 9: a bf16 step (policy and reference through one head, forward and backward) holds less than
+    """A bf16 step (policy and reference through one head, forward and backward) holds less than
     2x the weight's bytes above its inputs: no fp32 copy of the [V, H] weight nor an fp32 [V, H] accumulator, only a
     chunk of either (the chunk sizes shrunk here in the proportions of a 128k-vocabulary head)."""
     V, H = 4099, 64

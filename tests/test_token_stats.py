@@ -288,7 +288,7 @@ def test_chunked_torch_backward_takes_any_per_row_function():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-# ---- issue 11 item 9 / 16: the torch backend across several vocabulary and token chunks -----------------------
+# ---- the torch backend across several vocabulary and token chunks ---------------------------------------------
 
 @pytest.mark.parametrize("head", HEADS)
 def test_torch_backend_across_vocabulary_and_token_chunks(head, monkeypatch):
@@ -310,7 +310,7 @@ def test_torch_backend_across_vocabulary_and_token_chunks(head, monkeypatch):
         assert rel_err(got, want) < 2e-5
 
 
-# ---- issue 11 item 3: -inf logits (a masked vocabulary) -------------------------------------------------------
+# ---- -inf logits (a masked vocabulary) ------------------------------------------------------------------------
 
 def _masked_reference(hidden, weight, bias, labels, scale):
     """float64 statistics where ``p·log p`` is 0 for a masked (-inf) logit, as its limit is."""
@@ -386,7 +386,7 @@ def test_minus_inf_logits_are_finite(backend, memory, monkeypatch):
     assert torch.isfinite(out.loss) and torch.isfinite(out.metrics["entropy"])
 
 
-# ---- issue 11 item 4: fp16 with a loss scaler's upstream gradient -----------------------------------------------
+# ---- fp16 with a loss scaler's upstream gradient ----------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_fp16_backward_with_a_loss_scalers_gradient(backend):
@@ -406,7 +406,7 @@ def test_fp16_backward_with_a_loss_scalers_gradient(backend):
         assert rel_err(got, want) < 5e-3
 
 
-# ---- issue 11 item 16: exact ties ------------------------------------------------------------------------------
+# ---- exact ties ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("memory", ["lean", "fast"])
 @pytest.mark.parametrize("splits", ["tile_per_split", "one_split"])

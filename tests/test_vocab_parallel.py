@@ -1,4 +1,5 @@
-"""The vocabulary-parallel head (issue 8 part 2) on 2 and 3 gloo ranks on CPU against one process.
+"""The vocabulary-parallel head (each rank holds a slice of the vocabulary) on 2 and 3 gloo ranks on CPU, against
+one process.
 
 Each spawned group runs every case at once (spawning costs seconds): the ranks hold uneven rows of the head
 (the 3-rank ranges are not in rank order), pass the same hidden states and labels, and save what they got; the
