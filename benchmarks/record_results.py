@@ -1,17 +1,17 @@
-"""Turn what a device run left in ``$OUT`` into the repository's record of GPU runs.
+"""Turn what a GPU run (``benchmarks/device_run.sh``) left in ``$OUT`` into the repository's record of GPU runs.
 
 Reads the row lists ``compare-*.json`` / ``gpu_compare*.json`` (written by ``gpu_compare.py``), ``cublas.json``,
-``gpu_checks.md``, ``profile.json`` and ``steps.tsv`` from ``--from`` (a device run's ``$OUT``, or a copy of it
+``gpu_checks.md``, ``profile.json`` and ``steps.tsv`` from ``--from`` (that run's ``$OUT``, or a copy of it
 on another machine), and writes:
 
-- ``--out DIR``: ``results.json`` (every row, one list) and ``RESULTS-run.md`` (the section below); the device
-  script runs this as its last step;
+- ``--out DIR``: ``results.json`` (every row, one list) and ``RESULTS-run.md`` (the section below); ``device_run.sh``
+  runs this as its last step;
 - ``--record``: ``benchmarks/results/<card>-<date>.json`` (the list of rows) and the section appended to
   ``benchmarks/RESULTS.md``: the card, the cuBLAS bf16 rate, the checks' verdict, one table per shape (ms and
   peak with their ratio to TRL's asked for the same statistics, errors against fp32) and the targets
   (``docs/benchmarks.md#targets``).
 
-    python3 benchmarks/record_results.py --from <device out folder> --record
+    python3 benchmarks/record_results.py --from <the run's $OUT folder> --record
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def markdown(rows: list, folder: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--from", dest="src", required=True, help="a device run's $OUT folder")
+    p.add_argument("--from", dest="src", required=True, help="the $OUT folder of a benchmarks/device_run.sh run")
     p.add_argument("--out", help="write results.json and RESULTS-run.md here")
     p.add_argument("--record", action="store_true", help="write benchmarks/results/<card>-<date>.json and append "
                                                          "the section to benchmarks/RESULTS.md")
