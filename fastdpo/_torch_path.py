@@ -35,6 +35,7 @@ import torch
 
 from . import _merge
 from ._options import HeadOptions
+from .vocab_parallel import resolve_group
 
 # Logits of one CPU tile (fp32: 16 MiB): few, large ops (a tile adds one or two element-wise passes to its product).
 CHUNK_ELEMENTS = 1 << 22
@@ -302,7 +303,7 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
             r_run = torch.logaddexp(r_run, rec[_merge.MAX] + torch.log(rec[_merge.SUMEXP]))
             x[:, -1] = torch.where(torch.isneginf(r_run), 0.0, -r_run)
     merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else V, opts.extras, R.tgt,
-                          _merge.resolve_group(opts.group))
+                          resolve_group(opts.group))
     top1 = merged["argmax"] == R.tgt.to(merged["argmax"].dtype) if opts.extras else None
     out = _merge.token_outputs(merged, opts.extras, lambda v: R.scatter(v, N), top1)
     return out, kept_e, kept_r
@@ -444,7 +445,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     if need_h:
         acc_h.mul_(a.unsqueeze(1))
         # A vocabulary-parallel head sums the ranks' hidden gradients here, once, before the cast.
-        _merge.all_reduce_sum(acc_h, _merge.resolve_group(opts.group))
+        _merge.all_reduce_sum(acc_h, resolve_group(opts.group))
         grad_h = torch.zeros((N, H), dtype=hidden.dtype, device=dev).index_copy_(0, R.idx, acc_h.to(hidden.dtype))
     return grad_h, grad_w, grad_b
 

@@ -10,6 +10,7 @@ import torch
 
 from . import _merge
 from ._options import HeadOptions
+from .vocab_parallel import resolve_group
 from .kernels import autotune, logprob_bwd, logprob_fwd
 from .kernels.config import default_config, overridden
 
@@ -157,7 +158,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None, rows=
     # Columns past nv were never written: where() keeps them (NaN or not) out of the outputs; across ranks
     # their garbage is reduced alike and dropped alike.
     merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else weight.shape[0], opts.extras, tgt,
-                          _merge.resolve_group(opts.group))
+                          resolve_group(opts.group))
 
     def scatter(values):
         out = torch.zeros(N, dtype=values.dtype, device=hidden.device)
@@ -176,7 +177,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     zero = torch.zeros((), device=hidden.device)
     lse = torch.where(valid, saved.to(torch.float32).gather(0, rows), zero)
     g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), zero)
-    group = _merge.resolve_group(opts.group)
+    group = resolve_group(opts.group)
     # Across ranks the hidden gradient is summed in fp32, then cast once.
     gh, gw, gb = logprob_bwd.logprob_backward(hidden, weight, bias, rows, tgt - opts.vocab_start, nv,
                                               lse.contiguous(), g.contiguous(), softcap=opts.softcap,

@@ -6,7 +6,7 @@ import torch
 
 from . import _packing
 from . import _validate as check
-from . import _vocab_parallel
+from . import vocab_parallel as _vp
 from . import head as _head
 from ._options import HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
@@ -26,7 +26,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     """
     names = names or {}
     hn, wn, tn, bn = (names.get(k, k) for k in ("hidden", "weight", "targets", "bias"))
-    vp = _vocab_parallel.resolve(weight, bias, targets, vocab_parallel, weight_name=wn, bias_name=bn,
+    vp = _vp.resolve(weight, bias, targets, vocab_parallel, weight_name=wn, bias_name=bn,
                                  labels_name=tn)
     weight, bias = vp.weight, vp.bias
     check.head(hidden, weight, targets, bias, hidden_name=hn, weight_name=wn, targets_name=tn, bias_name=bn)
@@ -275,7 +275,7 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
                 backend=backend)
     if vocab_parallel is not None and ref_hidden is not None:
         # Check the split once for both heads (they share it and the labels).
-        vocab_parallel = _vocab_parallel.with_vocab_size(vocab_parallel, labels)
+        vocab_parallel = _vp.with_vocab_size(vocab_parallel, labels)
     stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"},
                         extras=config.needs_token_extras, vocab_parallel=vocab_parallel, memory=memory, **head)
     ref_token_logps = None

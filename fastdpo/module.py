@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import _validate as check
-from . import _vocab_parallel
+from . import vocab_parallel as _vp
 from .functional import dpo_loss, loss_config
 from .losses import DPOOutput, LossConfig
 
@@ -35,7 +35,7 @@ class FusedLinearDPOLoss(nn.Module):
         super().__init__()
         self.config = loss_config(beta, config, loss_options)
         check.head_options(ignore_index, softcap, logit_scale, temperature, backend)  # refused here, not at the call
-        _vocab_parallel._checked_type(vocab_parallel)
+        _vp._checked_type(vocab_parallel)
         self.head_options = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
                                  temperature=temperature, backend=backend, vocab_parallel=vocab_parallel,
                                  memory=memory)
