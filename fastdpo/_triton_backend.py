@@ -139,7 +139,7 @@ def _unit_stride(bias):
 
 
 def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None, rows=None):
-    """As :func:`fastdpo._torch_path.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp.
+    """As :func:`fastdpo._torch_backend.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp.
 
     ``launch`` replaces the forward kernel's launcher (same arguments and record; fast mode's also keeps tiles);
     ``rows`` is :func:`compaction_order` when the caller already has it.
@@ -170,7 +170,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None, rows=
 
 
 def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions, needs, rows=None):
-    """As :func:`fastdpo._torch_path.backward`; ``rows``: the forward's :func:`compaction_order`, if kept."""
+    """As :func:`fastdpo._torch_backend.backward`; ``rows``: the forward's :func:`compaction_order`, if kept."""
     bias = _unit_stride(bias)
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index, rows)
     config = _config(hidden, weight, bias, opts, (rows, tgt, nv, valid))
