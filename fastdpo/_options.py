@@ -7,6 +7,9 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+#: The label of a position that is skipped (prompt, padding): PyTorch's and transformers' convention.
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class HeadOptions:
@@ -23,12 +26,12 @@ class HeadOptions:
         extras: also compute the entropy, ``log Σ_v p_v²`` and whether the target is the argmax.
         vocab_start: the global id of the weight's first row (vocabulary-parallel head; 0 otherwise).
         vocab_total: the whole vocabulary ``V`` (the weight's rows unless vocabulary-parallel; -1 for that).
-        group: the name of the vocabulary-parallel process group (see :mod:`fastdpo._merge`), or None.
+        group: the name of the vocabulary-parallel process group (see :mod:`fastdpo.vocab_parallel`), or None.
         memory: what the forward may keep for the backward, in GiB (see :mod:`fastdpo._fast`): 0 nothing (lean:
             the backward recomputes the logits), ``inf`` everything it needs (fast), else a budget.
     """
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     softcap: float | None = None
     scale: float = 1.0
     backend: str = "torch"

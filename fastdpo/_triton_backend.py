@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _merge
-from ._options import HeadOptions
+from ._options import HeadOptions, IGNORE_INDEX
 from .vocab_parallel import resolve_group
 from .kernels import autotune, logprob_bwd, logprob_fwd
 from .kernels.config import default_config, overridden
@@ -59,7 +59,7 @@ def tune_ahead(tokens: int, hidden: int, vocab: int, dtype=torch.bfloat16, *, bi
     w = (torch.randn(vocab, hidden, generator=g) * 4.0 / hidden ** 0.5).to(device, dtype)
     b = torch.zeros(vocab, device=device, dtype=dtype) if bias else None
     targets = torch.randint(0, vocab, (tokens,), generator=g)
-    targets[: tokens // 4] = -100
+    targets[: tokens // 4] = IGNORE_INDEX
     opts = HeadOptions(backend="triton", softcap=softcap, extras=extras, memory=float(memory))
     config = _config(x, w, b, opts, _compact(targets.to(device), opts.ignore_index), force=force)
     return config, autotune.cache_path(torch.cuda.get_device_properties(device).name)

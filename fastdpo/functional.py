@@ -8,13 +8,13 @@ from . import _packing
 from . import _validate as check
 from . import vocab_parallel as _vp
 from . import head as _head
-from ._options import HeadOptions
+from ._options import HeadOptions, IGNORE_INDEX
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
 __all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
 
 
-def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
+def token_stats(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0,
                 temperature=1.0, backend="auto", extras=False, check_labels=True, names=None,
                 vocab_parallel=None, memory="lean") -> dict:
     """Per-token statistics of the fused head, each shaped like ``targets`` and 0 where ignored.
@@ -59,7 +59,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     return result
 
 
-def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
+def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0,
                    temperature=1.0, backend="auto", vocab_parallel=None, memory="lean") -> torch.Tensor:
     """Per-token log-probabilities of the targets, without materializing the logits.
 
@@ -107,7 +107,7 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
                        vocab_parallel=vocab_parallel, memory=memory)["logp"]
 
 
-def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=-100, softcap=None,
+def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=IGNORE_INDEX, softcap=None,
                       logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None,
                       cu_seqlens=None, memory="lean") -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens: ``π_s = Σ_t mask_st·logp_st``.
@@ -224,7 +224,7 @@ def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps,
 
 
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
-             beta=None, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
+             beta=None, bias=None, ref_bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0, temperature=1.0,
              backend="auto", config: LossConfig | None = None, vocab_parallel=None, cu_seqlens=None,
              memory="lean", **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.

@@ -6,6 +6,7 @@ from torch import nn
 
 from . import _validate as check
 from . import vocab_parallel as _vp
+from ._options import IGNORE_INDEX
 from .functional import dpo_loss, loss_config
 from .losses import DPOOutput, LossConfig
 
@@ -29,7 +30,7 @@ class FusedLinearDPOLoss(nn.Module):
         **loss_options: other fields of :class:`fastdpo.LossConfig` (``loss_type``, ...), checked here.
     """
 
-    def __init__(self, beta=None, *, config: LossConfig | None = None, ignore_index=-100, softcap=None,
+    def __init__(self, beta=None, *, config: LossConfig | None = None, ignore_index=IGNORE_INDEX, softcap=None,
                  logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None, memory="lean",
                  **loss_options):
         super().__init__()

@@ -44,6 +44,7 @@ import torch
 
 from .. import _packing, functional
 from .. import _validate as check
+from .._options import IGNORE_INDEX
 from ..losses import DPOOutput, LossConfig, compute_dpo_loss
 
 __all__ = [
@@ -67,10 +68,6 @@ __all__ = [
 
 #: ``ref_model`` value of :func:`causal_lm_dpo_loss`: the reference is the policy with its PEFT adapter disabled.
 DISABLE_ADAPTER = "disable_adapter"
-
-# The keywords that :func:`add_hidden_states_forward` adds to a model's forward.
-HIDDEN_STATES_KWARG = "fastdpo_hidden_states"
-HEAD_KWARG = "fastdpo_head"
 
 # Data-parallel wrappers that hold the model as `.module` and run it from their own forward. Matched by class name
 # so that DeepSpeed is never imported here.
@@ -397,7 +394,7 @@ class _TokenStatsHead:
 
 
 def model_head_output(model, labels, *, packed=None, hidden_states=None, temperature=1.0, extras=False,
-                      ignore_index=-100, backend="auto", memory="lean", **model_kwargs) -> HeadOutput:
+                      ignore_index=IGNORE_INDEX, backend="auto", memory="lean", **model_kwargs) -> HeadOutput:
     """:func:`causal_lm_token_stats` without the input checks, as the :class:`HeadOutput` of one forward.
 
     ``model_kwargs`` go to the model's forward; with ``output_router_logits=True`` the MoE router logits come back
@@ -484,7 +481,7 @@ def _check_one_run_per_row(keep: torch.Tensor) -> None:
                          f"{keep[row].long().tolist()}; use padding_free=False for such masks")
 
 
-def pack_batch(input_ids, labels, attention_mask=None, *, ignore_index=-100, **model_kwargs) -> PackedBatch:
+def pack_batch(input_ids, labels, attention_mask=None, *, ignore_index=IGNORE_INDEX, **model_kwargs) -> PackedBatch:
     """Remove the padding of a ``[S, T]`` batch (right or left padded); see :class:`PackedBatch`.
 
     ``labels`` are unshifted (as for ``model(labels=...)``). Positions restart at 0 with every sequence, as in the
@@ -678,7 +675,7 @@ def _packed_token_stats(model, packed: PackedBatch, *, temperature, extras, igno
 
 
 def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temperature=1.0, extras=False,
-                          ignore_index=-100, backend="auto", hidden_states=None, padding_free=False,
+                          ignore_index=IGNORE_INDEX, backend="auto", hidden_states=None, padding_free=False,
                           memory="lean", **model_kwargs) -> dict:
     """Per-token statistics of the next-token labels, as ``model(...).logits`` would give them.
 
@@ -744,7 +741,7 @@ def _adapter_disabled(model):
 
 
 def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, ref_logps=None,
-                       reference_free=False, beta=None, temperature=1.0, ignore_index=-100, backend="auto",
+                       reference_free=False, beta=None, temperature=1.0, ignore_index=IGNORE_INDEX, backend="auto",
                        config: LossConfig | None = None, padding_free=False, memory="lean",
                        **loss_options) -> DPOOutput:
     """The DPO loss of a causal LM on a batch of ``2B`` rows (``B`` chosen, then ``B`` rejected).

@@ -55,6 +55,7 @@ disable_gradient_checkpointing = getattr(_trl_model_utils, "disable_gradient_che
 
 from .. import _validate  # noqa: E402
 from .. import head as _head  # noqa: E402
+from .._options import IGNORE_INDEX  # noqa: E402
 from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
 from .transformers import (  # noqa: E402
     _innermost,
@@ -91,8 +92,6 @@ _PATCH_SITES = ((_trl_utils, "_ChunkedLogProbFunction"), (_trl_kernels, "Chunked
                 (_trl_chunked, "ChunkedLogProbFunction"))
 _TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _FASTDPO_EXTRAS = ("entropy", "log_sum_sq_probs", "is_top1")
-# TRL hands its head only valid targets (compacted, or clamped to >= 0), so no target is ever ignored.
-_NO_IGNORE = -100
 
 
 class _PatchState:
@@ -212,7 +211,8 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
                              f"{['log_probs', *_TRL_OPTIONAL_OUTPUTS]}")
         # What the forward keeps is only worth keeping for a backward.
         memory = _PatchState.memory if any(ctx.needs_input_grad[:3]) else 0.0
-        opts = _head.HeadOptions(ignore_index=_NO_IGNORE, softcap=softcap, scale=scale / temperature,
+        # TRL hands its head only valid targets (compacted, or clamped to >= 0), so no target is ever ignored.
+        opts = _head.HeadOptions(ignore_index=IGNORE_INDEX, softcap=softcap, scale=scale / temperature,
                                  extras=any(name in outputs for name in _FASTDPO_EXTRAS), memory=memory)
         opts = _head.resolve(opts, _PatchState.backend, device, dtype, targets.numel(), hidden.shape[-1],
                              weight.shape[0])
@@ -536,8 +536,8 @@ class FastDPOTrainer(DPOTrainer):
         """The completion mask in the stats' layout, and the packed offsets (None when padded)."""
         device = stats["logp"].device
         if packed is None:
-            return labels[:, 1:].to(device) != -100, None
-        return packed.targets.to(device) != -100, packed.cu_seqlens.to(device)
+            return labels[:, 1:].to(device) != IGNORE_INDEX, None
+        return packed.targets.to(device) != IGNORE_INDEX, packed.cu_seqlens.to(device)
 
     @staticmethod
     def _router_aux_loss(model, router_logits, attention_mask):
@@ -580,7 +580,7 @@ class FastDPOTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (``precompute_ref_log_probs=True``), computed by fastdpo."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._adapter_context(), self.accelerator.autocast()):
             stats, _, packed = self._token_stats(model, model_kwargs, labels, extras=False)
@@ -592,7 +592,7 @@ class FastDPOTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
         stats, aux_loss, packed = self._token_stats(model, model_kwargs, labels, extras=True,
                                                     aux_loss=self.aux_loss_enabled)
         mask, cu_seqlens = self._loss_layout(stats, labels, packed)
