@@ -107,6 +107,31 @@ def _check_packable_before_setup(model, ref_model, args) -> None:
             check_packable(m, probe=_materialized(m))
 
 
+def _refuse_unsupported_inputs(model, args, train_dataset, peft_config) -> None:
+    """The trainer's inputs that fastdpo does not support, refused before DPOTrainer's set-up: a vision dataset,
+    prompt-learning PEFT, ``router_aux_loss_coef`` on a model without router logits."""
+    if train_dataset is not None:
+        try:
+            sample = next(iter(train_dataset))
+        except (StopIteration, TypeError):
+            sample = {}
+        if "image" in sample or "images" in sample:
+            raise ValueError("train_dataset: vision datasets are not supported by FastDPOTrainer; use "
+                             "trl.DPOTrainer (or patch_trl()) for vision-language models")
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError("peft_config: prompt-learning PEFT (prefix/prompt/p-tuning) is not supported by "
+                         "FastDPOTrainer; use a LoRA-style adapter")
+    if not isinstance(model, str):
+        lm = unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+        coef = getattr(args, "router_aux_loss_coef", None)
+        config = getattr(lm, "config", None)
+        # TRL refuses this too, but only after Trainer.__init__.
+        if coef and config is not None and not hasattr(config.get_text_config(), "output_router_logits"):
+            raise ValueError(f"router_aux_loss_coef={coef} is set but {type(lm).__name__} is not a "
+                             f"Mixture-of-Experts model that returns router logits: there is no auxiliary loss "
+                             f"to weight")
+
+
 class FastDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` with the whole DPO loss computed by fastdpo.
 
@@ -164,28 +189,8 @@ class FastDPOTrainer(DPOTrainer):
         except ValueError as err:
             raise ValueError(f"fastdpo_{err}") from None
         self.fastdpo_config = loss_config_from_dpo_config(args)
-        train_dataset = kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None)
-        if train_dataset is not None:
-            try:
-                sample = next(iter(train_dataset))
-            except (StopIteration, TypeError):
-                sample = {}
-            if "image" in sample or "images" in sample:
-                raise ValueError("train_dataset: vision datasets are not supported by FastDPOTrainer; use "
-                                 "trl.DPOTrainer (or patch_trl()) for vision-language models")
-        peft_config = kwargs.get("peft_config", pos[8] if len(pos) > 8 else None)
-        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-            raise ValueError("peft_config: prompt-learning PEFT (prefix/prompt/p-tuning) is not supported by "
-                             "FastDPOTrainer; use a LoRA-style adapter")
-        if not isinstance(model, str):
-            lm = unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
-            coef = getattr(args, "router_aux_loss_coef", None)
-            config = getattr(lm, "config", None)
-            # TRL refuses this too, but only after Trainer.__init__.
-            if coef and config is not None and not hasattr(config.get_text_config(), "output_router_logits"):
-                raise ValueError(f"router_aux_loss_coef={coef} is set but {type(lm).__name__} is not a "
-                                 f"Mixture-of-Experts model that returns router logits: there is no auxiliary loss "
-                                 f"to weight")
+        _refuse_unsupported_inputs(model, args, kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None),
+                                   kwargs.get("peft_config", pos[8] if len(pos) > 8 else None))
         # TRL 1.16 warns that it cannot train padding-free and pads; fastdpo packs, so TRL must not see the flag.
         # Set before DPOTrainer.__init__, whose precompute pass already packs.
         self.fastdpo_padding_free = padding_free = _validate.flag("DPOConfig.padding_free",
