@@ -54,10 +54,10 @@ def _ours(h, w, labels, b, kw):
 
 def _half_budget_gib(hidden, weight, dtype):
     """A ``memory`` budget that keeps about half of the vocabulary's chunks (the rest recomputed)."""
-    from fastdpo import _triton_path
+    from fastdpo import _triton_backend
     from fastdpo.kernels import logprob_fast
 
-    config = _triton_path._config(hidden.to(dtype))
+    config = _triton_backend._config(hidden.to(dtype))
     N, V = hidden.shape[0] * hidden.shape[1], weight.shape[0]
     chunk = min(config.vocab_chunk, V)
     keep = max(chunk, (V // 2) // chunk * chunk)
@@ -250,7 +250,7 @@ def check_packed(device, tiny):
 def check_tuning_candidates(device, tiny):
     """Each config the autotuner may choose here (:func:`fastdpo.kernels.config.tuning_space` from the default),
     bf16 on a GPU (fp32 through the interpreter), softcap, bias and extras, lean and fast, against float64."""
-    from fastdpo import _triton_path
+    from fastdpo import _triton_backend
     from fastdpo.kernels.config import tuning_space, use_config
 
     rows, T, H, V = (2, 9, 19, 53) if tiny else (4, 129, 1031, 20011)
@@ -261,7 +261,7 @@ def check_tuning_candidates(device, tiny):
     head = HEADS["softcap+bias+scale"]
     rounded = [t.to(dtype).double() for t in (hidden, weight, bias)]
     ref, ref_g = _stats_and_grads(_reference, *rounded, labels, upstream, head, torch.float64)
-    base = _triton_path._config(hidden.to(dtype))
+    base = _triton_backend._config(hidden.to(dtype))
     sm = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else None
     configs = list(dict.fromkeys(dataclasses.replace(base, **c) for _, cands in tuning_space(base, sm) for c in cands))
     lines, ok = [], True

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from fastdpo import _triton_path
+from fastdpo import _triton_backend
 from fastdpo.bench.competitors import make_inputs
 from fastdpo.kernels import logprob_bwd, logprob_fwd
 from fastdpo.kernels.config import KernelConfig
@@ -94,9 +94,9 @@ def tune(args):
     inp = make_inputs(pairs, T, H, V, dtype=dtype, device=device, with_ref=False)
     x = inp.hidden.detach().reshape(-1, H)
     w = inp.weight.detach()
-    rows, tgt, nv, valid = _triton_path._compact(inp.labels.reshape(-1), -100)
+    rows, tgt, nv, valid = _triton_backend._compact(inp.labels.reshape(-1), -100)
     time_ms = _timer(device, args.repeats, args.warmup)
-    best = _triton_path._config(x) if not args.tiny else KernelConfig(
+    best = _triton_backend._config(x) if not args.tiny else KernelConfig(
         fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16, dlogits_block_k=16,
         gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16, gh_block_h=16, gh_block_k=16, vocab_chunk=128,
         min_programs=4)

@@ -4,7 +4,7 @@ Importing fastdpo never touches CUDA: the Triton kernels are imported on first u
 """
 
 from .functional import dpo_loss, fused_logprobs, sequence_logprobs, token_stats
-from ._options import VocabParallel
+from .vocab_parallel import VocabParallel
 from .losses import LOSS_TYPES, DPOOutput, LossConfig
 from .module import FusedLinearDPOLoss
 

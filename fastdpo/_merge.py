@@ -16,9 +16,6 @@ writes, for every labelled token and piece, a partial record ``stats[k, piece, t
 for a vocabulary-parallel head, from several ranks: the max is then an all-reduce(max) of the ``[n]`` maxima and
 the rescaled sums one all-reduce(sum) of the packed ``[k, n]`` sums (see :func:`merge`). The backward of such a
 head sums the ranks' hidden gradients with :func:`all_reduce_sum`.
-
-The head's custom ops take plain arguments, so a process group travels into them by its name
-(``ProcessGroup.group_name``): :func:`group_name` records the group under it, :func:`resolve_group` finds it.
 """
 
 from __future__ import annotations
@@ -51,36 +48,6 @@ def partial_stats(z: torch.Tensor, local_target: torch.Tensor, col0: int, extras
         out[XSUMEXP] = z.clamp(min=torch.finfo(z.dtype).min).mul_(e).sum(1)
         out[SQSUMEXP] = e.square_().sum(1)
         out[ARGMAX] = (z.argmax(1) + col0).to(out.dtype)
-
-
-# Process groups by name, as the custom ops receive them.
-_GROUPS: dict[str, "dist.ProcessGroup"] = {}
-
-
-def group_name(group) -> str:
-    """Record ``group`` (None: the default, world group) and return the name :func:`resolve_group` takes."""
-    if group is None:
-        group = dist.group.WORLD
-    name = group.group_name
-    _GROUPS[name] = group
-    return name
-
-
-def resolve_group(name: str | None):
-    """The process group recorded under ``name`` by :func:`group_name` (None for no group)."""
-    if name is None:
-        return None
-    # torch's own registry first: torch.compile traces group_name() without replaying its record, and a name
-    # recorded once may since belong to a new group (after destroy_process_group and a new init).
-    try:
-        return dist.distributed_c10d._resolve_process_group(name)
-    except (AttributeError, LookupError, RuntimeError, ValueError):
-        pass
-    try:
-        return _GROUPS[name]
-    except KeyError:
-        raise RuntimeError(f"fastdpo: no process group named {name!r} was recorded (pass it through "
-                           f"fastdpo.VocabParallel)") from None
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:

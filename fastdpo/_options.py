@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import numbers
 from dataclasses import dataclass
+
+#: The label of a position that is skipped (prompt, padding): PyTorch's and transformers' convention.
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -24,12 +26,12 @@ class HeadOptions:
         extras: also compute the entropy, ``log Σ_v p_v²`` and whether the target is the argmax.
         vocab_start: the global id of the weight's first row (vocabulary-parallel head; 0 otherwise).
         vocab_total: the whole vocabulary ``V`` (the weight's rows unless vocabulary-parallel; -1 for that).
-        group: the name of the vocabulary-parallel process group (see :mod:`fastdpo._merge`), or None.
+        group: the name of the vocabulary-parallel process group (see :mod:`fastdpo.vocab_parallel`), or None.
         memory: what the forward may keep for the backward, in GiB (see :mod:`fastdpo._fast`): 0 nothing (lean:
             the backward recomputes the logits), ``inf`` everything it needs (fast), else a budget.
     """
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     softcap: float | None = None
     scale: float = 1.0
     backend: str = "torch"
@@ -104,61 +106,3 @@ def _decode_fields(text: str, fields: tuple) -> dict:
 
 def _decode(text: str) -> HeadOptions:
     return HeadOptions(**_decode_fields(text, _FIELDS))
-
-
-@dataclass(frozen=True)
-class VocabParallel:
-    """This rank's rows ``[start, stop)`` of a vocabulary-parallel (Megatron-style, transformers ``colwise``)
-    lm-head.
-
-    Every rank of ``group`` passes the same ``hidden`` and ``labels`` (global token ids) and its own rows of the
-    weight (and bias, reference weight and bias); the ranks' ranges must tile the vocabulary ``[0, V)``, in any
-    order and with any (uneven) sizes. Every rank gets the same per-token statistics, loss and metrics, the full
-    hidden gradient and the gradient of its own rows.
-
-    Collectives per head call: in the forward one all-reduce (max) of the ``[N]`` per-token maxima and one
-    all-reduce (sum) of the rescaled per-token statistics (``3`` values per token, ``5 + world size`` with the
-    extra metrics, which carry each rank's first argmax in its own slot); in the backward one all-reduce (sum)
-    of the fp32 hidden gradient. With ``vocab_size=None`` one more tiny collective per call gathers every
-    rank's ``(start, stop)`` and a digest of its labels, checks that the ranges tile ``[0, V)`` and that the
-    labels agree, and finds ``V`` (for the label range check and the mean logit); give ``vocab_size`` to skip
-    it (and the labels' comparison, which reads them on the host).
-
-    Attributes:
-        start: first vocabulary row held by this rank (``>= 0``).
-        stop: one past the last row held (``> start``); ``weight.shape[0]`` must be ``stop - start``.
-        group: the ``torch.distributed`` process group over which the vocabulary is split; None for the world.
-        vocab_size: the whole vocabulary ``V`` (``>= stop``), or None to find it with a collective.
-    """
-
-    start: int
-    stop: int
-    group: object = None
-    vocab_size: int | None = None
-
-    def __post_init__(self):
-        # NumPy integers are ints too (stored as Python ints, so that the options compare and hash alike).
-        for name in ("start", "stop", "vocab_size"):
-            value = getattr(self, name)
-            if name == "vocab_size" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"VocabParallel.{name} must be an int{' or None' if name == 'vocab_size' else ''}, "
-                                f"got {value!r}")
-            object.__setattr__(self, name, int(value))
-        if not 0 <= self.start < self.stop:
-            raise ValueError(f"VocabParallel needs 0 <= start < stop, got start={self.start}, stop={self.stop}")
-        if self.vocab_size is not None:
-            if self.vocab_size < self.stop:
-                raise ValueError(f"VocabParallel.vocab_size must be >= stop={self.stop}, got {self.vocab_size}")
-        if self.group is not None:
-            import torch.distributed as dist
-
-            if not isinstance(self.group, dist.ProcessGroup):
-                raise TypeError(f"VocabParallel.group must be a torch.distributed.ProcessGroup or None (the "
-                                f"world), got {type(self.group).__name__}")
-
-    @property
-    def rows(self) -> int:
-        """The number of vocabulary rows held by this rank."""
-        return self.stop - self.start

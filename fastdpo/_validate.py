@@ -98,6 +98,12 @@ def one_device(*named):
                      f"({majority[0]}), got {', '.join(f'{name} on {t.device}' for name, t in odd)}")
 
 
+
+def same_device(**tensors):
+    """First of all checks, so that the message names the tensors off the device most of them share (arguments
+    that are not tensors get their own error later)."""
+    one_device(*((name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)))
+
 def head(hidden, weight, targets, bias, *, hidden_name="hidden", weight_name="weight", targets_name="targets",
          bias_name="bias"):
     """Check one head's tensors; ``targets`` must be shaped like ``hidden.shape[:-1]``."""
@@ -169,3 +175,75 @@ def common_dtype(hidden, weight, hidden_name="hidden", weight_name="weight"):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# --- the DPO loss's inputs ------------------------------------------------------------------------------------
+
+def dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
+               needs_reference=True, packed_rows=None):
+    """The tensors of :func:`fastdpo.dpo_loss` and its one reference. ``packed_rows``: the number of sequences of a
+    packed batch, whose layout :func:`fastdpo._packing.packed_dpo_inputs` has checked; None for the padded
+    ``[2B, T, H]`` layout checked here."""
+    tensor("hidden", hidden)
+    tensor("weight", weight, ndim=2)
+    tensor("labels", labels)
+    flag("reference_free", reference_free)
+    if packed_rows is None:
+        _padded_dpo_layout(hidden, labels)
+    rows = hidden.shape[0] if packed_rows is None else packed_rows
+    _one_reference(ref_hidden, ref_weight, ref_logps, reference_free, ref_bias, needs_reference)
+    if ref_hidden is not None:
+        _reference_head(hidden, weight, ref_hidden, ref_weight, packed=packed_rows is not None)
+    if ref_logps is not None:
+        _reference_logps(ref_logps, rows)
+
+
+def _padded_dpo_layout(hidden, labels):
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got shape {tuple(hidden.shape)}")
+    if labels.dim() != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"labels must be [2B, T] = {tuple(hidden.shape[:2])} to match hidden, got "
+                         f"{tuple(labels.shape)}")
+    rows = hidden.shape[0]
+    if rows == 0 or hidden.shape[1] == 0:
+        raise ValueError(f"empty batch: hidden has shape {tuple(hidden.shape)}; need at least one pair and one token")
+    if rows % 2:
+        raise ValueError(f"hidden must hold an even number of rows (B chosen then B rejected), got {rows}")
+
+
+def _one_reference(ref_hidden, ref_weight, ref_logps, reference_free, ref_bias, needs_reference):
+    """Exactly one of the three reference modes (or none, for loss types that never read the reference)."""
+    given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None]
+    if reference_free:
+        given.append("reference_free=True")
+    if ref_weight is not None and ref_hidden is None:
+        raise ValueError("ref_weight was given without ref_hidden: pass both, or neither")
+    if ref_bias is not None and ref_hidden is None:
+        raise ValueError("ref_bias was given without ref_hidden: pass it with ref_hidden and ref_weight")
+    if ref_hidden is not None and ref_weight is None:
+        raise ValueError("ref_hidden was given without ref_weight: pass the reference lm-head weight [V, H] "
+                         "(it may be the policy's weight tensor itself)")
+    if len(given) > 1:
+        raise ValueError(f"give exactly one reference, got {' and '.join(given)}")
+    if not given and needs_reference:
+        raise ValueError("no reference: pass ref_hidden with ref_weight, or precomputed ref_logps [2B], "
+                         "or reference_free=True (only the loss types simpo, cpo, orpo, sft need none)")
+
+
+def _reference_head(hidden, weight, ref_hidden, ref_weight, packed):
+    tensor("ref_hidden", ref_hidden)
+    tensor("ref_weight", ref_weight, ndim=2)
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must cover the policy's vocabulary of {weight.shape[0]} tokens: "
+                         f"expected [{weight.shape[0]}, H_ref], got {tuple(ref_weight.shape)}")
+    if not packed and (ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != tuple(hidden.shape[:2])):
+        raise ValueError(f"ref_hidden must be [2B, T, H_ref] with 2B, T = {tuple(hidden.shape[:2])}, got "
+                         f"{tuple(ref_hidden.shape)}")
+
+
+def _reference_logps(ref_logps, rows):
+    tensor("ref_logps", ref_logps)
+    if tuple(ref_logps.shape) != (rows,):
+        raise ValueError(f"ref_logps must be [2B] = [{rows}] (chosen then rejected), got {tuple(ref_logps.shape)}")
+    if not ref_logps.dtype.is_floating_point:
+        raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")

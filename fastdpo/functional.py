@@ -6,15 +6,15 @@ import torch
 
 from . import _packing
 from . import _validate as check
-from . import _vocab_parallel
+from . import vocab_parallel as _vp
 from . import head as _head
-from ._options import HeadOptions
+from ._options import HeadOptions, IGNORE_INDEX
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
 __all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
 
 
-def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
+def token_stats(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0,
                 temperature=1.0, backend="auto", extras=False, check_labels=True, names=None,
                 vocab_parallel=None, memory="lean") -> dict:
     """Per-token statistics of the fused head, each shaped like ``targets`` and 0 where ignored.
@@ -26,7 +26,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     """
     names = names or {}
     hn, wn, tn, bn = (names.get(k, k) for k in ("hidden", "weight", "targets", "bias"))
-    vp = _vocab_parallel.resolve(weight, bias, targets, vocab_parallel, weight_name=wn, bias_name=bn,
+    vp = _vp.resolve(weight, bias, targets, vocab_parallel, weight_name=wn, bias_name=bn,
                                  labels_name=tn)
     weight, bias = vp.weight, vp.bias
     check.head(hidden, weight, targets, bias, hidden_name=hn, weight_name=wn, targets_name=tn, bias_name=bn)
@@ -59,7 +59,7 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softca
     return result
 
 
-def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
+def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0,
                    temperature=1.0, backend="auto", vocab_parallel=None, memory="lean") -> torch.Tensor:
     """Per-token log-probabilities of the targets, without materializing the logits.
 
@@ -107,7 +107,7 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, sof
                        vocab_parallel=vocab_parallel, memory=memory)["logp"]
 
 
-def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=-100, softcap=None,
+def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=IGNORE_INDEX, softcap=None,
                       logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None,
                       cu_seqlens=None, memory="lean") -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens: ``π_s = Σ_t mask_st·logp_st``.
@@ -126,7 +126,7 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
         ``[S]`` sequence log-probs. Their backward takes one scalar per sequence to the kernel.
     """
     check.flag("average", average)
-    _one_device(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
+    check.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
     offsets = None
     if cu_seqlens is None:
         check.tensor("hidden", hidden, ndim=3)
@@ -145,12 +145,6 @@ def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignor
     return total
 
 
-def _one_device(**tensors):
-    """First of all checks, so that the message names the tensors off the device most of them share (arguments
-    that are not tensors get their own error later)."""
-    check.one_device(*((name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)))
-
-
 def loss_config(beta, config, loss_options) -> LossConfig:
     """The one :class:`LossConfig` of a call: ``config``, or one built from ``beta`` (default 0.1) and the keywords.
     ``beta`` may come with a config only if it equals ``config.beta``; loss keywords never may."""
@@ -166,65 +160,8 @@ def loss_config(beta, config, loss_options) -> LossConfig:
     return config
 
 
-def _check_padded_layout(hidden, labels):
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got shape {tuple(hidden.shape)}")
-    if labels.dim() != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"labels must be [2B, T] = {tuple(hidden.shape[:2])} to match hidden, got "
-                         f"{tuple(labels.shape)}")
-    rows = hidden.shape[0]
-    if rows == 0 or hidden.shape[1] == 0:
-        raise ValueError(f"empty batch: hidden has shape {tuple(hidden.shape)}; need at least one pair and one token")
-    if rows % 2:
-        raise ValueError(f"hidden must hold an even number of rows (B chosen then B rejected), got {rows}")
-
-
-def _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
-                      needs_reference=True, packed_rows=None):
-    """``packed_rows``: the number of sequences of a packed batch, whose layout
-    :func:`_packing.packed_dpo_inputs` has checked; None for the padded ``[2B, T, H]`` layout checked here."""
-    check.tensor("hidden", hidden)
-    check.tensor("weight", weight, ndim=2)
-    check.tensor("labels", labels)
-    check.flag("reference_free", reference_free)
-    if packed_rows is None:
-        _check_padded_layout(hidden, labels)
-    rows = hidden.shape[0] if packed_rows is None else packed_rows
-    given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None]
-    if reference_free:
-        given.append("reference_free=True")
-    if ref_weight is not None and ref_hidden is None:
-        raise ValueError("ref_weight was given without ref_hidden: pass both, or neither")
-    if ref_bias is not None and ref_hidden is None:
-        raise ValueError("ref_bias was given without ref_hidden: pass it with ref_hidden and ref_weight")
-    if ref_hidden is not None and ref_weight is None:
-        raise ValueError("ref_hidden was given without ref_weight: pass the reference lm-head weight [V, H] "
-                         "(it may be the policy's weight tensor itself)")
-    if len(given) > 1:
-        raise ValueError(f"give exactly one reference, got {' and '.join(given)}")
-    if not given and needs_reference:
-        raise ValueError("no reference: pass ref_hidden with ref_weight, or precomputed ref_logps [2B], "
-                         "or reference_free=True (only the loss types simpo, cpo, orpo, sft need none)")
-    if ref_hidden is not None:
-        check.tensor("ref_hidden", ref_hidden)
-        check.tensor("ref_weight", ref_weight, ndim=2)
-        if ref_weight.shape[0] != weight.shape[0]:
-            raise ValueError(f"ref_weight must cover the policy's vocabulary of {weight.shape[0]} tokens: "
-                             f"expected [{weight.shape[0]}, H_ref], got {tuple(ref_weight.shape)}")
-        if packed_rows is None and (ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != tuple(hidden.shape[:2])):
-            raise ValueError(f"ref_hidden must be [2B, T, H_ref] with 2B, T = {tuple(hidden.shape[:2])}, got "
-                             f"{tuple(ref_hidden.shape)}")
-    if ref_logps is not None:
-        check.tensor("ref_logps", ref_logps)
-    if ref_logps is not None:
-        if tuple(ref_logps.shape) != (rows,):
-            raise ValueError(f"ref_logps must be [2B] = [{rows}] (chosen then rejected), got {tuple(ref_logps.shape)}")
-        if not ref_logps.dtype.is_floating_point:
-            raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")
-
-
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
-             beta=None, bias=None, ref_bias=None, ignore_index=-100, softcap=None, logit_scale=1.0, temperature=1.0,
+             beta=None, bias=None, ref_bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0, temperature=1.0,
              backend="auto", config: LossConfig | None = None, vocab_parallel=None, cu_seqlens=None,
              memory="lean", **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
@@ -262,20 +199,20 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         ``chosen_rewards``/``rejected_rewards`` ``β·(π − ρ)`` and ``metrics`` named as TRL logs them.
     """
     config = loss_config(beta, config, loss_options)
-    _one_device(hidden=hidden, weight=weight, labels=labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+    check.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                 ref_bias=ref_bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens)
     labels = check.token_ids(labels) if isinstance(labels, torch.Tensor) else labels
     offsets = None
     if cu_seqlens is not None:
         hidden, labels, ref_hidden, offsets = _packing.packed_dpo_inputs(hidden, labels, ref_hidden, cu_seqlens)
-    _check_dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
-                      needs_reference=config.needs_reference,
-                      packed_rows=None if offsets is None else offsets.numel() - 1)
+    check.dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, reference_free, ref_bias,
+                     needs_reference=config.needs_reference,
+                     packed_rows=None if offsets is None else offsets.numel() - 1)
     head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature,
                 backend=backend)
     if vocab_parallel is not None and ref_hidden is not None:
         # Check the split once for both heads (they share it and the labels).
-        vocab_parallel = _vocab_parallel.with_vocab_size(vocab_parallel, labels)
+        vocab_parallel = _vp.with_vocab_size(vocab_parallel, labels)
     stats = token_stats(hidden, weight, labels, bias=bias, names={"targets": "labels"},
                         extras=config.needs_token_extras, vocab_parallel=vocab_parallel, memory=memory, **head)
     ref_token_logps = None

@@ -19,39 +19,26 @@ Notation (per pair ``b``; ``c`` chosen, ``r`` rejected):
 from __future__ import annotations
 
 import math
-import numbers
-import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ._loss_config import (
+    _MEAN_LOGP_LOSS_TYPES,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCE_TYPES,
+    LOSS_TYPES,
+    REFERENCE_FREE_LOSS_TYPES,
+    TRL_LOSS_TYPES,
+    LossConfig,
+)
+from . import _metrics
 from ._packing import Sequences
-from ._validate import finite
 
 __all__ = ["LossConfig", "DPOOutput", "compute_dpo_loss", "LOSS_TYPES", "TRL_LOSS_TYPES", "F_DIVERGENCE_TYPES",
            "F_DIVERGENCE_LOSS_TYPES", "REFERENCE_FREE_LOSS_TYPES"]
 
-TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-LOSS_TYPES = TRL_LOSS_TYPES + ("simpo", "cpo", "orpo")
-F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# The f-DPO reparameterization leaves a β·log Z(x) term that cancels only in the chosen−rejected score
-# difference, so only the losses built on Δ have an f-divergence form (the same set TRL 1.16 accepts).
-F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
-                                     "sft"})
-# Loss types whose value does not depend on ρ: a mix made only of these needs no reference.
-REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo", "sft"})
-# Loss types defined on per-token mean log-probs ā whatever ``average_log_prob``/``ld_alpha`` say.
-_MEAN_LOGP_LOSS_TYPES = frozenset({"simpo", "orpo"})
-_LABEL_SMOOTHING_LOSS_TYPES = frozenset({"exo_pair", "robust", "aot", "aot_unpaired", "cpo", "simpo"})
-# Loss types that divide by β: β = 0 is undefined for them (TRL 1.16 fails on it with a ZeroDivisionError).
-_DIVIDE_BY_BETA_LOSS_TYPES = frozenset({"ipo", "sppo_hard"})
-# The types that read each option which only some types use, for the "ignored" warnings.
-_OPTION_READERS = {"discopop_tau": frozenset({"discopop"}), "simpo_gamma": frozenset({"simpo"}),
-                   "cpo_alpha": frozenset({"cpo"})}
-_LENGTH_NORMALISED_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm"})
-_SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 # The exp() of the α-divergence score is clamped here, as TRL does for fp32, so it stays finite.
 _ALPHA_EXP_CLAMP = 80.0
 
@@ -234,208 +221,6 @@ def _f_scores(logratios, cfg):
     return logratios
 
 
-# --- the configuration ------------------------------------------------------------------------------------------
-
-def _check_number(name, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
-
-
-def _warn(message):
-    # stacklevel 4: past __post_init__ and the dataclass __init__, at the caller that built the config.
-    warnings.warn(message, UserWarning, stacklevel=4)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Options of the DPO loss, named as in TRL's ``DPOConfig`` (plus SimPO, CPO and ORPO).
-
-    Every combination is checked when the config is built. Those TRL 1.16's DPOTrainer refuses (and those of
-    fastdpo's own options that contradict each other) raise a ``ValueError`` naming the option; those TRL accepts
-    are accepted too, with a ``UserWarning`` where an option is ignored by every chosen loss type or lies outside
-    its loss's meaningful range (TRL ignores such values silently, or logs a warning).
-
-    Attributes:
-        beta: temperature of the implicit reward ``β·(π − ρ)``; non-zero (β < 0 warns; β = 0 is refused: the loss
-            would be constant, and ``ipo``/``sppo_hard`` divide by β). For ``ipo`` it is IPO's τ, for ``orpo`` the
-            weight λ of the odds-ratio term (as in TRL's ORPOConfig).
-        loss_type: one name of ``LOSS_TYPES`` or a list of them (stored as a tuple). The loss is
-            ``Σ_i loss_weights[i] · mean_b loss_i(b)``; see each type's formula in this module.
-        loss_weights: one weight per loss type; default all 1.
-        label_smoothing: ε of ``exo_pair`` (needs ε > 0; meaningful in (0, 1)), ``robust`` (the flip rate,
-            meaningful in [0, 0.5)), ``aot``, ``aot_unpaired``, ``cpo`` and ``simpo`` (conservative smoothing
-            ``−(1−ε)·log σ(x) − ε·log σ(−x)`` as in TRL's CPOTrainer). Ignored, with a warning, by the other loss
-            types (as TRL 1.16's DPOTrainer ignores it for ``sigmoid``, ``hinge``, ...).
-        discopop_tau: τ of ``discopop``; meaningful > 0 (others warn).
-        f_divergence_type: ``reverse_kl`` (standard DPO), ``forward_kl`` (``f'(t) = 1 − 1/t``),
-            ``js_divergence`` (``f'(t) = log(2t/(t+1))``) or ``alpha_divergence``
-            (``f'(t) = (t^(α−1) − 1)/(α−1)``, exponent clamped at 80); anything but ``reverse_kl`` needs all loss
-            types in ``F_DIVERGENCE_LOSS_TYPES``.
-        f_alpha_divergence_coef: α of ``alpha_divergence`` (within 1e-6 of 1 means reverse KL).
-        average_log_prob: ``π`` (and ``ρ`` when computed here) is the per-token mean over the completion instead
-            of the sum. Not with ``ipo``/``sigmoid_norm`` (they already divide by the length) nor ``ld_alpha``.
-        ld_alpha: LD-DPO (arXiv 2409.06411): the tokens of each completion beyond the shorter completion of
-            its pair count with weight ``ld_alpha``: ``π = Σ_{t ≤ min(|c|,|r|)} logp_t + α·Σ_{t >} logp_t``. The
-            paper's range is [0, 1]; other values are accepted with a warning, as TRL accepts them. Applied to the
-            policy and to a reference computed in the same call; precomputed ``ref_logps`` are taken as given.
-            Ignored (with a warning) by ``simpo``/``orpo``.
-        use_weighting: WPO (arXiv 2406.11827, eq. 2): every per-pair loss is multiplied by ``w_c·w_r`` with
-            ``w = exp(mean_t(logp_t − log Σ_v p_v²))`` over the completion, without gradient. Not with the sorting
-            ``aot``/``aot_unpaired`` (the weights would no longer line up with their pairs).
-        simpo_gamma: SimPO's target reward margin γ (``simpo_gamma`` as in TRL's CPOConfig).
-        cpo_alpha: weight of CPO's NLL term (``cpo_alpha`` as in TRL's CPOConfig).
-        extra_metrics: have the head compute, and the metrics report, ``entropy`` (mean over all completion
-            tokens) and ``mean_token_accuracy`` (fraction of chosen completion tokens that are the argmax). They are
-            also reported whenever the head computed its extras anyway (``use_weighting``, the integrations).
-    """
-
-    beta: float = 0.1
-    loss_type: str | tuple = "sigmoid"
-    loss_weights: tuple | None = None
-    label_smoothing: float = 0.0
-    discopop_tau: float = 0.05
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    average_log_prob: bool = False
-    ld_alpha: float | None = None
-    use_weighting: bool = False
-    simpo_gamma: float = 0.5
-    cpo_alpha: float = 1.0
-    extra_metrics: bool = False
-
-    def __post_init__(self):
-        # NumPy scalars are numbers too; stored as Python floats so that the config compares, hashes and prints
-        # the same whatever the caller's scalar type (bools are refused by _check_number below).
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value) not in (int, float):
-                object.__setattr__(self, f.name, float(value))
-        _check_number("beta", self.beta)
-        types = self._normalise_loss_type(self.loss_type)
-        object.__setattr__(self, "loss_type", types if isinstance(self.loss_type, (list, tuple)) else types[0])
-        if self.loss_weights is not None:
-            if isinstance(self.loss_weights, (str, bytes)) or not hasattr(self.loss_weights, "__len__"):
-                raise TypeError(f"loss_weights must be a list of numbers, got {self.loss_weights!r}")
-            weights = tuple(self.loss_weights)
-            for w in weights:
-                _check_number("each of loss_weights", w)
-            weights = tuple(float(w) for w in weights)
-            if len(weights) != len(types):
-                raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
-                                 f"{len(types)} loss types {list(types)}")
-            object.__setattr__(self, "loss_weights", weights)
-        used = set(types)
-
-        # What TRL 1.16's DPOTrainer refuses is refused here too; what it accepts is accepted, with a warning where
-        # the value is ignored or outside its loss's meaningful range.
-        if self.beta == 0:
-            divide = used & _DIVIDE_BY_BETA_LOSS_TYPES
-            raise ValueError(f"beta must be non-zero, got {self.beta!r}: every reward β·(π − ρ) would be 0, so the "
-                             f"loss is constant" + (f" and {sorted(divide)} divide by β" if divide else ""))
-        if self.beta < 0:
-            _warn(f"beta={self.beta!r} < 0 rewards the rejected completions over the chosen ones")
-        _check_number("label_smoothing", self.label_smoothing)
-        eps = self.label_smoothing
-        if eps != 0 and not used & _LABEL_SMOOTHING_LOSS_TYPES:
-            _warn(f"label_smoothing={eps!r} is ignored by loss types {list(types)}; it applies to "
-                  f"{sorted(_LABEL_SMOOTHING_LOSS_TYPES)} only")
-        if "exo_pair" in used and eps == 0:
-            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper recommends 1e-3), got 0")
-        if "exo_pair" in used and not 0 < eps < 1:
-            _warn(f"loss_type 'exo_pair' with label_smoothing={eps!r} outside (0, 1): its loss is infinite or NaN")
-        if "robust" in used and not 0 <= eps < 0.5:
-            _warn(f"loss_type 'robust': label_smoothing (the label flip rate) should lie in [0.0, 0.5), got {eps!r}")
-        smoothed = used & {"aot", "aot_unpaired", "cpo", "simpo"}
-        if smoothed and not 0 <= eps <= 1:
-            _warn(f"loss types {sorted(smoothed)}: label_smoothing should lie in [0, 1], got {eps!r}")
-        _check_number("discopop_tau", self.discopop_tau)
-        if "discopop" in used and self.discopop_tau <= 0:
-            _warn(f"loss_type 'discopop': discopop_tau should be > 0, got {self.discopop_tau!r}")
-
-        if not isinstance(self.f_divergence_type, str) or self.f_divergence_type not in F_DIVERGENCE_TYPES:
-            raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got "
-                             f"{self.f_divergence_type!r}")
-        _check_number("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
-        if self.f_divergence_type != "reverse_kl" and not used <= F_DIVERGENCE_LOSS_TYPES:
-            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies only to loss types "
-                             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, not to {sorted(used - F_DIVERGENCE_LOSS_TYPES)}; "
-                             f"use f_divergence_type='reverse_kl' with these")
-        if self.f_divergence_type != "alpha_divergence" and self.f_alpha_divergence_coef != 0.5:
-            _warn(f"f_alpha_divergence_coef={self.f_alpha_divergence_coef!r} is ignored: it applies to "
-                  f"f_divergence_type='alpha_divergence' only")
-
-        for name in ("average_log_prob", "use_weighting", "extra_metrics"):
-            _check_bool(name, getattr(self, name))
-        _check_number("ld_alpha", self.ld_alpha, allow_none=True)
-        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
-            _warn(f"ld_alpha={self.ld_alpha!r} is outside LD-DPO's [0, 1]: the tokens beyond the shorter completion "
-                  f"count {'more than the shared ones' if self.ld_alpha > 1 else 'negatively'}")
-        if self.average_log_prob and used & _LENGTH_NORMALISED_LOSS_TYPES:
-            raise ValueError(f"average_log_prob=True with loss types {sorted(used & _LENGTH_NORMALISED_LOSS_TYPES)} "
-                             f"would divide by the completion length twice: they already normalise by it")
-        if self.average_log_prob and self.ld_alpha is not None:
-            raise ValueError("average_log_prob=True and ld_alpha are two different length corrections; use one")
-        if self.ld_alpha is not None and used & _MEAN_LOGP_LOSS_TYPES:
-            _warn(f"ld_alpha is ignored by loss types {sorted(used & _MEAN_LOGP_LOSS_TYPES)}: they always use "
-                  f"per-token mean log-probs")
-        if self.use_weighting and used & _SORTING_LOSS_TYPES:
-            raise ValueError(f"use_weighting=True is not supported with loss types {sorted(used & _SORTING_LOSS_TYPES)}"
-                             f": they sort the batch, which would misalign the per-pair weights")
-        _check_number("simpo_gamma", self.simpo_gamma)
-        _check_number("cpo_alpha", self.cpo_alpha)
-        if "cpo" in used and self.cpo_alpha < 0:
-            _warn(f"loss_type 'cpo': cpo_alpha={self.cpo_alpha!r} < 0 pushes the chosen completions' likelihood down")
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, readers in _OPTION_READERS.items():
-            if getattr(self, name) != defaults[name] and not used & readers:
-                _warn(f"{name}={getattr(self, name)!r} is ignored: it applies to loss types {sorted(readers)} only")
-
-    @staticmethod
-    def _normalise_loss_type(loss_type):
-        names = (loss_type,) if isinstance(loss_type, str) else loss_type
-        if not isinstance(names, (list, tuple)):
-            raise TypeError(f"loss_type must be a loss name or a list of them, got {loss_type!r}")
-        if not names:
-            raise ValueError("loss_type must name at least one loss type, got an empty list")
-        for name in names:
-            if not isinstance(name, str):
-                raise TypeError(f"loss_type entries must be strings, got {name!r}")
-            if name not in _PAIR_LOSSES:
-                raise ValueError(f"unknown loss_type {name!r}; expected one of {list(LOSS_TYPES)}")
-        return tuple(names)
-
-    @property
-    def loss_types(self) -> tuple:
-        """The loss types as a tuple, even when a single name was given."""
-        return (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
-
-    @property
-    def weights(self) -> tuple:
-        """``loss_weights``, or 1.0 for every loss type."""
-        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_types)
-
-    @property
-    def needs_reference(self) -> bool:
-        """False when every loss type is independent of the reference (``REFERENCE_FREE_LOSS_TYPES``)."""
-        return not set(self.loss_types) <= REFERENCE_FREE_LOSS_TYPES
-
-    @property
-    def needs_token_extras(self) -> bool:
-        """Whether the per-token extras (entropy, ``log Σp²``, top-1) must be computed by the head."""
-        return self.use_weighting or self.extra_metrics
-
-
 @dataclass
 class DPOOutput:
     """What :func:`fastdpo.dpo_loss` returns.
@@ -464,12 +249,6 @@ class DPOOutput:
     metrics: dict = field(default_factory=dict)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    values = values.detach().to(torch.float32)
-    count = mask.sum()
-    return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), torch.zeros_like(values.sum()))
-
-
 def _ld_weights(mask: torch.Tensor, alpha: float, dtype, seqs: Sequences) -> torch.Tensor:
     """LD-DPO token weights (the tokens' layout): 1 on the first ``min(|c|, |r|)`` completion tokens of each
     sequence, ``alpha`` on the rest (TRL's shared and tail masks), 0 off the completion."""
@@ -479,13 +258,6 @@ def _ld_weights(mask: torch.Tensor, alpha: float, dtype, seqs: Sequences) -> tor
     shared = seqs.per_token(torch.minimum(lengths[:B], lengths[B:]).repeat(2))
     tail = mask & (position > shared)
     return (mask & ~tail).to(dtype) + alpha * tail.to(dtype)
-
-
-def _sequence(token_logps, counts, config, ld, seqs):
-    if ld is not None:
-        return seqs.sum(token_logps * ld)
-    total = seqs.sum(token_logps)
-    return total / counts if config.average_log_prob else total
 
 
 def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref_token_logps=None,
@@ -505,10 +277,31 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
             rejected 1..B, see :mod:`fastdpo._packing`); per-sequence sums are then segment sums. Taken as checked.
     """
     logp = stats["logp"]
-    dtype = logp.dtype
     seqs = Sequences(mask, cu_seqlens)
-    B = seqs.pairs
-    counts = seqs.sum(mask).to(dtype).clamp(min=1)
+    counts = seqs.sum(mask).to(logp.dtype).clamp(min=1)
+    pol, ref = _sequence_logps(logp, mask, counts, config, seqs, ref_token_logps, ref_logps, reference_free)
+    pairs = _pairs(pol, ref, logp, mask, counts, config, seqs)
+    losses = _weighted_losses(pairs, config, _wpo_weights(stats, mask, counts, config, seqs))
+    chosen_rewards = config.beta * pairs.chosen_logratios.detach()
+    rejected_rewards = config.beta * pairs.rejected_logratios.detach()
+    metrics = dpo_metrics(stats, mask, config, seqs, pairs, chosen_rewards, rejected_rewards)
+    return DPOOutput(loss=losses.mean(), chosen_logps=pairs.chosen_logps, rejected_logps=pairs.rejected_logps,
+                     ref_chosen_logps=pairs.ref_chosen_logps, ref_rejected_logps=pairs.ref_rejected_logps,
+                     chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, losses=losses, metrics=metrics)
+
+
+# --- the steps of compute_dpo_loss ----------------------------------------------------------------------------
+
+def _sequence(token_logps, counts, config, ld, seqs):
+    if ld is not None:
+        return seqs.sum(token_logps * ld)
+    total = seqs.sum(token_logps)
+    return total / counts if config.average_log_prob else total
+
+
+def _sequence_logps(logp, mask, counts, config, seqs, ref_token_logps, ref_logps, reference_free):
+    """``[2B]`` policy and reference sequence log-probs ``π`` and ``ρ`` (``ρ = 0`` without a reference)."""
+    dtype = logp.dtype
     ld = _ld_weights(mask, config.ld_alpha, dtype, seqs) if config.ld_alpha is not None else None
     pol = _sequence(logp, counts, config, ld, seqs)
     if ref_token_logps is not None and not reference_free:
@@ -517,12 +310,17 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
         ref = ref_logps.detach().to(dtype)
     else:
         ref = torch.zeros_like(pol.detach())
+    return pol, ref
+
+
+def _pairs(pol, ref, logp, mask, counts, config, seqs) -> _Pairs:
+    """The ``[B]`` quantities of every pair that the loss formulas read."""
+    B = seqs.pairs
     pc, pr = pol[:B], pol[B:]
     rc, rr = ref[:B], ref[B:]
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
     chosen_scores, rejected_scores = _f_scores(chosen_ratio, config), _f_scores(rejected_ratio, config)
-    types = config.loss_types
-    used = set(types)
+    used = set(config.loss_types)
     pairs = _Pairs(
         chosen_logps=pc, rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
         chosen_logratios=chosen_ratio, rejected_logratios=rejected_ratio,
@@ -531,43 +329,42 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
     )
     if used & {"sft", "cpo", "orpo"}:
         # Mean over all chosen tokens of the batch (TRL's sft, and the cross-entropy of CPO/ORPO), 0 without any.
-        pairs.nll = -seqs.chosen(logp).sum() / seqs.chosen(mask).sum().clamp(min=1).to(dtype)
+        pairs.nll = -seqs.chosen(logp).sum() / seqs.chosen(mask).sum().clamp(min=1).to(logp.dtype)
     if used & _MEAN_LOGP_LOSS_TYPES:
         means = seqs.sum(logp) / counts
         pairs.chosen_mean_logps, pairs.rejected_mean_logps = means[:B], means[B:]
+    return pairs
 
-    pair_weights = None
-    if config.use_weighting:
-        lssp = stats.get("log_sum_sq_probs")
-        if lssp is None:
-            raise ValueError("use_weighting=True needs stats['log_sum_sq_probs'] (compute the head with extras=True)")
-        with torch.no_grad():
-            aligned = seqs.sum((logp.detach() - lssp.to(dtype)) * mask) / counts
-            w = torch.exp(aligned)
-            pair_weights = w[:B] * w[B:]
 
+def _wpo_weights(stats, mask, counts, config, seqs):
+    """WPO's ``[B]`` per-pair weights ``w_c·w_r`` (without gradient), or None without ``use_weighting``."""
+    if not config.use_weighting:
+        return None
+    lssp = stats.get("log_sum_sq_probs")
+    if lssp is None:
+        raise ValueError("use_weighting=True needs stats['log_sum_sq_probs'] (compute the head with extras=True)")
+    logp = stats["logp"]
+    with torch.no_grad():
+        aligned = seqs.sum((logp.detach() - lssp.to(logp.dtype)) * mask) / counts
+        w = torch.exp(aligned)
+        return w[:seqs.pairs] * w[seqs.pairs:]
+
+
+def _weighted_losses(pairs, config, pair_weights):
+    """``[B]`` per-pair losses ``Σ_i weight_i · loss_i(b)``, each term scaled by the WPO weights if any."""
     losses = None
-    for name, weight in zip(types, config.weights):
+    for name, weight in zip(config.loss_types, config.weights):
         per_pair = _PAIR_LOSSES[name](pairs, config)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
         losses = weight * per_pair if losses is None else losses + weight * per_pair
-    loss = losses.mean()
+    return losses
 
-    chosen_rewards = config.beta * chosen_ratio.detach()
-    rejected_rewards = config.beta * rejected_ratio.detach()
-    cmask, rmask = seqs.chosen(mask), seqs.rejected(mask)
-    mean_logit = stats["mean_logit"]
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": pc.detach().mean(),
-        "logps/rejected": pr.detach().mean(),
-        "logits/chosen": _masked_mean(seqs.chosen(mean_logit), cmask),
-        "logits/rejected": _masked_mean(seqs.rejected(mean_logit), rmask),
-    }
+
+def _loss_metrics(pairs, config) -> dict:
+    """The metrics of the CPO/ORPO trainers: ``nll_loss`` with an sft/cpo/orpo term, the log odds with orpo."""
+    used = set(config.loss_types)
+    metrics = {}
     if pairs.nll is not None:
         # As TRL's CPOTrainer, which skips (and logs 0 for) the NLL when its weight cpo_alpha is 0.
         nll_off = used == {"cpo"} and config.cpo_alpha == 0
@@ -577,14 +374,19 @@ def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref
         log_odds = _orpo_log_odds(pairs).detach()
         metrics["log_odds_ratio"] = F.logsigmoid(log_odds).mean()
         metrics["log_odds_chosen"] = log_odds.mean()
-    have_extras = stats.get("entropy") is not None and stats.get("is_top1") is not None
-    if config.extra_metrics and not have_extras:
+    return metrics
+
+
+def dpo_metrics(stats, mask, config, seqs, pairs, chosen_rewards, rejected_rewards) -> dict:
+    """The metrics of :func:`compute_dpo_loss`, named as TRL logs them (see :mod:`fastdpo._metrics`)."""
+    if config.extra_metrics and not _metrics.has_extras(stats):
         raise ValueError("extra_metrics=True needs stats['entropy'] and stats['is_top1'] (compute the head with "
                          "extras=True)")
+    metrics = _metrics.batch_metrics(
+        _metrics.pair_values(chosen_rewards, rejected_rewards, pairs.chosen_logps, pairs.rejected_logps),
+        _metrics.logit_sums(stats, mask, seqs))
+    metrics.update(_loss_metrics(pairs, config))
     # Reported whenever the head computed them (they cost nothing more then), not only when asked.
-    if have_extras:
-        metrics["entropy"] = _masked_mean(stats["entropy"], mask)
-        metrics["mean_token_accuracy"] = _masked_mean(seqs.chosen(stats["is_top1"]), cmask)
-    return DPOOutput(loss=loss, chosen_logps=pc, rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
-                     chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, losses=losses,
-                     metrics=metrics)
+    if _metrics.has_extras(stats):
+        metrics.update(_metrics.batch_metrics({}, _metrics.extra_sums(stats, mask, seqs)))
+    return metrics

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from . import _validate as check
-from . import _vocab_parallel
+from . import vocab_parallel as _vp
+from ._options import IGNORE_INDEX
 from .functional import dpo_loss, loss_config
 from .losses import DPOOutput, LossConfig
 
@@ -29,13 +30,13 @@ class FusedLinearDPOLoss(nn.Module):
         **loss_options: other fields of :class:`fastdpo.LossConfig` (``loss_type``, ...), checked here.
     """
 
-    def __init__(self, beta=None, *, config: LossConfig | None = None, ignore_index=-100, softcap=None,
+    def __init__(self, beta=None, *, config: LossConfig | None = None, ignore_index=IGNORE_INDEX, softcap=None,
                  logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None, memory="lean",
                  **loss_options):
         super().__init__()
         self.config = loss_config(beta, config, loss_options)
         check.head_options(ignore_index, softcap, logit_scale, temperature, backend)  # refused here, not at the call
-        _vocab_parallel._checked_type(vocab_parallel)
+        _vp._checked_type(vocab_parallel)
         self.head_options = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
                                  temperature=temperature, backend=backend, vocab_parallel=vocab_parallel,
                                  memory=memory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ._options import IGNORE_INDEX
 from .losses import LossConfig, compute_dpo_loss
 
 __all__ = ["reference_logits", "reference_token_stats", "reference_sequence_logprobs", "reference_dpo_loss"]
@@ -31,7 +32,7 @@ def reference_logits(hidden, weight, bias=None, *, softcap=None, logit_scale=1.0
     return z * (logit_scale / temperature)
 
 
-def reference_token_stats(hidden, weight, targets, bias=None, *, ignore_index=-100, softcap=None,
+def reference_token_stats(hidden, weight, targets, bias=None, *, ignore_index=IGNORE_INDEX, softcap=None,
                           logit_scale=1.0, temperature=1.0):
     """Per-token statistics from materialized logits, each shaped like ``targets``, 0 where ignored.
 
@@ -60,7 +61,7 @@ def reference_token_stats(hidden, weight, targets, bias=None, *, ignore_index=-1
     }
 
 
-def reference_sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=-100,
+def reference_sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=IGNORE_INDEX,
                                 softcap=None, logit_scale=1.0, temperature=1.0):
     """``[S]`` summed (or per-token mean) log-probs of the labelled tokens of each sequence."""
     stats = reference_token_stats(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
@@ -72,7 +73,7 @@ def reference_sequence_logprobs(hidden, weight, labels, *, average=False, bias=N
 
 
 def reference_dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
-                       reference_free=False, bias=None, ref_bias=None, ignore_index=-100, softcap=None,
+                       reference_free=False, bias=None, ref_bias=None, ignore_index=IGNORE_INDEX, softcap=None,
                        logit_scale=1.0, temperature=1.0, config: LossConfig | None = None, **loss_kwargs):
     """The DPO loss with materialized logits; same arguments and output as :func:`fastdpo.dpo_loss`."""
     config = config if config is not None else LossConfig(**loss_kwargs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo import _torch_path
+from fastdpo import _torch_backend
 from fastdpo.kernels import logprob_fast as K
 from fastdpo.kernels.config import INTERPRETER_DEFAULT, use_config
 from fdtest import backend_params, rel_err
@@ -81,10 +81,10 @@ def test_every_tensor_argument_in_any_layout(backend, name, how, memory):
         assert 0 < K.keep_columns(R * T, V, torch.float32, _PART_GIB * 2 ** 30, _PART_CONFIG) < V
     with use_config(_PART_CONFIG) if part else contextlib.nullcontext(), pytest.MonkeyPatch.context() as mp:
         if part:
-            mp.setattr(_torch_path, "VOCAB_CHUNK", 16)
-            mp.setattr(_torch_path, "MIN_VOCAB_CHUNK", 16)
+            mp.setattr(_torch_backend, "VOCAB_CHUNK", 16)
+            mp.setattr(_torch_backend, "MIN_VOCAB_CHUNK", 16)
             if backend == "torch":
-                assert 0 < _torch_path.kept_chunks(R * T, V, t["hidden"], _PART_GIB) < len(_torch_path._vocab_chunks(V))
+                assert 0 < _torch_backend.kept_chunks(R * T, V, t["hidden"], _PART_GIB) < len(_torch_backend._vocab_chunks(V))
         base = _run(t, backend, memory)
         t[name] = _relayout(t[name], how)
         assert not t[name].is_contiguous()

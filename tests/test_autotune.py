@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastdpo import _triton_path
+from fastdpo import _triton_backend
 from fastdpo._options import HeadOptions
 from fastdpo.kernels import autotune, config as C
 from fastdpo.kernels import logprob_bwd, logprob_fwd
@@ -181,7 +181,7 @@ def test_token_bucket_is_a_power_of_two():
 
 
 def _run(x, w, b, targets, opts, cfg):
-    rows, tgt, nv, valid = _triton_path._compact(targets, opts.ignore_index)
+    rows, tgt, nv, valid = _triton_backend._compact(targets, opts.ignore_index)
     stats = logprob_fwd.logprob_forward(x, w, b, rows, tgt, nv, softcap=opts.softcap, scale=opts.scale,
                                         extras=opts.extras, config=cfg)
     m = stats[0].amax(0)
@@ -209,7 +209,7 @@ def test_timing_trials_leave_the_real_launch_unchanged(monkeypatch):
     assert V > 2 * base.vocab_chunk
     before = _run(x, w, b, targets, opts, base)
     x0, w0, b0 = x.clone(), w.clone(), b.clone()
-    measure = _triton_path._measure(x, w, b, opts, _triton_path._compact(targets, opts.ignore_index))
+    measure = _triton_backend._measure(x, w, b, opts, _triton_backend._compact(targets, opts.ignore_index))
     space = [("fwd", [{}, {"fwd_stages": 4}]), ("gh", [{}, dict(C.GH_TWO_CTAS, gh_block_m=16, gh_block_k=16)]),
              ("vocab_chunk", [{}, {"vocab_chunk": 2 * base.vocab_chunk}])]
     chosen, rows = autotune.search(base, space, measure, budget=math.inf)
@@ -240,18 +240,18 @@ def test_tune_command_needs_a_gpu_and_a_whole_custom_head(capsys):
         with pytest.raises(SystemExit):
             cli.main(bad)
     with pytest.raises(ValueError, match="device must be a CUDA device"):
-        _triton_path.tune_ahead(8, 16, 32, device="cpu")
+        _triton_backend.tune_ahead(8, 16, 32, device="cpu")
 
 
 def test_a_calls_key_holds_host_known_values_only():
     x, w = torch.empty(3000, 64, dtype=torch.bfloat16), torch.empty(1000, 64, dtype=torch.bfloat16)
-    key = _triton_path.tune_key("GPU", x, w, None, HeadOptions(backend="triton"))
+    key = _triton_backend.tune_key("GPU", x, w, None, HeadOptions(backend="triton"))
     assert key == autotune.TuneKey("GPU", "bfloat16", 4096, 64, 1000)
     # Token counts in one power-of-two bucket share the choice; the flags that pick kernels do not.
-    assert _triton_path.tune_key("GPU", x[:2100], w, None, HeadOptions(backend="triton")) == key
-    flagged = _triton_path.tune_key("GPU", x, w, torch.empty(1000), HeadOptions(backend="triton", softcap=30.0,
+    assert _triton_backend.tune_key("GPU", x[:2100], w, None, HeadOptions(backend="triton")) == key
+    flagged = _triton_backend.tune_key("GPU", x, w, torch.empty(1000), HeadOptions(backend="triton", softcap=30.0,
                                                                                   extras=True, memory=0.5))
     assert (flagged.bias, flagged.softcap, flagged.extras, flagged.partial_keep) == (True, True, True, True)
     for memory in (0.0, float("inf")):  # lean and fast tune alike; only a partial budget pins the chunk
-        assert not _triton_path.tune_key("GPU", x, w, None, HeadOptions(backend="triton", memory=memory)).partial_keep
+        assert not _triton_backend.tune_key("GPU", x, w, None, HeadOptions(backend="triton", memory=memory)).partial_keep
     assert len({key.text(), flagged.text()}) == 2

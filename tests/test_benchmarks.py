@@ -110,15 +110,15 @@ def test_gpu_checks_pass_at_tiny_size_through_the_interpreter(tmp_path):
 def test_gpu_checks_catch_a_wrong_kernel(monkeypatch):
     """A kernel that drops part of the gradient must fail the checks, not pass them."""
     checks = _load("gpu_checks")
-    from fastdpo import _triton_path
+    from fastdpo import _triton_backend
 
-    real = _triton_path.backward
+    real = _triton_backend.backward
 
     def broken(*args, **kwargs):
         gh, gw, gb = real(*args, **kwargs)
         return gh, (gw * 0.999 if gw is not None else None), gb
 
-    monkeypatch.setattr(_triton_path, "backward", broken)
+    monkeypatch.setattr(_triton_backend, "backward", broken)
     ok, lines = checks.run_checks("cpu", tiny=True)
     assert not ok
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo import _merge, _torch_path
+from fastdpo import _merge, _torch_backend
 from fastdpo.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
 from fdtest import TYPE_OPTIONS, make_batch, rel_err
@@ -127,9 +127,9 @@ def test_epilogues_refuse_bad_chunks():
 @pytest.fixture
 def small_chunks(monkeypatch):
     # Chunks of 16 ids in tiles of 8 rows: several chunks and tiles, a budget that keeps part.
-    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16)
-    monkeypatch.setattr(_torch_path, "MIN_VOCAB_CHUNK", 16)
-    monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", 8 * 16)
+    monkeypatch.setattr(_torch_backend, "VOCAB_CHUNK", 16)
+    monkeypatch.setattr(_torch_backend, "MIN_VOCAB_CHUNK", 16)
+    monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", 8 * 16)
 
 
 def _head_case(dtype, head, seed=4):
@@ -161,12 +161,12 @@ def _ref(h, w, y, b, **kw):
 @pytest.mark.parametrize("head", ["plain", "softcap+bias+scale"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_epilogue_path_every_output_and_gradient(dtype, head, monkeypatch, small_chunks):
-    monkeypatch.setattr(_torch_path, "EPILOGUES", True)
+    monkeypatch.setattr(_torch_backend, "EPILOGUES", True)
     leaves, labels, kw, upstream = _head_case(dtype, head)
     ref, ref_g = _stats_and_grads([t.double() for t in leaves], labels, kw, upstream, _ref)
     N = labels.numel()
     part = N * (16 * dtype.itemsize + 4) * 1.5 / 2 ** 30  # the first chunk's e and m
-    assert _torch_path.kept_chunks(N, 61, leaves[0], part) == 1
+    assert _torch_backend.kept_chunks(N, 61, leaves[0], part) == 1
     errs = {}
     for memory in ("lean", "fast", part):
         ours, ours_g = _stats_and_grads(leaves, labels, kw, upstream, _ours, memory=memory)
@@ -181,7 +181,7 @@ def test_epilogue_path_every_output_and_gradient(dtype, head, monkeypatch, small
 
 def test_epilogue_path_fp16_with_a_loss_scalers_gradient(monkeypatch, small_chunks):
     """A loss scaler's 65536 times logit_scale 2 passes fp16's range in a·x: the power-of-two scaling keeps it."""
-    monkeypatch.setattr(_torch_path, "EPILOGUES", True)
+    monkeypatch.setattr(_torch_backend, "EPILOGUES", True)
     hidden, weight, labels = make_batch(dtype=torch.float64, seed=17, V=61)
     hidden, weight = 0.1 * hidden, 0.2 * weight
     upstream = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -210,14 +210,14 @@ def test_running_reference_falls_back_when_a_later_logit_overflows(memory, small
     leaves = [hidden.float(), weight.float(), bias.float()]
     ref, ref_g = _stats_and_grads([t.double() for t in leaves], labels, {}, upstream, _ref)
     calls = []
-    real = _torch_path._stat_record
-    _torch_path._stat_record = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = _torch_backend._stat_record
+    _torch_backend._stat_record = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         ours, ours_g = _stats_and_grads(leaves, labels, {}, upstream,
                                         lambda h, w, y, b: {"logp": fastdpo.fused_logprobs(
                                             h, w, y, bias=b, backend="torch", memory=memory)})
     finally:
-        _torch_path._stat_record = real
+        _torch_backend._stat_record = real
     tiles_per_chunk = -(-int((labels != -100).sum()) // 8)
     assert len(calls) > tiles_per_chunk  # chunk 0's tiles and the overflowing ones
     assert (ours["logp"].double() - ref["logp"]).abs().max() <= 2e-5

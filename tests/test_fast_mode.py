@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo import _torch_path
+from fastdpo import _torch_backend
 from fastdpo.kernels import logprob_fast as K
 from fastdpo.kernels.config import INTERPRETER_DEFAULT
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
@@ -64,9 +64,9 @@ def _part_budget(dtype, backend):
 def _small_torch_chunks(monkeypatch):
     # Vocabulary chunks of 16 ids (4 chunks) in tiles of 8 rows (the 24 labelled tokens cross three): a budget
     # can keep the first chunk and recompute the others.
-    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16)
-    monkeypatch.setattr(_torch_path, "MIN_VOCAB_CHUNK", 16)
-    monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", 8 * 16)
+    monkeypatch.setattr(_torch_backend, "VOCAB_CHUNK", 16)
+    monkeypatch.setattr(_torch_backend, "MIN_VOCAB_CHUNK", 16)
+    monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", 8 * 16)
 
 
 def _poison(monkeypatch):
@@ -147,19 +147,19 @@ def test_fast_mode_skips_the_logit_recompute_on_torch(monkeypatch, _small_torch_
     hidden, weight, _, labels, _ = _batch(2)
     dtype = torch.float32
     if epilogues:
-        monkeypatch.setattr(_torch_path, "EPILOGUES", True)
+        monkeypatch.setattr(_torch_backend, "EPILOGUES", True)
         dtype = torch.bfloat16
     calls = []
-    real = _torch_path._logit_product
-    monkeypatch.setattr(_torch_path, "_logit_product",
+    real = _torch_backend._logit_product
+    monkeypatch.setattr(_torch_backend, "_logit_product",
                         lambda x, w, v0: calls.append((v0, x.shape[0])) or real(x, w, v0))
     n = int((labels != -100).sum())
     tiles = []
-    for v0, v1 in _torch_path._vocab_chunks(V):
-        step = _torch_path._rows_per_chunk(v1 - v0, V * H)
+    for v0, v1 in _torch_backend._vocab_chunks(V):
+        step = _torch_backend._rows_per_chunk(v1 - v0, V * H)
         tiles += [(v0, min(step, n - s)) for s in range(0, n, step)]
     assert [v0 for v0, _ in tiles[::3]] == [0, 16, 32, 48] and len(tiles) == 12
-    part = _torch_path.kept_chunks(N_ROWS * T, V, hidden.to(dtype), _part_budget(dtype, "torch"))
+    part = _torch_backend.kept_chunks(N_ROWS * T, V, hidden.to(dtype), _part_budget(dtype, "torch"))
     assert part == 1
     for memory, recomputed in (("lean", tiles), ("fast", []), (_part_budget(dtype, "torch"), tiles[3:])):
         h = hidden.to(dtype).requires_grad_()

@@ -76,12 +76,12 @@ def test_fused_backward_reuses_the_forward_compaction(monkeypatch):
     """The stable sort of the labelled rows runs once per forward+backward, and the gradients stay exact."""
     if not fastdpo._validate.interpreting():
         pytest.skip("TRITON_INTERPRET is off")
-    from fastdpo import _triton_path
+    from fastdpo import _triton_backend
     from fastdpo.reference import reference_token_stats
 
     calls = []
-    real = _triton_path.compaction_order
-    monkeypatch.setattr(_triton_path, "compaction_order", lambda *a: calls.append(1) or real(*a))
+    real = _triton_backend.compaction_order
+    monkeypatch.setattr(_triton_backend, "compaction_order", lambda *a: calls.append(1) or real(*a))
     hidden, weight, labels = make_batch(seed=6)
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()

@@ -26,7 +26,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from fastdpo import _validate  # noqa: E402
 
-from fastdpo.integrations import _trl_compat  # noqa: E402
+from fastdpo.integrations import _trl_compat, _trl_config  # noqa: E402
 from fastdpo.integrations import trl as ftrl  # noqa: E402
 from fastdpo.integrations.trl import FastDPOTrainer, patch_trl, unpatch_trl  # noqa: E402
 from fdtest import record_ref_logps, word_tokenizer  # noqa: E402
@@ -450,7 +450,7 @@ def test_unsupported_options_raise_at_construction(tmp_path, monkeypatch):
 
     reduced = make_dataclass("LossConfig", [("beta", float, 0.1), ("loss_type", object, "sigmoid")], frozen=True)
     with monkeypatch.context() as m:
-        m.setattr(ftrl, "LossConfig", reduced)
+        m.setattr(_trl_config, "LossConfig", reduced)
         with pytest.raises(ValueError, match=r"DPOConfig\.ld_alpha"):
             FastDPOTrainer(args=make_args(tmp_path, ld_alpha=0.5), **kwargs)
     # What TRL itself refuses, re-raised naming DPOConfig.

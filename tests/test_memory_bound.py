@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo import _torch_path
+from fastdpo import _torch_backend
 from fastdpo.bench.memory import LargestTensor, LiveBytes
 from fastdpo.kernels.config import KernelConfig, use_config
 from fdtest import backend_params, make_batch
@@ -18,7 +18,7 @@ def test_no_tokens_by_vocab_tensor(backend, monkeypatch):
     ref_hidden = torch.randn_like(hidden)
     N = labels.numel()
     h, w = hidden.requires_grad_(), weight.requires_grad_()
-    monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", 4 * V)  # 4 tokens a chunk: chunking must happen
+    monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", 4 * V)  # 4 tokens a chunk: chunking must happen
     chunk = 256
     config = KernelConfig(fwd_block_m=16, fwd_block_v=64, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=64,
                           dlogits_block_k=16, gw_block_v=64, gw_block_h=16, gw_block_k=16, gh_block_m=16,
@@ -39,8 +39,8 @@ def test_torch_backend_bf16_step_peak_under_twice_the_weight(monkeypatch):
     chunk of either (the chunk sizes shrunk here in the proportions of a 128k-vocabulary head)."""
     V, H = 4099, 64
     hidden, weight, labels = make_batch(pairs=2, T=33, H=H, V=V, dtype=torch.bfloat16, seed=3)
-    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 512)
-    monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", 4 * 512)
+    monkeypatch.setattr(_torch_backend, "VOCAB_CHUNK", 512)
+    monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", 4 * 512)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
     ref_hidden = torch.randn(hidden.shape, dtype=torch.bfloat16)
     with LiveBytes() as meter:

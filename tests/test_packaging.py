@@ -69,7 +69,7 @@ def test_wheel_contains_fastdpo_kernels_and_bench_and_no_top_level_kernels(tmp_p
 
 def test_library_never_imports_the_tools():
     code = ("import sys, fastdpo, fastdpo.functional, fastdpo.losses, fastdpo.module, fastdpo.reference, "
-            "fastdpo.integrations; import fastdpo._torch_path, fastdpo.head; "
+            "fastdpo.integrations; import fastdpo._torch_backend, fastdpo.head; "
             "print(sorted(m for m in sys.modules if m.startswith('fastdpo.bench')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr

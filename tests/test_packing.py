@@ -589,6 +589,7 @@ def test_every_family_packs_exactly_or_is_refused(kind, monkeypatch):
     attention, whose softmax runs in float32) or is refused by check_packable before any loss is computed; a
     family the probe refuses really does differ packed (so the probe refuses no exact model)."""
     fx = pytest.importorskip("fastdpo.integrations.transformers")
+    from fastdpo.integrations import _hf_head
     model = tiny_family(kind)
     ids, labels, attention = ragged_lm_batch([9, 5, 7, 9], prompt=2)
     labels[1, 0] = ids[1, 0]  # a labelled first token: its packed predecessor belongs to another sequence
@@ -612,7 +613,7 @@ def test_every_family_packs_exactly_or_is_refused(kind, monkeypatch):
         with pytest.raises(ValueError, match=re.escape(str(err))):
             run(True)
         if "does not keep packed sequences apart" in str(err):
-            monkeypatch.setattr(fx, "check_packable", lambda *args, **kwargs: None)
+            monkeypatch.setattr(_hf_head, "check_packable", lambda *args, **kwargs: None)
             assert max(differences(run(True), padded)) > 1e-4, "refused, yet packs exactly"
         return
     assert kind not in MUST_REFUSE
@@ -655,19 +656,19 @@ def test_fast_trainer_padding_free_trains_like_padded(kind, kw, tmp_path, monkey
     trl_tests = pytest.importorskip("test_integrations_trl")
     from trl.trainer import dpo_trainer
 
-    from fastdpo.integrations import transformers as fx
+    from fastdpo.integrations import _hf_model
     from fastdpo.integrations.trl import FastDPOTrainer
 
     padded = trl_tests.train(FastDPOTrainer, kind, tmp_path, **kw)
     warnings, backbone_rows = [], []
     monkeypatch.setattr(dpo_trainer.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
-    backbone_outputs = fx._backbone_outputs
+    backbone_outputs = _hf_model._backbone_outputs
 
     def spy(lm, *args, **kwargs):
         backbone_rows.append((tuple(kwargs["input_ids"].shape), kwargs.get("attention_mask")))
         return backbone_outputs(lm, *args, **kwargs)
 
-    monkeypatch.setattr(fx, "_backbone_outputs", spy)
+    monkeypatch.setattr(_hf_model, "_backbone_outputs", spy)
     packed = trl_tests.train(FastDPOTrainer, kind, tmp_path, padding_free=True, **kw)
     assert not [w for w in warnings if "padding_free" in w], warnings
     # Control: the stock trainer does warn (and pad), and the spy hears it.

@@ -270,7 +270,7 @@ def test_empty_and_tiny_vocab(backend):
 def test_chunked_torch_backward_takes_any_per_row_function():
     """The shared chunked backward (log-prob here, TRL's entropy in the integration) back through softcap
     and scale: gradient of Σ_rows Σ_v c_row·z_v (a linear function of the transformed logits) vs autograd."""
-    from fastdpo import _torch_path
+    from fastdpo import _torch_backend
     from fastdpo._options import HeadOptions
 
     hidden, weight, bias, labels, _ = _inputs(torch.float64, dict(bias=True), seed=12)
@@ -278,7 +278,7 @@ def test_chunked_torch_backward_takes_any_per_row_function():
     rows = torch.tensor([0, 3, 4, 9, 17, 20])
     coeff = torch.randn(h2.shape[0], dtype=torch.float64)
     opts = HeadOptions(softcap=3.0, scale=0.7)
-    got = _torch_path.chunked_backward(h2, weight, bias, rows,
+    got = _torch_backend.chunked_backward(h2, weight, bias, rows,
                                        lambda z, start, r: torch.ones_like(z) * coeff[r].unsqueeze(1),
                                        opts, (True, True, True))
     hd, wd, bd = (t.clone().requires_grad_() for t in (h2, weight, bias))
@@ -294,10 +294,10 @@ def test_chunked_torch_backward_takes_any_per_row_function():
 def test_torch_backend_across_vocabulary_and_token_chunks(head, monkeypatch):
     """Chunks of 7 vocabulary ids and 3 tokens: every statistic and every gradient against float64, so a chunk
     boundary that drops, doubles or misplaces a column or a row fails."""
-    from fastdpo import _torch_path
+    from fastdpo import _torch_backend
 
-    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 7, raising=False)
-    monkeypatch.setattr(_torch_path, "CHUNK_ELEMENTS", 3 * 7)
+    monkeypatch.setattr(_torch_backend, "VOCAB_CHUNK", 7, raising=False)
+    monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", 3 * 7)
     hidden, weight, bias, labels, kw = _inputs(torch.float32, head, seed=13, V=45)
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ours, ours_g = _run(_ours("torch"), hidden, weight, bias, labels, upstream.float(), kw, torch.float32)
@@ -333,7 +333,7 @@ def test_minus_inf_logits_are_finite(backend, memory, monkeypatch):
     scattered columns: log-probs, entropy and every gradient finite and equal to float64's, in lean mode, fast
     mode (the backward reads the kept tiles) and with a budget that keeps part (Triton: columns 0-63, so the
     masked split 2 is recomputed; torch: the first two chunks of 16 ids, the first wholly masked)."""
-    from fastdpo import _torch_path
+    from fastdpo import _torch_backend
     from fastdpo.kernels import logprob_fast
 
     V = 80
@@ -354,7 +354,7 @@ def test_minus_inf_logits_are_finite(backend, memory, monkeypatch):
     ref = _masked_reference(h64, w64, b64, labels, scale)
     ref_g = torch.autograd.grad((ref["logp"] * upstream).sum(), (h64, w64, b64))
 
-    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16, raising=False)
+    monkeypatch.setattr(_torch_backend, "VOCAB_CHUNK", 16, raising=False)
     config = KernelConfig(fwd_block_m=16, fwd_block_v=16, fwd_block_k=16, dlogits_block_m=16, dlogits_block_v=16,
                           dlogits_block_k=16, gw_block_v=16, gw_block_h=16, gw_block_k=16, gh_block_m=16,
                           gh_block_h=16, gh_block_k=16, vocab_chunk=32, min_programs=9)
@@ -366,7 +366,7 @@ def test_minus_inf_logits_are_finite(backend, memory, monkeypatch):
         else:
             # The first two chunks of 16 ids (the first wholly masked), e and a reference per row each.
             memory = N * (32 + 2) * 4 / 2 ** 30
-            assert _torch_path.kept_chunks(N, V, hidden.float(), memory) == 2
+            assert _torch_backend.kept_chunks(N, V, hidden.float(), memory) == 2
     h, w, b = (t.float().requires_grad_() for t in (hidden, weight, bias))
     with use_config(config):
         ours = fastdpo.token_stats(h, w, labels, bias=b, logit_scale=scale, backend=backend, extras=True,
@@ -416,9 +416,9 @@ def test_exact_ties_take_the_first_index(backend, splits, memory, monkeypatch):
     ties inside one tile (20, 23) and across tiles (5, 40): with every tile in its own split (the merge breaks the
     tie) and all in one split (the kernel's running argmax does), in lean mode and in fast mode (inputs that
     require a gradient: the forward keeps tiles)."""
-    from fastdpo import _torch_path
+    from fastdpo import _torch_backend
 
-    monkeypatch.setattr(_torch_path, "VOCAB_CHUNK", 16, raising=False)
+    monkeypatch.setattr(_torch_backend, "VOCAB_CHUNK", 16, raising=False)
     hidden, weight, labels = make_batch(dtype=torch.float32, seed=19, V=53)
     bias = torch.zeros(weight.shape[0])
     for first, second in ((5, 40), (20, 23)):

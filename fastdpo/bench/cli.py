@@ -236,7 +236,7 @@ def _profile_padding_free(config, out, progress=True) -> int:
 def _tune(args, parser) -> int:
     import torch
 
-    from .. import _triton_path
+    from .. import _triton_backend
     from .run import DTYPES, SHAPES
 
     custom = (args.hidden, args.vocab, args.tokens)
@@ -248,7 +248,7 @@ def _tune(args, parser) -> int:
              [(n, SHAPES[n].hidden, SHAPES[n].vocab, 2 * SHAPES[n].pairs * SHAPES[n].seq_len)
               for n in args.shape or ["llama3-8b"]])
     for name, hidden, vocab, tokens in heads:
-        config, path = _triton_path.tune_ahead(tokens, hidden, vocab, DTYPES[args.dtype], bias=args.bias,
+        config, path = _triton_backend.tune_ahead(tokens, hidden, vocab, DTYPES[args.dtype], bias=args.bias,
                                                softcap=args.softcap, extras=args.extras, force=args.force)
         print(f"{name}: H={hidden} V={vocab} {tokens} tokens {args.dtype}: {config}")
     print(f"cache: {path}")

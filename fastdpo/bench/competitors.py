@@ -214,7 +214,7 @@ class FastDPO(Implementation):
         return f"auto: {head.dispatch(opts.backend, opts.memory).label}"
 
     def step_bytes(self, tokens, hidden, vocab, itemsize, with_ref):
-        from .._torch_path import CHUNK_ELEMENTS
+        from .._torch_backend import CHUNK_ELEMENTS
 
         # fp32 copies/accumulators the size of the weight, and a few logits chunks of the torch path
         # (the Triton path's vocabulary tiles are smaller).

@@ -49,9 +49,9 @@ def entropy_backward(hidden, weight, bias, grad_entropy, opts: HeadOptions, need
     """Exact gradients for ``(hidden, weight, bias)`` of ``Σ_t g_t·entropy_t`` (compute dtype, None where not
     needed), chunked over the tokens (no ``[N, V]`` tensor); only rows with ``g_t ≠ 0`` are projected.
     ``∂H/∂z_j = −p_j·(log p_j + H)``. No engine computes it in its kernels; TRL's head can ask for it."""
-    from .. import _torch_path
+    from .. import _torch_backend
 
-    g_all = grad_entropy.to(_torch_path._compute_dtype(hidden.dtype))
+    g_all = grad_entropy.to(_torch_backend._compute_dtype(hidden.dtype))
 
     def dentropy(z, start, rows):
         logsm = z - torch.logsumexp(z, dim=1, keepdim=True)
@@ -59,5 +59,5 @@ def entropy_backward(hidden, weight, bias, grad_entropy, opts: HeadOptions, need
         entropy = -(p * logsm).sum(1, keepdim=True)
         return p.mul_(logsm.add_(entropy)).mul_(-g_all[rows].unsqueeze(1))
 
-    return _torch_path.chunked_backward(hidden, weight, bias, (g_all != 0).nonzero().squeeze(1), dentropy, opts,
+    return _torch_backend.chunked_backward(hidden, weight, bias, (g_all != 0).nonzero().squeeze(1), dentropy, opts,
                                         needs)

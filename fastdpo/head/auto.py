@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from .._options import HeadOptions
+from .._options import HeadOptions, IGNORE_INDEX
 from .engines import AUTO, ENGINES, Saved, check_backend, dispatch
 
 ENV_BACKEND = "FASTDPO_BACKEND"
@@ -177,7 +177,7 @@ def _synthetic(device, dtype, tokens, hidden_size, vocab):
     # Logits of a trained head's spread (a flat softmax would flatter the engines alike).
     weight = torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=g).mul_(hidden_size ** -0.5 * 4)
     targets = torch.randint(0, vocab, (tokens,), device=device, generator=g)
-    targets[: tokens // 4] = -100  # prompt tokens
+    targets[: tokens // 4] = IGNORE_INDEX  # prompt tokens
     return hidden, weight, targets
 
 
@@ -189,7 +189,7 @@ def measure(candidates, device, dtype, tokens, hidden_size, vocab, opts) -> dict
     seconds = {}
     for backend, memory in candidates:
         engine = dispatch(backend, memory)
-        o = dataclasses.replace(opts, backend=backend, memory=memory, ignore_index=-100)
+        o = dataclasses.replace(opts, backend=backend, memory=memory, ignore_index=IGNORE_INDEX)
 
         def run():
             out, kept, order = engine.forward(hidden, weight, None, targets, o)

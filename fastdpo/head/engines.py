@@ -7,9 +7,9 @@ in pieces writes per-token partial records and combines them with the one merge,
 memory modes:
 
 - ``"triton"``, the fused engine: Triton kernels, the logits never leave registers (CUDA; CPU under
-  ``TRITON_INTERPRET=1``); :mod:`fastdpo._triton_path`, fast mode in :mod:`fastdpo._fast`.
+  ``TRITON_INTERPRET=1``); :mod:`fastdpo._triton_backend`, fast mode in :mod:`fastdpo._fast`.
 - ``"torch"``, the chunked engine: matrix products over vocabulary chunks of the labelled rows, any device and
-  dtype; :mod:`fastdpo._torch_path` (lean and fast mode).
+  dtype; :mod:`fastdpo._torch_backend` (lean and fast mode).
 
 Lean mode (``memory == 0``) keeps per-token statistics only and the backward recomputes the logits; fast mode
 (``memory > 0``: infinite, or a budget in GiB) keeps what fits for the backward.
@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import _fast, _torch_path
+from .. import _fast, _torch_backend
 from .._options import HeadOptions
 from .._validate import FLOAT_DTYPES, TRITON_DTYPES, interpreting
 
@@ -100,26 +100,26 @@ class _Chunked(Engine):
             raise TypeError(f"backend='torch' computes floating inputs, got {dtype}")
 
     def forward(self, hidden, weight, bias, targets, opts):
-        out, _ = _torch_path.forward(hidden, weight, bias, targets, opts)
+        out, _ = _torch_backend.forward(hidden, weight, bias, targets, opts)
         return out, (hidden.new_empty(0), hidden.new_empty(0)), self.order_like(targets)
 
     def backward(self, hidden, weight, bias, targets, saved, grad_logp, opts, needs):
-        return _torch_path.backward(hidden, weight, bias, targets, saved.lse, grad_logp, opts, needs)
+        return _torch_backend.backward(hidden, weight, bias, targets, saved.lse, grad_logp, opts, needs)
 
 
 class _ChunkedKeep(_Chunked):
     label, keeps = "chunked-fast", True
 
     def forward(self, hidden, weight, bias, targets, opts):
-        out, kept = _torch_path.forward_kept(hidden, weight, bias, targets, opts)
+        out, kept = _torch_backend.forward_kept(hidden, weight, bias, targets, opts)
         return out, kept, self.order_like(targets)
 
     def backward(self, hidden, weight, bias, targets, saved, grad_logp, opts, needs):
-        return _torch_path.backward(hidden, weight, bias, targets, saved.lse, grad_logp, opts, needs,
+        return _torch_backend.backward(hidden, weight, bias, targets, saved.lse, grad_logp, opts, needs,
                                     kept=(saved.kept_a, saved.kept_b))
 
     def kept_like(self, hidden, weight, opts):
-        return _torch_path.kept_like(hidden, weight, opts)
+        return _torch_backend.kept_like(hidden, weight, opts)
 
 
 class _Fused(Engine):
@@ -138,19 +138,19 @@ class _Fused(Engine):
                             f"use backend='torch' for {dtype}")
 
     @staticmethod
-    def _path():
-        from .. import _triton_path  # imports the kernels: only when the fused engine runs
+    def _backend():
+        from .. import _triton_backend  # imports the kernels: only when the fused engine runs
 
-        return _triton_path
+        return _triton_backend
 
     def forward(self, hidden, weight, bias, targets, opts):
-        path = self._path()
-        order = path.compaction_order(targets, opts.ignore_index)
-        out, _ = path.forward(hidden, weight, bias, targets, opts, rows=order)
+        backend = self._backend()
+        order = backend.compaction_order(targets, opts.ignore_index)
+        out, _ = backend.forward(hidden, weight, bias, targets, opts, rows=order)
         return out, (hidden.new_empty(0), hidden.new_empty(0)), order
 
     def backward(self, hidden, weight, bias, targets, saved, grad_logp, opts, needs):
-        return self._path().backward(hidden, weight, bias, targets, saved.lse, grad_logp, opts, needs,
+        return self._backend().backward(hidden, weight, bias, targets, saved.lse, grad_logp, opts, needs,
                                      rows=saved.order)
 
     def order_like(self, targets):
@@ -161,7 +161,7 @@ class _FusedKeep(_Fused):
     label, keeps = "fused-fast", True
 
     def forward(self, hidden, weight, bias, targets, opts):
-        order = self._path().compaction_order(targets, opts.ignore_index)
+        order = self._backend().compaction_order(targets, opts.ignore_index)
         out, kept = _fast._triton_forward(hidden, weight, bias, targets, opts, rows=order)
         return out, kept, order
 

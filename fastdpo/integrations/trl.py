@@ -24,18 +24,13 @@ fastdpo's kernels).
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import functools
-import sys
-import types
 import warnings
 from contextlib import nullcontext
 
 import torch
 
-from ._trl_compat import (PATCH_INTERNALS, TRAINER_CONFIG_FIELDS, TRAINER_INTERNALS, TRL_TESTED, check_trl_version,
-                          optional_module, require_trl_internals)
+from ._trl_compat import TRAINER_CONFIG_FIELDS, TRAINER_INTERNALS, TRL_TESTED, check_trl_version, require_trl_internals
 
 #: The TRL versions CI tests (older ones are refused, newer ones run with a warning); kept under its former name.
 TRL_SPECIFIER = TRL_TESTED
@@ -49,22 +44,24 @@ import trl.trainer.utils as _trl_utils  # noqa: E402
 from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-_trl_kernels = optional_module("trl.kernels")
-_trl_chunked = optional_module("trl.kernels.chunked_logprob")
 disable_gradient_checkpointing = getattr(_trl_model_utils, "disable_gradient_checkpointing", None)
 
-from .. import _validate  # noqa: E402
+from .. import _metrics, _validate  # noqa: E402
 from .. import head as _head  # noqa: E402
-from ..losses import LossConfig, compute_dpo_loss  # noqa: E402
-from .transformers import (  # noqa: E402
-    _innermost,
-    call_head_module,
-    check_packable,
-    check_packable_config,
-    model_head_output,
-    pack_batch,
-    to_fastdpo_transform,
-    unwrap_causal_lm,
+from .._options import IGNORE_INDEX  # noqa: E402
+from .._packing import Sequences  # noqa: E402
+from ..losses import compute_dpo_loss  # noqa: E402
+from ._hf_head import model_head_output  # noqa: E402
+from ._hf_model import unwrap_causal_lm  # noqa: E402
+from ._hf_packing import check_packable, check_packable_config, completion_layout, pack_batch  # noqa: E402
+from ._trl_config import DPO_LOSS_FIELDS, loss_config_from_dpo_config  # noqa: E402
+from ._trl_patch import (  # noqa: E402
+    _TRL_FUNCTION,
+    FastChunkedLogProbFunction,
+    _PatchState,
+    is_patched,
+    patch_trl,
+    unpatch_trl,
 )
 
 __all__ = [
@@ -78,300 +75,6 @@ __all__ = [
     "TRL_SPECIFIER",
     "TRL_TESTED",
 ]
-
-# --------------------------------------------------------------------------------------------------------------
-# The patch: TRL's per-token fused head on fastdpo's kernels
-# --------------------------------------------------------------------------------------------------------------
-
-# The original class, kept so that unpatching restores it whatever was patched in between.
-_TRL_FUNCTION = getattr(_trl_chunked, "ChunkedLogProbFunction", None)
-# Every name under which TRL reaches its head: `add_fused_lm_head` looks up `_ChunkedLogProbFunction` in
-# `trl.trainer.utils` at call time, and code importing `trl.kernels` after the patch gets fastdpo's as well.
-_PATCH_SITES = ((_trl_utils, "_ChunkedLogProbFunction"), (_trl_kernels, "ChunkedLogProbFunction"),
-                (_trl_chunked, "ChunkedLogProbFunction"))
-_TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-_FASTDPO_EXTRAS = ("entropy", "log_sum_sq_probs", "is_top1")
-# TRL hands its head only valid targets (compacted, or clamped to >= 0), so no target is ever ignored.
-_NO_IGNORE = -100
-
-
-class _PatchState:
-    patched = False
-    backend = "auto"
-    memory = 0.0  # GiB, see fastdpo._fast.resolve_memory
-    # The TRL modules whose `add_fused_lm_head` the patch replaced.
-    replaced = []
-
-
-# TRL's functions that the patch wraps (kept so that unpatching restores them).
-_TRL_ADD_FUSED_LM_HEAD = getattr(_trl_utils, "add_fused_lm_head", None)
-_TRL_GATHER_CTX = getattr(_trl_utils, "maybe_gather_lm_head_ctx", None)
-
-
-class _RoutedHead:
-    """Stands in for the lm-head inside TRL's fused forward while the patch is on.
-
-    TRL's forward reads ``lm_head.weight``/``lm_head.bias`` outside the head's forward (an FSDP2 ``DTensor`` it then
-    ``full_tensor()``-s, whose backward nobody reduces when the head is its own unit; a shard under FSDP1; an empty
-    partition under ZeRO-3) and hands them to ``_ChunkedLogProbFunction.apply``. Here they are empty placeholders:
-    the patched function recognizes them and calls the real head module instead, so the wrapper gathers, casts and
-    reduces it as for an ordinary forward.
-    """
-
-    def __init__(self, module):
-        self.module = module
-        inner = _innermost(module)
-        w, b = inner.weight, getattr(inner, "bias", None)
-        self.weight = torch.empty(0, dtype=w.dtype, device=w.device)
-        self.bias = None if b is None else torch.empty(0, dtype=b.dtype, device=b.device)
-
-    def __call__(self):
-        return self
-
-
-_ROUTE: contextvars.ContextVar = contextvars.ContextVar("fastdpo_trl_route", default=None)
-
-
-def _routed_fused_forward(self, *args, fused_lm_head=False, **kwargs):
-    if not (fused_lm_head and _PatchState.patched):
-        return self._fastdpo_trl_forward(*args, fused_lm_head=fused_lm_head, **kwargs)
-    route = _RoutedHead(self.get_output_embeddings())
-    token = _ROUTE.set(route)
-    # TRL's forward looks the head up through `get_output_embeddings()` on each call.
-    self.get_output_embeddings = route
-    try:
-        return self._fastdpo_trl_forward(*args, fused_lm_head=True, **kwargs)
-    finally:
-        del self.get_output_embeddings
-        _ROUTE.reset(token)
-
-
-def _add_fused_lm_head(model, *args, **kwargs):
-    """TRL's ``add_fused_lm_head``, whose forward then runs the head as a module while :func:`patch_trl` is on."""
-    _TRL_ADD_FUSED_LM_HEAD(model, *args, **kwargs)
-    # An instance attribute (not a closure), so that a deep copy of the model calls its own forward.
-    model._fastdpo_trl_forward = model.forward
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *a, **kw):
-        return _routed_fused_forward(self, *a, **kw)
-
-    model.forward = types.MethodType(forward, model)
-
-
-def _gather_ctx(*params):
-    # The placeholders of a routed head are no parameters: the head module's own hooks gather the real ones.
-    route = _ROUTE.get()
-    if route is not None and any(p is route.weight for p in params):
-        return nullcontext()
-    return _TRL_GATHER_CTX(*params)
-
-
-def _module_call(args, dtype, hidden, weight, bias):
-    # A mixed-precision wrapper casts the head's input to its parameter dtype; TRL's `cast_lm_head_to_fp32` asked
-    # for the dtype the hidden states had when TRL handed them over.
-    return FastChunkedLogProbFunction.apply(hidden.to(dtype), weight, bias, *args)
-
-
-class FastChunkedLogProbFunction(torch.autograd.Function):
-    """Drop-in for ``trl.kernels.ChunkedLogProbFunction`` computed by fastdpo's kernels.
-
-    Same arguments (``hidden [N, H], weight [V, H], bias, targets [N], temperature, chunk_size,
-    final_logit_softcapping, logit_scale, outputs``) and outputs (``log_probs, entropy, log_sum_sq_probs,
-    mean_logits, is_top1``, ``None`` where not requested). ``chunk_size`` is TRL's tiling and is ignored:
-    fastdpo picks its own. TRL's transform ``softcap·tanh(logit_scale·z/softcap)/temperature`` is mapped
-    exactly onto fastdpo's softcap-then-scale order. The head runs through fastdpo's head interface
-    (:mod:`fastdpo.head`) with the backend and memory mode given to :func:`patch_trl`; an entropy gradient (which
-    TRL supports, fastdpo's engines do not) comes from :func:`fastdpo.head.entropy_backward`.
-    """
-
-    @classmethod
-    def apply(cls, hidden, weight, bias, *args):
-        route = _ROUTE.get()
-        if route is not None and weight is route.weight:
-            # Inside TRL's forward under the patch: compute inside the head module's forward instead.
-            return call_head_module(route.module, hidden, functools.partial(_module_call, args, hidden.dtype))
-        if type(weight.grad_fn).__name__ == "_ToTorchTensorBackward":
-            raise RuntimeError("the lm-head weight reached the patched TRL head through DTensor.full_tensor(), whose "
-                               "backward is a local slice that FSDP2 never reduces: call patch_trl() before "
-                               "building the trainer, so that the head runs as a module")
-        return super().apply(hidden, weight, bias, *args)
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-                logit_scale=1.0, outputs=_TRL_OPTIONAL_OUTPUTS):
-        ctx.set_materialize_grads(False)
-        device = hidden.device
-        # As TRL: under autocast the head computes in the autocast dtype.
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
-        temperature = _validate.number("temperature", temperature, positive=True)
-        softcap, scale = to_fastdpo_transform(final_logit_softcapping, _validate.number("logit_scale", logit_scale))
-        unknown = set(outputs) - set(_TRL_OPTIONAL_OUTPUTS) - {"log_probs"}
-        if unknown:
-            raise ValueError(f"outputs: unknown per-token fields {sorted(unknown)}; TRL's head computes "
-                             f"{['log_probs', *_TRL_OPTIONAL_OUTPUTS]}")
-        # What the forward keeps is only worth keeping for a backward.
-        memory = _PatchState.memory if any(ctx.needs_input_grad[:3]) else 0.0
-        opts = _head.HeadOptions(ignore_index=_NO_IGNORE, softcap=softcap, scale=scale / temperature,
-                                 extras=any(name in outputs for name in _FASTDPO_EXTRAS), memory=memory)
-        opts = _head.resolve(opts, _PatchState.backend, device, dtype, targets.numel(), hidden.shape[-1],
-                             weight.shape[0])
-        h, w = hidden.to(dtype), weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        outs = _head.forward(h, w, b, targets, opts)
-        ctx.opts, ctx.dtype = opts, dtype
-        ctx.save_for_backward(hidden, weight, bias, targets, *_head.saved(outs))
-        out = dict(zip(("logp", "mean_logit", *_head.EXTRA_OUTPUTS), outs))
-        entropy = out["entropy"].float() if "entropy" in outputs else None
-        lssp = out["log_sum_sq_probs"].float() if "log_sum_sq_probs" in outputs else None
-        mean_logits = out["mean_logit"].float() if "mean_logits" in outputs else None
-        is_top1 = out["is_top1"] if "is_top1" in outputs else None
-        ctx.mark_non_differentiable(*(x for x in (lssp, mean_logits, is_top1) if x is not None))
-        return out["logp"].float(), entropy, lssp, mean_logits, is_top1
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, *_):
-        hidden, weight, bias, targets, *saved = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        none = (None,) * 9
-        if not any(needs) or (grad_logp is None and grad_entropy is None):
-            return none
-        grads = [None, None, None]
-        # A head routed through its module was fetched again by ZeRO-3's pre-backward hook (this is then a no-op);
-        # one that TRL read directly (a fused head added before patch_trl()) is gathered here, as TRL's backward does.
-        with _TRL_GATHER_CTX(weight, bias), torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
-            b = bias.to(ctx.dtype) if bias is not None else None
-            if grad_logp is not None:
-                grads = list(_head.backward(grad_logp, h, w, b, targets, _head.Saved(*saved), ctx.opts.op_args(),
-                                            needs))
-            if grad_entropy is not None:
-                extra = _head.entropy_backward(h, w, b, grad_entropy, ctx.opts, needs)
-                grads = [e if g is None else (g if e is None else g + e.to(g.dtype)) for g, e in zip(grads, extra)]
-        originals = (hidden, weight, bias)
-        grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, originals)]
-        return (*grads, *none[3:])
-
-
-class _Patch:
-    """What :func:`patch_trl` returns: already applied; as a context manager it restores the prior state."""
-
-    def __init__(self, was_patched, previous_backend, previous_memory):
-        self._was_patched = was_patched
-        self._previous = (previous_backend, previous_memory)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self._was_patched:
-            _PatchState.backend, _PatchState.memory = self._previous
-        else:
-            unpatch_trl()
-        return False
-
-
-def patch_trl(backend: str = "auto", memory="lean") -> _Patch:
-    """Run TRL's per-token fused head on fastdpo's kernels, in every TRL trainer that uses it.
-
-    Applied at once; :func:`unpatch_trl` undoes it, or use it as a context manager (``with patch_trl():``),
-    which restores the state it found. Patching twice only updates ``backend`` and ``memory``.
-
-    Args:
-        backend: fastdpo backend for the head, as in :func:`fastdpo.fused_logprobs`: ``"auto"``, ``"triton"``
-            or ``"torch"``.
-        memory: what the head's forward keeps for its backward, as in :func:`fastdpo.fused_logprobs`:
-            ``"lean"`` (default), ``"fast"`` or a budget in GiB.
-    """
-    _head.check_backend(backend)
-    memory = _head.resolve_memory(memory)
-    require_trl_internals("patch_trl()", PATCH_INTERNALS)
-    handle = _Patch(_PatchState.patched, _PatchState.backend, _PatchState.memory)
-    _PatchState.backend, _PatchState.memory = backend, memory
-    for module, name in _PATCH_SITES:
-        setattr(module, name, FastChunkedLogProbFunction)
-    _trl_utils.maybe_gather_lm_head_ctx = _gather_ctx
-    # Every TRL module that imported `add_fused_lm_head` (modules imported later take it from `trl.trainer.utils`).
-    for module in list(sys.modules.values()):
-        if (getattr(module, "__name__", "").startswith("trl")
-                and module.__dict__.get("add_fused_lm_head") is _TRL_ADD_FUSED_LM_HEAD):
-            module.add_fused_lm_head = _add_fused_lm_head
-            _PatchState.replaced.append(module)
-    _PatchState.patched = True
-    return handle
-
-
-def unpatch_trl() -> bool:
-    """Restore TRL's own fused head. Returns whether a patch was in place."""
-    was = _PatchState.patched
-    for module, name in _PATCH_SITES:
-        setattr(module, name, _TRL_FUNCTION)
-    _trl_utils.maybe_gather_lm_head_ctx = _TRL_GATHER_CTX
-    for module in _PatchState.replaced:
-        if module.__dict__.get("add_fused_lm_head") is _add_fused_lm_head:
-            module.add_fused_lm_head = _TRL_ADD_FUSED_LM_HEAD
-    _PatchState.replaced = []
-    _PatchState.patched = False
-    _PatchState.backend, _PatchState.memory = "auto", 0.0
-    return was
-
-
-def is_patched() -> bool:
-    """Whether TRL's fused head currently runs on fastdpo."""
-    return _PatchState.patched and _trl_utils._ChunkedLogProbFunction is FastChunkedLogProbFunction
-
-
-# --------------------------------------------------------------------------------------------------------------
-# DPOConfig -> LossConfig
-# --------------------------------------------------------------------------------------------------------------
-
-# DPOConfig fields that define the loss; the trainer maps each onto the LossConfig field of the same name.
-DPO_LOSS_FIELDS = ("beta", "loss_type", "loss_weights", "label_smoothing", "f_divergence_type",
-                   "f_alpha_divergence_coef", "ld_alpha", "use_weighting", "discopop_tau")
-
-
-def _dpo_config_defaults() -> dict:
-    defaults = {}
-    for f in dataclasses.fields(DPOConfig):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return defaults
-
-
-def _normalize(name, value):
-    if name == "loss_type":
-        if isinstance(value, str):
-            value = [value]
-        value = list(value)
-    if name == "loss_weights" and value is not None:
-        value = [float(v) for v in value]
-    return value
-
-
-def loss_config_from_dpo_config(args: DPOConfig | None) -> LossConfig:
-    """The :class:`fastdpo.LossConfig` that computes the loss a ``DPOConfig`` asks for.
-
-    Raises:
-        ValueError: naming the DPOConfig field, when an option is set that fastdpo's loss does not support.
-    """
-    defaults = _dpo_config_defaults()
-    supported = {f.name for f in dataclasses.fields(LossConfig)}
-    kwargs = {}
-    for name in DPO_LOSS_FIELDS:
-        value = _normalize(name, getattr(args, name) if args is not None else defaults[name])
-        default = _normalize(name, defaults[name])
-        if name in supported:
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-        elif value != default:
-            raise ValueError(f"DPOConfig.{name}={value!r} is not supported by fastdpo's loss (fastdpo.LossConfig has "
-                             f"no {name!r}); leave it at its default {default!r} or use trl's DPOTrainer")
-    try:
-        return LossConfig(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"DPOConfig: fastdpo cannot compute this loss: {err}") from err
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The trainer
@@ -402,6 +105,31 @@ def _check_packable_before_setup(model, ref_model, args) -> None:
             check_packable_config(config, attn_implementation=init.get("attn_implementation"))
         elif m is not None:
             check_packable(m, probe=_materialized(m))
+
+
+def _refuse_unsupported_inputs(model, args, train_dataset, peft_config) -> None:
+    """The trainer's inputs that fastdpo does not support, refused before DPOTrainer's set-up: a vision dataset,
+    prompt-learning PEFT, ``router_aux_loss_coef`` on a model without router logits."""
+    if train_dataset is not None:
+        try:
+            sample = next(iter(train_dataset))
+        except (StopIteration, TypeError):
+            sample = {}
+        if "image" in sample or "images" in sample:
+            raise ValueError("train_dataset: vision datasets are not supported by FastDPOTrainer; use "
+                             "trl.DPOTrainer (or patch_trl()) for vision-language models")
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError("peft_config: prompt-learning PEFT (prefix/prompt/p-tuning) is not supported by "
+                         "FastDPOTrainer; use a LoRA-style adapter")
+    if not isinstance(model, str):
+        lm = unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
+        coef = getattr(args, "router_aux_loss_coef", None)
+        config = getattr(lm, "config", None)
+        # TRL refuses this too, but only after Trainer.__init__.
+        if coef and config is not None and not hasattr(config.get_text_config(), "output_router_logits"):
+            raise ValueError(f"router_aux_loss_coef={coef} is set but {type(lm).__name__} is not a "
+                             f"Mixture-of-Experts model that returns router logits: there is no auxiliary loss "
+                             f"to weight")
 
 
 class FastDPOTrainer(DPOTrainer):
@@ -461,28 +189,8 @@ class FastDPOTrainer(DPOTrainer):
         except ValueError as err:
             raise ValueError(f"fastdpo_{err}") from None
         self.fastdpo_config = loss_config_from_dpo_config(args)
-        train_dataset = kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None)
-        if train_dataset is not None:
-            try:
-                sample = next(iter(train_dataset))
-            except (StopIteration, TypeError):
-                sample = {}
-            if "image" in sample or "images" in sample:
-                raise ValueError("train_dataset: vision datasets are not supported by FastDPOTrainer; use "
-                                 "trl.DPOTrainer (or patch_trl()) for vision-language models")
-        peft_config = kwargs.get("peft_config", pos[8] if len(pos) > 8 else None)
-        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-            raise ValueError("peft_config: prompt-learning PEFT (prefix/prompt/p-tuning) is not supported by "
-                             "FastDPOTrainer; use a LoRA-style adapter")
-        if not isinstance(model, str):
-            lm = unwrap_causal_lm(model)  # raises TypeError for prompt-learning PeftModels
-            coef = getattr(args, "router_aux_loss_coef", None)
-            config = getattr(lm, "config", None)
-            # TRL refuses this too, but only after Trainer.__init__.
-            if coef and config is not None and not hasattr(config.get_text_config(), "output_router_logits"):
-                raise ValueError(f"router_aux_loss_coef={coef} is set but {type(lm).__name__} is not a "
-                                 f"Mixture-of-Experts model that returns router logits: there is no auxiliary loss "
-                                 f"to weight")
+        _refuse_unsupported_inputs(model, args, kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None),
+                                   kwargs.get("peft_config", pos[8] if len(pos) > 8 else None))
         # TRL 1.16 warns that it cannot train padding-free and pads; fastdpo packs, so TRL must not see the flag.
         # Set before DPOTrainer.__init__, whose precompute pass already packs.
         self.fastdpo_padding_free = padding_free = _validate.flag("DPOConfig.padding_free",
@@ -532,14 +240,6 @@ class FastDPOTrainer(DPOTrainer):
         return out.head, aux, packed
 
     @staticmethod
-    def _loss_layout(stats, labels, packed):
-        """The completion mask in the stats' layout, and the packed offsets (None when padded)."""
-        device = stats["logp"].device
-        if packed is None:
-            return labels[:, 1:].to(device) != -100, None
-        return packed.targets.to(device) != -100, packed.cu_seqlens.to(device)
-
-    @staticmethod
     def _router_aux_loss(model, router_logits, attention_mask):
         """The MoE load-balancing loss exactly as TRL 1.16's fused forward computes it (Mixtral's formula, which
         every MoE family in ``transformers`` shares, with the config's expert counts)."""
@@ -580,11 +280,11 @@ class FastDPOTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (``precompute_ref_log_probs=True``), computed by fastdpo."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._adapter_context(), self.accelerator.autocast()):
             stats, _, packed = self._token_stats(model, model_kwargs, labels, extras=False)
-        return self._reference_sequence_logps(stats["logp"], *self._loss_layout(stats, labels, packed))
+        return self._reference_sequence_logps(stats["logp"], *completion_layout(stats["logp"].device, labels, packed))
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -592,10 +292,10 @@ class FastDPOTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
         stats, aux_loss, packed = self._token_stats(model, model_kwargs, labels, extras=True,
                                                     aux_loss=self.aux_loss_enabled)
-        mask, cu_seqlens = self._loss_layout(stats, labels, packed)
+        mask, cu_seqlens = completion_layout(stats["logp"].device, labels, packed)
 
         ref_token_logps = ref_logps = None
         if self.precompute_ref_logps:
@@ -634,43 +334,31 @@ class FastDPOTrainer(DPOTrainer):
         return loss
 
     def _log_fastdpo_metrics(self, mode, out, stats, mask, inputs):
-        """TRL's metrics, gathered across processes the way DPOTrainer gathers them."""
+        """TRL's metrics (:mod:`fastdpo._metrics`, in the padded layout), gathered across processes the way
+        DPOTrainer gathers them: token metrics as gathered sums over gathered counts, pair metrics as the mean of the
+        gathered pairs."""
         acc = self.accelerator
 
         def log(name, value):
             self._metrics[mode][name].append(value)
 
-        B = out.chosen_logps.shape[0]
-        maskf = mask.to(torch.float32)
-        cmask, rmask = maskf[:B], maskf[B:]
+        seqs = Sequences(mask)
+        sums = {**_metrics.extra_sums(stats, mask, seqs), **_metrics.logit_sums(stats, mask, seqs)}
 
-        total = acc.gather_for_metrics(maskf.sum()).sum()
-        ent = acc.gather_for_metrics((stats["entropy"].detach().float() * maskf).sum()).sum()
-        log("entropy", (ent / total).item() if total > 0 else 0.0)
+        def gathered_mean(name):
+            total, count = (acc.gather_for_metrics(t).sum() for t in sums[name])
+            return (total / count).item() if count > 0 else 0.0
 
+        log("entropy", gathered_mean("entropy"))
         if mode == "train":
             num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-        mean_logit = stats["mean_logit"].detach().float()
-        for name, m, rows in (("chosen", cmask, slice(0, B)), ("rejected", rmask, slice(B, 2 * B))):
-            logit_sum = acc.gather_for_metrics((mean_logit[rows] * m).sum()).sum().item()
-            count = acc.gather_for_metrics(m.sum()).sum().item()
-            log(f"logits/{name}", logit_sum / count if count > 0 else 0.0)
-
-        correct = acc.gather_for_metrics((stats["is_top1"][:B] & mask[:B]).sum()).sum()
-        chosen_tokens = acc.gather_for_metrics(mask[:B].sum()).sum()
-        log("mean_token_accuracy", (correct / chosen_tokens).item() if chosen_tokens > 0 else 0.0)
-
-        chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
-        log("rewards/chosen", acc.gather(chosen_rewards).mean().item())
-        log("rewards/rejected", acc.gather(rejected_rewards).mean().item())
-        log("rewards/accuracies",
-                                acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        log("rewards/margins", acc.gather(chosen_rewards - rejected_rewards).mean().item())
-        log("logps/chosen", acc.gather(out.chosen_logps.detach()).mean().item())
-        log("logps/rejected", acc.gather(out.rejected_logps.detach()).mean().item())
+        for name in ("logits/chosen", "logits/rejected", "mean_token_accuracy"):
+            log(name, gathered_mean(name))
+        pairs = _metrics.pair_values(out.chosen_rewards, out.rejected_rewards, out.chosen_logps, out.rejected_logps)
+        for name, values in pairs.items():
+            log(name, acc.gather(values).mean().item())
         # Stock DPOTrainer logs none of these, whatever its loss types (sft included); the loss types only fastdpo
         # has (cpo, orpo) log them as TRL's CPO/ORPO trainers do, averaged across processes.
         if not set(self.fastdpo_config.loss_type) & _LOSS_TYPES_BEYOND_TRL:

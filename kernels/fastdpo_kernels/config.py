@@ -12,8 +12,6 @@ import contextlib
 import contextvars
 from dataclasses import dataclass, replace
 
-import triton
-
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -207,6 +205,3 @@ def use_config(config: KernelConfig):
     finally:
         _override.reset(token)
 
-
-def cdiv(a: int, b: int) -> int:
-    return triton.cdiv(a, b)

@@ -35,6 +35,7 @@ import torch
 
 from . import _merge
 from ._options import HeadOptions
+from .vocab_parallel import resolve_group
 
 # Logits of one CPU tile (fp32: 16 MiB): few, large ops (a tile adds one or two element-wise passes to its product).
 CHUNK_ELEMENTS = 1 << 22
@@ -157,6 +158,12 @@ def _addmm_(acc, a, b):
     return acc.addmm_(a, b)
 
 
+def _vocab_walk(chunks, opts, bias):
+    """Each vocabulary chunk ``[v0, v1)`` as ``(index, v0, v1, width, first global id, bias slice or None)``."""
+    for c, (v0, v1) in enumerate(chunks):
+        yield c, v0, v1, v1 - v0, opts.vocab_start + v0, (bias[v0:v1] if bias is not None else None)
+
+
 def _chunk_operands(weight, v0, v1, epilogues, cd, extra_cols=()):
     """The chunk's weight for the products: a view (16-bit on the epilogue path, a compute-dtype weight), else its
     compute-dtype copy; ``extra_cols`` (``[vc]`` tensors) are appended as columns."""
@@ -249,9 +256,7 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
             cols.append(R.x.new_zeros(n, 1))
             r_run = torch.full((n,), float("-inf"), dtype=cd, device=dev)
         x = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
-    for c, (v0, v1) in enumerate(chunks):
-        vc, col0 = v1 - v0, opts.vocab_start + v0
-        b = bias[v0:v1] if bias is not None else None
+    for c, v0, v1, vc, col0, b in _vocab_walk(chunks, opts, bias):
         if epi:
             w = _chunk_operands(weight, v0, v1, True, cd)
             b = b.contiguous() if b is not None else None
@@ -302,7 +307,7 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
             r_run = torch.logaddexp(r_run, rec[_merge.MAX] + torch.log(rec[_merge.SUMEXP]))
             x[:, -1] = torch.where(torch.isneginf(r_run), 0.0, -r_run)
     merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else V, opts.extras, R.tgt,
-                          _merge.resolve_group(opts.group))
+                          resolve_group(opts.group))
     top1 = merged["argmax"] == R.tgt.to(merged["argmax"].dtype) if opts.extras else None
     out = _merge.token_outputs(merged, opts.extras, lambda v: R.scatter(v, N), top1)
     return out, kept_e, kept_r
@@ -376,9 +381,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     acc_h = torch.zeros((n, H), dtype=acc_dtype, device=dev) if need_h else None
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
     grad_b = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
-    for c, (v0, v1) in enumerate(chunks):
-        vc, col0 = v1 - v0, opts.vocab_start + v0
-        b = bias[v0:v1] if bias is not None else None
+    for c, v0, v1, vc, col0, b in _vocab_walk(chunks, opts, bias):
         if epi:
             w = _chunk_operands(weight, v0, v1, True, cd)
             b = b.contiguous() if b is not None else None
@@ -444,7 +447,7 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
     if need_h:
         acc_h.mul_(a.unsqueeze(1))
         # A vocabulary-parallel head sums the ranks' hidden gradients here, once, before the cast.
-        _merge.all_reduce_sum(acc_h, _merge.resolve_group(opts.group))
+        _merge.all_reduce_sum(acc_h, resolve_group(opts.group))
         grad_h = torch.zeros((N, H), dtype=hidden.dtype, device=dev).index_copy_(0, R.idx, acc_h.to(hidden.dtype))
     return grad_h, grad_w, grad_b
 

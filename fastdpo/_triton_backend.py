@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import _merge
-from ._options import HeadOptions
+from ._options import HeadOptions, IGNORE_INDEX
+from .vocab_parallel import resolve_group
 from .kernels import autotune, logprob_bwd, logprob_fwd
 from .kernels.config import default_config, overridden
 
@@ -58,7 +59,7 @@ def tune_ahead(tokens: int, hidden: int, vocab: int, dtype=torch.bfloat16, *, bi
     w = (torch.randn(vocab, hidden, generator=g) * 4.0 / hidden ** 0.5).to(device, dtype)
     b = torch.zeros(vocab, device=device, dtype=dtype) if bias else None
     targets = torch.randint(0, vocab, (tokens,), generator=g)
-    targets[: tokens // 4] = -100
+    targets[: tokens // 4] = IGNORE_INDEX
     opts = HeadOptions(backend="triton", softcap=softcap, extras=extras, memory=float(memory))
     config = _config(x, w, b, opts, _compact(targets.to(device), opts.ignore_index), force=force)
     return config, autotune.cache_path(torch.cuda.get_device_properties(device).name)
@@ -138,7 +139,7 @@ def _unit_stride(bias):
 
 
 def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None, rows=None):
-    """As :func:`fastdpo._torch_path.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp.
+    """As :func:`fastdpo._torch_backend.forward`: ``(out, saved)`` with ``saved`` the ``[N]`` fp32 logsumexp.
 
     ``launch`` replaces the forward kernel's launcher (same arguments and record; fast mode's also keeps tiles);
     ``rows`` is :func:`compaction_order` when the caller already has it.
@@ -157,7 +158,7 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None, rows=
     # Columns past nv were never written: where() keeps them (NaN or not) out of the outputs; across ranks
     # their garbage is reduced alike and dropped alike.
     merged = _merge.merge(stats, opts.vocab_total if opts.vocab_total >= 0 else weight.shape[0], opts.extras, tgt,
-                          _merge.resolve_group(opts.group))
+                          resolve_group(opts.group))
 
     def scatter(values):
         out = torch.zeros(N, dtype=values.dtype, device=hidden.device)
@@ -169,14 +170,14 @@ def forward(hidden, weight, bias, targets, opts: HeadOptions, launch=None, rows=
 
 
 def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions, needs, rows=None):
-    """As :func:`fastdpo._torch_path.backward`; ``rows``: the forward's :func:`compaction_order`, if kept."""
+    """As :func:`fastdpo._torch_backend.backward`; ``rows``: the forward's :func:`compaction_order`, if kept."""
     bias = _unit_stride(bias)
     rows, tgt, nv, valid = _compact(targets, opts.ignore_index, rows)
     config = _config(hidden, weight, bias, opts, (rows, tgt, nv, valid))
     zero = torch.zeros((), device=hidden.device)
     lse = torch.where(valid, saved.to(torch.float32).gather(0, rows), zero)
     g = torch.where(valid, grad_logp.to(torch.float32).gather(0, rows), zero)
-    group = _merge.resolve_group(opts.group)
+    group = resolve_group(opts.group)
     # Across ranks the hidden gradient is summed in fp32, then cast once.
     gh, gw, gb = logprob_bwd.logprob_backward(hidden, weight, bias, rows, tgt - opts.vocab_start, nv,
                                               lse.contiguous(), g.contiguous(), softcap=opts.softcap,

@@ -1,18 +1,110 @@
-"""Resolution of a vocabulary-parallel head: a :class:`fastdpo.VocabParallel` argument, or a ``DTensor`` weight
-sharded on dim 0 over a 1-D mesh (transformers' ``colwise`` tensor-parallel lm-head), into the plain local rows
-and the ``(vocab_start, vocab_total, group)`` options the head's custom ops take. The merge across ranks lives
-in :mod:`fastdpo._merge`."""
+"""Vocabulary-parallel lm-heads: :class:`VocabParallel` (this rank's rows of a head split over the vocabulary), the
+resolution of a head into the plain local rows and the ``(vocab_start, vocab_total, group)`` options the head's
+custom ops take (from a :class:`VocabParallel` argument, or a ``DTensor`` weight sharded on dim 0 over a 1-D mesh:
+transformers' ``colwise`` tensor-parallel lm-head), and the registry of process groups by name.
+
+The head's custom ops take plain arguments, so a process group travels into them by its name
+(``ProcessGroup.group_name``): :func:`group_name` records the group under it, :func:`resolve_group` finds it. The
+merge of the ranks' statistics lives in :mod:`fastdpo._merge`."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from . import _merge
-from ._options import VocabParallel
+__all__ = ["VocabParallel"]
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """This rank's rows ``[start, stop)`` of a vocabulary-parallel (Megatron-style, transformers ``colwise``)
+    lm-head.
+
+    Every rank of ``group`` passes the same ``hidden`` and ``labels`` (global token ids) and its own rows of the
+    weight (and bias, reference weight and bias); the ranks' ranges must tile the vocabulary ``[0, V)``, in any
+    order and with any (uneven) sizes. Every rank gets the same per-token statistics, loss and metrics, the full
+    hidden gradient and the gradient of its own rows.
+
+    Collectives per head call: in the forward one all-reduce (max) of the ``[N]`` per-token maxima and one
+    all-reduce (sum) of the rescaled per-token statistics (``3`` values per token, ``5 + world size`` with the
+    extra metrics, which carry each rank's first argmax in its own slot); in the backward one all-reduce (sum)
+    of the fp32 hidden gradient. With ``vocab_size=None`` one more tiny collective per call gathers every
+    rank's ``(start, stop)`` and a digest of its labels, checks that the ranges tile ``[0, V)`` and that the
+    labels agree, and finds ``V`` (for the label range check and the mean logit); give ``vocab_size`` to skip
+    it (and the labels' comparison, which reads them on the host).
+
+    Attributes:
+        start: first vocabulary row held by this rank (``>= 0``).
+        stop: one past the last row held (``> start``); ``weight.shape[0]`` must be ``stop - start``.
+        group: the ``torch.distributed`` process group over which the vocabulary is split; None for the world.
+        vocab_size: the whole vocabulary ``V`` (``>= stop``), or None to find it with a collective.
+    """
+
+    start: int
+    stop: int
+    group: object = None
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        # NumPy integers are ints too (stored as Python ints, so that the options compare and hash alike).
+        for name in ("start", "stop", "vocab_size"):
+            value = getattr(self, name)
+            if name == "vocab_size" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"VocabParallel.{name} must be an int{' or None' if name == 'vocab_size' else ''}, "
+                                f"got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if not 0 <= self.start < self.stop:
+            raise ValueError(f"VocabParallel needs 0 <= start < stop, got start={self.start}, stop={self.stop}")
+        if self.vocab_size is not None:
+            if self.vocab_size < self.stop:
+                raise ValueError(f"VocabParallel.vocab_size must be >= stop={self.stop}, got {self.vocab_size}")
+        if self.group is not None:
+            if not isinstance(self.group, dist.ProcessGroup):
+                raise TypeError(f"VocabParallel.group must be a torch.distributed.ProcessGroup or None (the "
+                                f"world), got {type(self.group).__name__}")
+
+    @property
+    def rows(self) -> int:
+        """The number of vocabulary rows held by this rank."""
+        return self.stop - self.start
+
+
+# Process groups by name, as the custom ops receive them.
+_GROUPS: dict[str, "dist.ProcessGroup"] = {}
+
+
+def group_name(group) -> str:
+    """Record ``group`` (None: the default, world group) and return the name :func:`resolve_group` takes."""
+    if group is None:
+        group = dist.group.WORLD
+    name = group.group_name
+    _GROUPS[name] = group
+    return name
+
+
+def resolve_group(name: str | None):
+    """The process group recorded under ``name`` by :func:`group_name` (None for no group)."""
+    if name is None:
+        return None
+    # torch's own registry first: torch.compile traces group_name() without replaying its record, and a name
+    # recorded once may since belong to a new group (after destroy_process_group and a new init).
+    try:
+        return dist.distributed_c10d._resolve_process_group(name)
+    except (AttributeError, LookupError, RuntimeError, ValueError):
+        pass
+    try:
+        return _GROUPS[name]
+    except KeyError:
+        raise RuntimeError(f"fastdpo: no process group named {name!r} was recorded (pass it through "
+                           f"fastdpo.VocabParallel)") from None
+
 
 @dataclass(frozen=True)
 class Resolved:
@@ -66,8 +158,6 @@ def _check_ranks(vp: VocabParallel, labels: torch.Tensor, group) -> int:
     ``[0, V)`` and the labels be the same on every rank (compared by a collision-resistant digest of their
     values: a difference anywhere, the first position included, changes it). Returns ``V``. Every rank sees the
     same gathered values, so every rank raises the same error."""
-    import torch.distributed as dist
-
     mine = torch.tensor([vp.start, vp.stop, labels.numel(), *_digest(labels)], dtype=torch.int64,
                         device=labels.device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -93,8 +183,6 @@ def _checked_type(vocab_parallel):
 
 
 def _require_distributed():
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel needs torch.distributed to be initialized (init_process_group)")
     return dist
@@ -144,4 +232,4 @@ def resolve(weight, bias, labels, vocab_parallel, *, weight_name="weight", bias_
         vp = vocab_parallel
     group = vp.group if vp.group is not None else dist.group.WORLD
     total = vp.vocab_size if vp.vocab_size is not None else _check_ranks(vp, labels, group)
-    return Resolved(weight, bias, vp.start, total, _merge.group_name(group))
+    return Resolved(weight, bias, vp.start, total, group_name(group))
