@@ -4,6 +4,7 @@ the library never imports the tools; the ``fastdpo`` console script and ``python
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -52,8 +53,13 @@ def test_tools_left_the_package_root():
 
 
 def test_wheel_contains_fastdpo_kernels_and_bench_and_no_top_level_kernels(tmp_path):
+    # Built from a clean copy: setuptools reuses a checkout's build/ folder, whose stale files could hide a module
+    # that the package list leaves out.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     wheel, = tmp_path.glob("fastdpo-*.whl")
     zf = zipfile.ZipFile(wheel)
@@ -65,6 +71,20 @@ def test_wheel_contains_fastdpo_kernels_and_bench_and_no_top_level_kernels(tmp_p
     assert not [n for n in names if n.startswith("kernels/")]
     entry_points, = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "fastdpo = fastdpo.bench.cli:main" in zf.read(entry_points).decode()
+    # Every source file ships (a subpackage missing from pyproject's package list would break `import fastdpo`).
+    sources = {"fastdpo/" + p.relative_to(ROOT / "fastdpo").as_posix() for p in (ROOT / "fastdpo").rglob("*.py")}
+    sources |= {"fastdpo/kernels/" + p.name for p in (ROOT / "kernels" / "fastdpo_kernels").glob("*.py")}
+    assert sources - set(names) == set()
+    assert "fastdpo/py.typed" in names
+    # And the wheel alone imports every module, from outside the repository.
+    zf.extractall(tmp_path / "site")
+    code = ("import importlib, pkgutil, fastdpo; assert fastdpo.__file__.startswith(%r), fastdpo.__file__; "
+            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(fastdpo.__path__, 'fastdpo.') "
+            "if m.name != 'fastdpo.__main__']" % str(tmp_path / "site"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_library_never_imports_the_tools():
