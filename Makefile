@@ -15,7 +15,7 @@ FLOORS_TESTS ?= tests/test_integrations_transformers.py tests/test_integrations_
 	tests/test_distributed_head.py tests/test_distributed.py tests/test_distributed_trainers.py \
 	tests/test_vocab_parallel.py tests/test_adversarial.py
 
-.PHONY: demo test test-floors test-compile-triton36 venv clean
+.PHONY: demo test lint test-floors test-compile-triton36 venv clean
 
 # The compile guard also runs against triton 3.6 (what the GPU machines we benchmark on run), in its own venv:
 # torch as above, then triton 3.6.0 without dependencies (the guard needs only its compiler and ptxas).
@@ -49,6 +49,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# ruff, configured in pyproject.toml (installed by the test extra).
+lint: venv
+	$(PY) -m ruff check fastdpo kernels benchmarks tests
 
 # torch comes from pip (a local CPU wheel may serve it), the rest from uv, which resolves the pins in seconds.
 $(VENV_FLOORS)/.installed: pyproject.toml Makefile .ci/floors.txt

@@ -6,8 +6,8 @@ tokens, in lean mode, fast mode and a GiB budget that keeps part of the vocabula
 reference on the same device, every gradient included; then the cases only
 a GPU can hold: a weight and a hidden-state tensor of more than 2^31 elements (int64 offsets),
 bit-identical reruns, and an all-ignored batch; and every config the autotuner may choose, against float64. The
-checks run with autotuning off (``FASTDPO_AUTOTUNE=0``: the default config), the candidates explicitly. ``tiny=True`` shrinks everything so the same code can
-be smoke-tested on CPU through the interpreter.
+checks run with autotuning off (``FASTDPO_AUTOTUNE=0``: the default config), the candidates explicitly. ``tiny=True``
+shrinks everything so the same code can be smoke-tested on CPU through the interpreter.
 """
 
 from __future__ import annotations
@@ -129,8 +129,9 @@ def check_large_weight(device, tiny):
     rgh, rgw = torch.autograd.grad(ref.sum(), (hr, wr))
     errs = (_abs(logp, ref), _rel(gh, rgh), _rel(gw, rgw), _rel(gw[-1000:], rgw[-1000:]))
     good = errs[0] <= 2e-3 and max(errs[1:]) <= 2e-2
+    verdict = "PASS" if good else "FAIL"
     return good, [f"weight {V}x{H} = {V * H / 2**31:.2f}x2^31 elements: logp err {errs[0]:.1e}, grad-hidden rel "
-                  f"{errs[1]:.1e}, grad-weight rel {errs[2]:.1e} (last rows {errs[3]:.1e}): {'PASS' if good else 'FAIL'}"]
+                  f"{errs[1]:.1e}, grad-weight rel {errs[2]:.1e} (last rows {errs[3]:.1e}): {verdict}"]
 
 
 def check_large_hidden(device, tiny):

@@ -36,8 +36,17 @@ import torch
 
 from fastdpo.bench.competitors import FastDPO, get_implementations, make_inputs
 from fastdpo.bench.memory import PeakMeter
-from fastdpo.bench.run import GPU_SHAPES, SHAPES, BenchConfig, BenchReport, BenchRow, exact_reference, format_table
-from fastdpo.bench.run import machine_name, measure
+from fastdpo.bench.run import (
+    GPU_SHAPES,
+    SHAPES,
+    BenchConfig,
+    BenchReport,
+    BenchRow,
+    exact_reference,
+    format_table,
+    machine_name,
+    measure,
+)
 
 # The targets (docs/benchmarks.md#targets): exactness in both memory modes; lean and fast time and peak against TRL.
 MAX_LOSS_ERR = 1e-4
@@ -246,7 +255,8 @@ def check_targets(results: list) -> tuple[list, bool]:
                                  f"(target <= {max_peak}x)")
             if not fast and c.shape == "llama3-8b" and c.with_ref and ours.peak_bytes is not None:
                 gib = ours.peak_bytes / (1 << 30)
-                lines.append(f"  peak {gib:.3f} GiB above inputs: {'MET' if gib <= LEAN_MAX_PEAK_GIB_LLAMA else 'MISSED'} "
+                met = "MET" if gib <= LEAN_MAX_PEAK_GIB_LLAMA else "MISSED"
+                lines.append(f"  peak {gib:.3f} GiB above inputs: {met} "
                              f"(target <= {LEAN_MAX_PEAK_GIB_LLAMA} GiB)")
     return lines, correct
 

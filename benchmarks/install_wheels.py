@@ -4,8 +4,8 @@ Each wheel of ``.wheels/`` that fits this interpreter is installed on its own, w
 an index (a failed one is reported and skipped: a missing competitor costs a row, not the run). fastdpo is then
 installed editable without build isolation (setuptools/wheel from ``.wheels/build`` where this Python lacks
 them); if that fails, or the import does not resolve to this checkout, a copy of the package laid out as an
-install would be (``kernels/fastdpo_kernels/`` as ``fastdpo/kernels``) is made under ``--shim`` and ``--env-file`` gets the
-``PYTHONPATH`` line that makes it importable.
+install would be (``kernels/fastdpo_kernels/`` as ``fastdpo/kernels``) is made under ``--shim`` and ``--env-file`` gets
+the ``PYTHONPATH`` line that makes it importable.
 
     python3 benchmarks/install_wheels.py [--wheels .wheels] [--env-file FILE] [--json FILE]
 """
@@ -51,12 +51,14 @@ def _pip(*args, timeout=120) -> tuple[bool, str]:
 def fastdpo_location(env=None) -> str | None:
     """Where ``fastdpo.kernels`` is imported from by a fresh interpreter (None if it does not import)."""
     code = "import fastdpo.kernels.logprob_fwd as m, fastdpo; print(fastdpo.__file__); print(m.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tempfile.gettempdir())
     return out.stdout.strip() if out.returncode == 0 else None
 
 
 def make_shim(shim: pathlib.Path) -> pathlib.Path:
-    """A copy of the package as installed: ``shim/fastdpo`` with ``kernels/fastdpo_kernels/`` as ``shim/fastdpo/kernels``."""
+    """A copy of the package as installed: ``shim/fastdpo`` with ``kernels/fastdpo_kernels/`` as
+    ``shim/fastdpo/kernels``."""
     target = shim / "fastdpo"
     if target.exists():
         shutil.rmtree(target)

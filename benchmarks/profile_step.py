@@ -65,7 +65,8 @@ def to_markdown(result: dict) -> str:
            + (f", {result['tflops']:.0f} TFLOP/s of useful work" if result["tflops"] else ""), "",
            "| kernel | calls | ms | share |", "|---|---|---|---|"]
     for r in result["kernels"]:
-        out.append(f"| `{r['name'].replace('|', '/')}` | {r['calls']} | {r['us'] / 1e3:.3f} | {100 * r['share']:.1f}% |")
+        name = r["name"].replace("|", "/")
+        out.append(f"| `{name}` | {r['calls']} | {r['us'] / 1e3:.3f} | {100 * r['share']:.1f}% |")
     return "\n".join(out)
 
 

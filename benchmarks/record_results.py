@@ -92,7 +92,8 @@ def _targets(rows: list) -> list:
                 line += f"; peak {p:.2f}x TRL {'MET' if p <= max_p else 'MISSED'} (<= {max_p}x)"
             if not fast and shape == "llama3-8b" and case == "ref" and ours["peak_gib"] is not None:
                 ok = ours["peak_gib"] <= gc.LEAN_MAX_PEAK_GIB_LLAMA
-                line += f"; peak {ours['peak_gib']:.3f} GiB {'MET' if ok else 'MISSED'} (<= {gc.LEAN_MAX_PEAK_GIB_LLAMA})"
+                line += (f"; peak {ours['peak_gib']:.3f} GiB {'MET' if ok else 'MISSED'} "
+                         f"(<= {gc.LEAN_MAX_PEAK_GIB_LLAMA})")
             out.append(line)
     return out
 
@@ -124,7 +125,8 @@ def markdown(rows: list, folder: str) -> str:
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for case in ("ref", "noref"):
             for extras in (False, True):
-                group = [r for r in rows if r["shape"] == shape and r["case"] == case and bool(r.get("extras")) == extras]
+                group = [r for r in rows
+                         if r["shape"] == shape and r["case"] == case and bool(r.get("extras")) == extras]
                 trl = next((r for r in group if r["impl"] == "trl" and r.get("status", "ok") == "ok"), None)
                 group.sort(key=lambda r: IMPL_ORDER.index(r["impl"]) if r["impl"] in IMPL_ORDER else 99)
                 for r in group:

@@ -4,9 +4,9 @@ Importing fastdpo never touches CUDA: the Triton kernels are imported on first u
 """
 
 from .functional import dpo_loss, fused_logprobs, sequence_logprobs, token_stats
-from .vocab_parallel import VocabParallel
 from .losses import LOSS_TYPES, DPOOutput, LossConfig
 from .module import FusedLinearDPOLoss
+from .vocab_parallel import VocabParallel
 
 __version__ = "0.1.0"
 

@@ -6,8 +6,8 @@ everything the backward reads (4 matmuls); a float is a budget in GiB: as many c
 recomputed. What is kept travels through the head's custom op as two tensors.
 
 - Triton: each logit tile's ``e = exp(z − m_tile)`` in the inputs' dtype and ``m_tile`` in fp32 for the first
-  ``V_keep`` vocabulary columns (``kernels/fastdpo_kernels/logprob_fast.py``); about ``2·N·V`` bytes for 16-bit inputs, where
-  ``N`` counts every row (the labelled count stays on the device, so the buffer is sized without a host sync).
+  ``V_keep`` vocabulary columns (``kernels/fastdpo_kernels/logprob_fast.py``); about ``2·N·V`` bytes for 16-bit inputs,
+  where ``N`` counts every row (the labelled count stays on the device, so the buffer is sized without a host sync).
 - chunked engine (:mod:`fastdpo._torch_backend`): for the leading vocabulary chunks within the budget, each chunk's
   ``e = exp(z − r)`` (16-bit on CUDA with 16-bit inputs, else the compute dtype) and the per-row reference ``r``;
   the backward reads them instead of recomputing the chunk's product (sized by all rows, like the Triton buffer).
@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import _torch_backend, _validate
+from . import _validate
 from ._options import HeadOptions
 from ._torch_backend import _keepable
 

@@ -48,7 +48,7 @@ class HeadOptions:
         return ";".join(f"{f.name}={_encode_value(getattr(self, f.name))}" for f in _FIELDS)
 
     @staticmethod
-    def decode(text: str) -> "HeadOptions":
+    def decode(text: str) -> HeadOptions:
         """The options :meth:`encode` wrote (cached: a step decodes the same few strings again and again)."""
         return _decode(text)
 
@@ -61,7 +61,7 @@ class HeadOptions:
         return (static, *(getattr(self, name) for name in _NUMBERS))
 
     @staticmethod
-    def from_op_args(text: str, *numbers) -> "HeadOptions":
+    def from_op_args(text: str, *numbers) -> HeadOptions:
         """The options :meth:`op_args` gave."""
         return HeadOptions(**_decode_fields(text, _STATIC_FIELDS), **dict(zip(_NUMBERS, numbers, strict=True)))
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from . import _merge
-from ._options import HeadOptions, IGNORE_INDEX
-from .vocab_parallel import resolve_group
+from ._options import IGNORE_INDEX, HeadOptions
 from .kernels import autotune, logprob_bwd, logprob_fwd
 from .kernels.config import default_config, overridden
+from .vocab_parallel import resolve_group
 
 # The kernel writes the record layout that the shared merge reads.
 assert (logprob_fwd.STAT_MAX, logprob_fwd.STAT_SUMEXP, logprob_fwd.STAT_TARGET, logprob_fwd.STAT_SUM,

@@ -6,9 +6,9 @@ import torch
 
 from . import _packing
 from . import _validate as check
-from . import vocab_parallel as _vp
 from . import head as _head
-from ._options import HeadOptions, IGNORE_INDEX
+from . import vocab_parallel as _vp
+from ._options import IGNORE_INDEX, HeadOptions
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
 
 __all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
@@ -161,7 +161,8 @@ def loss_config(beta, config, loss_options) -> LossConfig:
 
 
 def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
-             beta=None, bias=None, ref_bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0, temperature=1.0,
+             beta=None, bias=None, ref_bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0,
+             temperature=1.0,
              backend="auto", config: LossConfig | None = None, vocab_parallel=None, cu_seqlens=None,
              memory="lean", **loss_options) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
@@ -199,8 +200,8 @@ def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_lo
         ``chosen_rewards``/``rejected_rewards`` ``β·(π − ρ)`` and ``metrics`` named as TRL logs them.
     """
     config = loss_config(beta, config, loss_options)
-    check.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                ref_bias=ref_bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens)
+    check.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, ref_hidden=ref_hidden,
+                      ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens)
     labels = check.token_ids(labels) if isinstance(labels, torch.Tensor) else labels
     offsets = None
     if cu_seqlens is not None:

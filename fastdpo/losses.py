@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import _metrics
 from ._loss_config import (
     _MEAN_LOGP_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
@@ -33,7 +34,6 @@ from ._loss_config import (
     TRL_LOSS_TYPES,
     LossConfig,
 )
-from . import _metrics
 from ._packing import Sequences
 
 __all__ = ["LossConfig", "DPOOutput", "compute_dpo_loss", "LOSS_TYPES", "TRL_LOSS_TYPES", "F_DIVERGENCE_TYPES",

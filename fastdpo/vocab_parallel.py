@@ -77,7 +77,7 @@ class VocabParallel:
 
 
 # Process groups by name, as the custom ops receive them.
-_GROUPS: dict[str, "dist.ProcessGroup"] = {}
+_GROUPS: dict[str, dist.ProcessGroup] = {}
 
 
 def group_name(group) -> str:

@@ -14,6 +14,7 @@ import sys
 import uuid
 
 import torch
+
 from fdtest import word_tokenizer
 
 V = 64

@@ -84,7 +84,8 @@ def test_every_tensor_argument_in_any_layout(backend, name, how, memory):
             mp.setattr(_torch_backend, "VOCAB_CHUNK", 16)
             mp.setattr(_torch_backend, "MIN_VOCAB_CHUNK", 16)
             if backend == "torch":
-                assert 0 < _torch_backend.kept_chunks(R * T, V, t["hidden"], _PART_GIB) < len(_torch_backend._vocab_chunks(V))
+                kept = _torch_backend.kept_chunks(R * T, V, t["hidden"], _PART_GIB)
+                assert 0 < kept < len(_torch_backend._vocab_chunks(V))
         base = _run(t, backend, memory)
         t[name] = _relayout(t[name], how)
         assert not t[name].is_contiguous()

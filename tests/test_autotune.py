@@ -10,8 +10,8 @@ import torch
 
 from fastdpo import _triton_backend
 from fastdpo._options import HeadOptions
-from fastdpo.kernels import autotune, config as C
-from fastdpo.kernels import logprob_bwd, logprob_fwd
+from fastdpo.kernels import autotune, logprob_bwd, logprob_fwd
+from fastdpo.kernels import config as C
 
 KEY = autotune.TuneKey("Test GPU 80GB", "bfloat16", 4096, 4096, 128256, bias=True)
 
@@ -253,5 +253,6 @@ def test_a_calls_key_holds_host_known_values_only():
                                                                                   extras=True, memory=0.5))
     assert (flagged.bias, flagged.softcap, flagged.extras, flagged.partial_keep) == (True, True, True, True)
     for memory in (0.0, float("inf")):  # lean and fast tune alike; only a partial budget pins the chunk
-        assert not _triton_backend.tune_key("GPU", x, w, None, HeadOptions(backend="triton", memory=memory)).partial_keep
+        opts = HeadOptions(backend="triton", memory=memory)
+        assert not _triton_backend.tune_key("GPU", x, w, None, opts).partial_keep
     assert len({key.text(), flagged.text()}) == 2

@@ -38,7 +38,7 @@ def test_every_benchmark_runs_on_tiny_inputs():
     assert " passed" in proc.stdout and "failed" not in proc.stdout
 
 
-def test_gpu_compare_arguments():
+def test_gpu_compare_arguments(capsys):
     gc = _load("gpu_compare")
     args = gc.parse_args([])
     assert args.shapes == ["llama3-8b", "gemma2-2b", "qwen2.5-7b"] and args.cases == ["ref", "noref"]
@@ -50,6 +50,7 @@ def test_gpu_compare_arguments():
                       (["--impl", "fastdpo,nope"], "--impl")):
         with pytest.raises(SystemExit):
             gc.parse_args(bad)
+        assert f"argument {name}:" in capsys.readouterr().err
 
 
 def test_gpu_compare_flow_on_cpu_writes_markdown(tmp_path, monkeypatch, capsys):
@@ -212,8 +213,8 @@ def test_install_wheels_shim_imports_the_checkout(tmp_path):
 
 def test_install_wheels_picks_one_fitting_wheel_per_project(tmp_path):
     """In a subprocess: pip's tag code imports the stdlib distutils, which would upset a later torch.compile here."""
-    for name in ("trl-1.16.0-py3-none-any.whl", "trl-1.15.0-py3-none-any.whl", "cut_cross_entropy-25.1.1-py3-none-any.whl",
-                 "liger_kernel-0.8.5-cp99-cp99-win_amd64.whl"):
+    for name in ("trl-1.16.0-py3-none-any.whl", "trl-1.15.0-py3-none-any.whl",
+                 "cut_cross_entropy-25.1.1-py3-none-any.whl", "liger_kernel-0.8.5-cp99-cp99-win_amd64.whl"):
         (tmp_path / name).write_bytes(b"")
     code = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); import install_wheels as iw; "
             "print(sorted(p.name for p in iw.pick(pathlib.Path(sys.argv[2]))))")

@@ -12,7 +12,6 @@ from fastdpo.kernels.config import INTERPRETER_DEFAULT, KernelConfig, default_co
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
 from fdtest import backend_params, make_batch
 
-
 # ---- beta together with a config --------------------------------------------------------------------------------
 
 def test_beta_that_differs_from_the_config_raises():

@@ -171,8 +171,8 @@ def test_hidden_states_forward_keeps_the_model_forward():
 
 def make_lora(kind="llama"):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(make_model(kind), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  lora_dropout=0.0))
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(make_model(kind), lora)
     with torch.no_grad():  # LoRA's B starts at 0: give the adapter an effect
         for name, p in model.named_parameters():
             if "lora_B" in name:

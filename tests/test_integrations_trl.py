@@ -25,7 +25,6 @@ transformers = pytest.importorskip("transformers")
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from fastdpo import _validate  # noqa: E402
-
 from fastdpo.integrations import _trl_compat, _trl_config  # noqa: E402
 from fastdpo.integrations import trl as ftrl  # noqa: E402
 from fastdpo.integrations.trl import FastDPOTrainer, patch_trl, unpatch_trl  # noqa: E402

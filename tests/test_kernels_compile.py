@@ -35,7 +35,8 @@ TWO_CTA_CASES = [(90, "bf16")]
 # Registers per thread each kernel may use. The GEMM-shaped kernels run 8 warps (256 threads) a CTA: at <= 255
 # registers one CTA fits an SM (65536 registers), which the default tiles are designed for (on sm_90a in bf16,
 # docs/design.md: forward 255, logit gradient 238, grad-hidden 190); two CTAs an SM need <= 128: the autotuner's
-# grad-hidden candidate (config.GH_TWO_CTAS). The fast backward's elementwise kernel has no product and must leave room for 8 CTAs an SM.
+# grad-hidden candidate (config.GH_TWO_CTAS). The fast backward's elementwise kernel has no product and must leave room
+# for 8 CTAs an SM.
 REGISTER_BUDGET = {"forward": 255, "forward+extras": 255, "dlogits": 255, "grad_weight": 255, "grad_hidden": 255,
                    "grad_hidden_2cta": 128, "forward_keep": 255, "forward_keep+extras": 255, "dlogits_from_kept": 64}
 # Spill-store bytes allowed: none, except the forwards with the extras, whose three more running statistics
@@ -237,7 +238,8 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | sm_{arch} {dtype} | failed: {r[:60]} | | | | | |")
             continue
         mma = ", ".join(f"{k.split('.')[0]} x{v}" for k, v in r["mma"].items() if v) or "none (FMA)"
-        lines.append(f"| {name} | sm_{arch} {dtype} | {r['registers']} | {r['spill_bytes']} | {r['shared'] / 1024:.0f} | "
+        shared_kib = r["shared"] / 1024
+        lines.append(f"| {name} | sm_{arch} {dtype} | {r['registers']} | {r['spill_bytes']} | {shared_kib:.0f} | "
                      f"{mma} | {r['async_copies']} | {r['tma']} |")
     return "\n".join(lines)
 

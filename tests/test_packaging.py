@@ -1,6 +1,7 @@
 """Packaging: ``kernels/fastdpo_kernels/`` ships as ``fastdpo.kernels`` (``kernels/`` is never a top-level ``kernels``
-package: Hugging Face's ``kernels``, which transformers imports, must win even when Python runs from the repository root) and the measuring tools as ``fastdpo.bench``, in both the wheel and the editable install;
-the library never imports the tools; the ``fastdpo`` console script and ``python -m fastdpo`` both reach them."""
+package: Hugging Face's ``kernels``, which transformers imports, must win even when Python runs from the repository
+root) and the measuring tools as ``fastdpo.bench``, in both the wheel and the editable install; the library never
+imports the tools; the ``fastdpo`` console script and ``python -m fastdpo`` both reach them."""
 
 import os
 import pathlib
@@ -21,8 +22,8 @@ BENCH_MODULES = ("__init__", "cli", "run", "competitors", "profiling", "memory")
 def test_editable_install_maps_kernels_and_bench_folders():
     assert pathlib.Path(fastdpo.kernels.__file__).resolve().parent == ROOT / "kernels" / "fastdpo_kernels"
     assert pathlib.Path(fastdpo.bench.__file__).resolve().parent == ROOT / "fastdpo" / "bench"
-    from fastdpo.kernels import logprob_bwd, logprob_fwd  # noqa: F401
     from fastdpo.bench import cli, competitors, memory, profiling, run  # noqa: F401
+    from fastdpo.kernels import logprob_bwd, logprob_fwd  # noqa: F401
 
 
 def test_kernels_folder_is_no_package():
@@ -78,10 +79,11 @@ def test_wheel_contains_fastdpo_kernels_and_bench_and_no_top_level_kernels(tmp_p
     assert "fastdpo/py.typed" in names
     # And the wheel alone imports every module, from outside the repository.
     zf.extractall(tmp_path / "site")
-    code = ("import importlib, pkgutil, fastdpo; assert fastdpo.__file__.startswith(%r), fastdpo.__file__; "
+    site = str(tmp_path / "site")
+    code = (f"import importlib, pkgutil, fastdpo; assert fastdpo.__file__.startswith({site!r}), fastdpo.__file__; "
             "[importlib.import_module(m.name) for m in pkgutil.walk_packages(fastdpo.__path__, 'fastdpo.') "
-            "if m.name != 'fastdpo.__main__']" % str(tmp_path / "site"))
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+            "if m.name != 'fastdpo.__main__']")
+    env = dict(os.environ, PYTHONPATH=site)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env=env)
     assert out.returncode == 0, out.stderr[-2000:]

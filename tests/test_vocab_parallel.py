@@ -190,8 +190,8 @@ def _worker(rank, world, port, out_dir, llama_path):
     res["dpo_triton"] = _dpo(_leaves(_rows(t32, start, stop)), labels, "triton", vocab_parallel=vp)
     res["stats_triton"] = _stats(_leaves(_rows(t32, start, stop)), labels, "triton", vocab_parallel=vp)
     # A DTensor weight and bias sharded on dim 0 over a 1-D mesh (transformers' colwise lm-head).
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     d = dict(t64)

@@ -187,7 +187,7 @@ def _bench(args, parser) -> int:
 
 
 def _profile(args, parser) -> int:
-    from . import profiling, run
+    from . import profiling
     from .memory import TooBigError
 
     try:

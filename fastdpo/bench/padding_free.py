@@ -183,8 +183,8 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
     """Measure both layouts on one ragged batch of ``config.pairs`` pairs (a :class:`ProfileConfig`); raises
     :class:`NotPackableError` for a model that cannot run packed, before any step."""
     from ..integrations.transformers import check_packable
-    from .run import machine_name
     from .profiling import _attention, _build, _progress
+    from .run import machine_name
 
     device = torch.device(config.device)
     attention = _attention() if device.type == "cuda" else "sdpa"

@@ -31,8 +31,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .memory import USABLE_FRACTION, PeakMeter, RssSampler, TooBigError, check_fits, compare_peaks, current_rss, \
-    device_memory, format_bytes, resolve_device
+from .memory import (
+    USABLE_FRACTION,
+    PeakMeter,
+    RssSampler,
+    TooBigError,
+    check_fits,
+    compare_peaks,
+    current_rss,
+    device_memory,
+    format_bytes,
+    resolve_device,
+)
 
 __all__ = ["MODELS", "DEFAULT_LAYERS", "ProfileConfig", "ProfileReport", "BudgetError", "resolve_config",
            "build_model_config", "estimate_memory", "check_memory", "run_profile", "write_outputs", "format_report",

@@ -27,8 +27,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .competitors import IMPLEMENTATIONS, DPOInputs, dpo_sigmoid, get_implementations, make_inputs
-from .memory import USABLE_FRACTION, PeakMeter, check_fits, compare_peaks, format_bytes, resolve_device, \
-    steady_allocator
+from .memory import (
+    USABLE_FRACTION,
+    PeakMeter,
+    check_fits,
+    compare_peaks,
+    format_bytes,
+    resolve_device,
+    steady_allocator,
+)
 
 __all__ = ["Shape", "SHAPES", "BenchConfig", "BenchRow", "BenchReport", "resolve_config", "exact_reference",
            "run_bench", "format_table", "write_outputs", "check_out_dir", "write_out_dir", "OutputDirError",

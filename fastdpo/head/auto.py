@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from .._options import HeadOptions, IGNORE_INDEX
+from .._options import IGNORE_INDEX, HeadOptions
 from .engines import AUTO, ENGINES, Saved, check_backend, dispatch
 
 ENV_BACKEND = "FASTDPO_BACKEND"
@@ -191,7 +191,7 @@ def measure(candidates, device, dtype, tokens, hidden_size, vocab, opts) -> dict
         engine = dispatch(backend, memory)
         o = dataclasses.replace(opts, backend=backend, memory=memory, ignore_index=IGNORE_INDEX)
 
-        def run():
+        def run(engine=engine, o=o):
             out, kept, order = engine.forward(hidden, weight, None, targets, o)
             saved = Saved(out["lse"], out["logp"], *kept, order)
             engine.backward(hidden, weight, None, targets, saved, torch.ones_like(out["logp"]), o, (True, True, False))

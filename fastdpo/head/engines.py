@@ -17,7 +17,7 @@ Lean mode (``memory == 0``) keeps per-token statistics only and the backward rec
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -65,7 +65,7 @@ class Engine:
         """Raise ValueError/TypeError (naming ``backend``) unless this engine runs tensors of ``dtype`` on
         ``device``."""
 
-    def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+    def forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                 opts: HeadOptions) -> tuple[dict, tuple[Tensor, Tensor], Tensor]:
         """``(out, kept, order)``: ``out`` maps ``logp``, ``mean_logit``, ``lse`` (and with ``opts.extras``
         ``entropy``, ``log_sum_sq_probs``, ``is_top1``) to ``[N]`` tensors, 0 where ``targets`` is ignored;
@@ -73,7 +73,7 @@ class Engine:
         already carry the compute dtype."""
         raise NotImplementedError
 
-    def backward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, saved: Saved,
+    def backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, saved: Saved,
                  grad_logp: Tensor, opts: HeadOptions, needs: tuple[bool, bool, bool]) -> tuple:
         """Gradients for ``(hidden, weight, bias)`` of ``Σ_t grad_logp_t·logp_t`` in their dtypes, None where
         ``needs`` says not needed. With a vocabulary-parallel group the hidden gradient is summed over its ranks."""

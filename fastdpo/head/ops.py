@@ -2,10 +2,10 @@
 
 ``fastdpo::head_forward`` and ``fastdpo::head_backward`` run the engine that :func:`fastdpo.head.dispatch` gives
 for the options' backend and memory mode. The options cross the op boundary as one string and four numbers
-(:meth:`HeadOptions.op_args`; the string decoded once and cached inside the op), since custom ops take primitive arguments
-only. Being custom ops, ``torch.compile`` captures them as single opaque nodes whose output shapes never depend on
-the data (the compaction of the labelled tokens and its ``nonzero`` stay inside), so a compiled training step holds
-the loss in one graph. A vocabulary-parallel head's process group travels by its name (see
+(:meth:`HeadOptions.op_args`; the string decoded once and cached inside the op), since custom ops take primitive
+arguments only. Being custom ops, ``torch.compile`` captures them as single opaque nodes whose output shapes never
+depend on the data (the compaction of the labelled tokens and its ``nonzero`` stay inside), so a compiled training step
+holds the loss in one graph. A vocabulary-parallel head's process group travels by its name (see
 :mod:`fastdpo._merge`), its collectives running inside the ops.
 
 The forward also returns what the backward reuses (:class:`fastdpo.head.engines.Saved`): the logsumexp, what
@@ -17,8 +17,6 @@ treating them as constants.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,14 +31,14 @@ _LSE, _KEPT_A, _KEPT_B, _ORDER = 5, 6, 7, 8
 
 
 @torch.library.custom_op("fastdpo::head_forward", mutates_args=())
-def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, options: str,
-                 ignore_index: int, softcap: Optional[float], scale: float, memory: float
+def head_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, options: str,
+                 ignore_index: int, softcap: float | None, scale: float, memory: float
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(logp, mean_logit, entropy, log_sum_sq_probs, is_top1, lse, kept_a, kept_b, order)``, each of the first
     six ``[N]`` (the extras ``[0]`` unless ``extras``), 0 where ``targets == ignore_index``; ``options`` and the
-    four numbers after it are :meth:`HeadOptions.op_args`. With a ``group``, ``weight`` holds the rows from global id ``vocab_start`` of a
-    ``vocab_total``-token head split over the group's ranks, and the outputs (``lse`` included) are those of the
-    whole head. ``kept_a``, ``kept_b``, ``order``: see :class:`~fastdpo.head.engines.Saved`."""
+    four numbers after it are :meth:`HeadOptions.op_args`. With a ``group``, ``weight`` holds the rows from global id
+    ``vocab_start`` of a ``vocab_total``-token head split over the group's ranks, and the outputs (``lse`` included)
+    are those of the whole head. ``kept_a``, ``kept_b``, ``order``: see :class:`~fastdpo.head.engines.Saved`."""
     opts = HeadOptions.from_op_args(options, ignore_index, softcap, scale, memory)
     # The inputs already carry the compute dtype; autocast must not recast the inner matmuls.
     with torch.autocast(hidden.device.type, enabled=False):
@@ -65,9 +63,9 @@ def _head_forward_fake(hidden, weight, bias, targets, options, ignore_index, sof
 
 
 @torch.library.custom_op("fastdpo::head_backward", mutates_args=())
-def head_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+def head_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                   lse: Tensor, logp: Tensor, kept_a: Tensor, kept_b: Tensor, order: Tensor, options: str,
-                  ignore_index: int, softcap: Optional[float], scale: float, memory: float,
+                  ignore_index: int, softcap: float | None, scale: float, memory: float,
                   need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for ``(hidden, weight, bias)`` of ``Σ_t grad_logp_t·logp_t`` in their dtypes (``[0]`` where not
     needed), from what :func:`head_forward` returned. With a ``group`` (vocabulary-parallel, ``lse`` over the whole

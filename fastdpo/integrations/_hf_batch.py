@@ -7,14 +7,15 @@ import torch
 
 
 def _is_integer_tensor(t) -> bool:
-    return isinstance(t, torch.Tensor) and not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+    return isinstance(t, torch.Tensor) and not (t.dtype.is_floating_point or t.dtype.is_complex
+                                                or t.dtype == torch.bool)
 
 
 def check_inputs(input_ids, labels, attention_mask=None):
     """The batch tensors, checked before the backbone sees them (its own errors would not name the argument)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise TypeError(f"input_ids must be a [B, T] tensor, got "
-                        f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be a [B, T] tensor, got {got}")
     if not _is_integer_tensor(input_ids):
         raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
     if not isinstance(labels, torch.Tensor):

@@ -196,8 +196,9 @@ def _probe_device(lm) -> torch.device:
 
 
 def _packing_probe(model, device) -> tuple[float, torch.dtype]:
-    """The largest relative difference (and the dtype of the hidden states) between the backbone's hidden states of a few short sequences packed into
-    one row (positions restarting, no attention mask) and of the same sequences run one by one.
+    """The largest relative difference (and the dtype of the hidden states) between the backbone's hidden states of
+    a few short sequences packed into one row (positions restarting, no attention mask) and of the same sequences run
+    one by one.
 
     Runs ``model(...)`` itself (so that PEFT, DDP, FSDP and DeepSpeed wrappers gather their parameters as for any
     forward) without gradient, in eval mode (no dropout; the modules' modes are restored) and without autocast, on

@@ -51,7 +51,7 @@ from ._hf_model import (
     call_lm_head,
     is_peft_model,
     lm_head_spec,
-    to_fastdpo_transform,
+    to_fastdpo_transform,  # noqa: F401 (public: the docs point at it here)
     unwrap_causal_lm,
     unwrap_wrappers,
 )
@@ -109,8 +109,8 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
             restarting at each sequence (see :func:`pack_batch`); the results are those of the right-padded batch,
             to rounding. The model is checked first (:func:`check_packable`, a ``ValueError`` if it cannot run
             packed exactly; its probe forward runs once per model), and so is the mask (a ``ValueError`` for a hole
-            or for no token at all). Default False; a bool (``TypeError`` otherwise). Eager and sdpa attention compute the packed row as
-            one ``L × L`` product under a block-diagonal mask (work in ``L²``, not ``Σ T_s²``);
+            or for no token at all). Default False; a bool (``TypeError`` otherwise). Eager and sdpa attention compute
+            the packed row as one ``L × L`` product under a block-diagonal mask (work in ``L²``, not ``Σ T_s²``);
             ``flash_attention_2``'s varlen kernels compute only the diagonal blocks.
         memory: what the head keeps for its backward, as in :func:`fastdpo.fused_logprobs` (``"lean"``,
             ``"fast"`` or a budget in GiB).

@@ -56,9 +56,9 @@ from ._hf_model import unwrap_causal_lm  # noqa: E402
 from ._hf_packing import check_packable, check_packable_config, completion_layout, pack_batch  # noqa: E402
 from ._trl_config import DPO_LOSS_FIELDS, loss_config_from_dpo_config  # noqa: E402
 from ._trl_patch import (  # noqa: E402
-    _TRL_FUNCTION,
+    _TRL_FUNCTION,  # noqa: F401 (patch point: tests replace it here)
     FastChunkedLogProbFunction,
-    _PatchState,
+    _PatchState,  # noqa: F401 (patch point: tests replace it here)
     is_patched,
     patch_trl,
     unpatch_trl,

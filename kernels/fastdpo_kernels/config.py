@@ -79,8 +79,8 @@ BLACKWELL_DEFAULT = replace(GPU_DEFAULT, fwd_block_v=64, dlogits_block_v=64)
 # of 64 spills the logit-gradient kernel with triton 3.6, and so does a 128-row one with the accurate softcap tanh;
 # a 128-wide grad-weight tile spills 12 B with 3.9, where
 # ptxas caps it at 128 registers).
-FP32_DEFAULT = replace(GPU_DEFAULT, fwd_block_m=64, fwd_block_k=32, dlogits_block_m=64, dlogits_block_k=32, gw_block_h=64,
-                       gw_block_k=32, gh_block_k=32)
+FP32_DEFAULT = replace(GPU_DEFAULT, fwd_block_m=64, fwd_block_k=32, dlogits_block_m=64, dlogits_block_k=32,
+                       gw_block_h=64, gw_block_k=32, gh_block_k=32)
 # Without Hopper's wgmma or datacenter Blackwell's tcgen05 (Ampere, Ada, consumer Blackwell sm_120: mma.sync, at
 # most 99 KiB of shared memory a block but on sm_80/87) the forward's epilogue fits the registers with half-width
 # vocabulary tiles, and grad-weight with a 32-wide K step (64 spills 140 B on sm_80 with triton 3.6).

@@ -34,8 +34,9 @@ def _dlogits_from_kept_kernel(
 ):
     """``dZ = g·(onehot(y) − e·exp(m_tile − lse))·scale·(1 − tanh²)`` for one kept chunk, elementwise.
 
-    ``e_ptr`` points at the chunk's first column of ``e``, ``dz_ptr`` at the workspace. With a softcap, ``tanh`` comes from ``z = m_tile + log e`` (only
-    where ``e > 0``: elsewhere ``p`` is 0 and so is the term) and, at the target, from its exact logit ``zt``.
+    ``e_ptr`` points at the chunk's first column of ``e``, ``dz_ptr`` at the workspace. With a softcap, ``tanh`` comes
+    from ``z = m_tile + log e`` (only where ``e > 0``: elsewhere ``p`` is 0 and so is the term) and, at the target,
+    from its exact logit ``zt``.
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1)

@@ -51,7 +51,8 @@ def _logprob_fwd_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The statistics record of every token and split. With ``KEEP`` (fast mode, ``kernels/fastdpo_kernels/logprob_fast.py``)
+    """The statistics record of every token and split. With ``KEEP`` (fast mode,
+    ``kernels/fastdpo_kernels/logprob_fast.py``)
     each tile's sums are taken relative to the tile's own max and ``e = exp(z − m_tile)``/``m_tile`` are stored
     for the tiles below ``V_keep`` (``e_ptr``, ``mt_ptr``, ``V_keep`` and their strides are read only then).
 
