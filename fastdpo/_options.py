@@ -6,6 +6,13 @@ import ast
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Literal
+
+#: The engine names a user may pass as ``backend`` (``"auto"`` measures and picks; see :mod:`fastdpo.head`).
+Backend = Literal["auto", "triton", "torch"]
+#: ``memory=``: ``"lean"`` keeps nothing for the backward, ``"fast"`` keeps the logits' exponentials, a number is a
+#: budget in GiB for them.
+Memory = Literal["lean", "fast"] | float
 
 #: The label of a position that is skipped (prompt, padding): PyTorch's and transformers' convention.
 IGNORE_INDEX = -100

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import _packing
 from . import _validate as check
 from . import head as _head
 from . import vocab_parallel as _vp
-from ._options import IGNORE_INDEX, HeadOptions
+from ._options import IGNORE_INDEX, Backend, HeadOptions, Memory
 from .losses import DPOOutput, LossConfig, compute_dpo_loss
+from .vocab_parallel import VocabParallel
 
 __all__ = ["fused_logprobs", "sequence_logprobs", "dpo_loss", "token_stats"]
 
 
-def token_stats(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0,
-                temperature=1.0, backend="auto", extras=False, check_labels=True, names=None,
-                vocab_parallel=None, memory="lean") -> dict:
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: torch.Tensor | None = None,
+                ignore_index: int = IGNORE_INDEX, softcap: float | None = None, logit_scale: float = 1.0,
+                temperature: float = 1.0, backend: Backend = "auto", extras: bool = False, check_labels: bool = True,
+                names: dict[str, str] | None = None, vocab_parallel: VocabParallel | None = None,
+                memory: Memory = "lean") -> dict:
     """Per-token statistics of the fused head, each shaped like ``targets`` and 0 where ignored.
 
     Returns a dict: ``logp`` (differentiable w.r.t. hidden, weight, bias), ``mean_logit`` and, with
@@ -59,8 +64,10 @@ def token_stats(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX
     return result
 
 
-def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0,
-                   temperature=1.0, backend="auto", vocab_parallel=None, memory="lean") -> torch.Tensor:
+def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX, softcap: float | None = None,
+                   logit_scale: float = 1.0, temperature: float = 1.0, backend: Backend = "auto",
+                   vocab_parallel: VocabParallel | None = None, memory: Memory = "lean") -> torch.Tensor:
     """Per-token log-probabilities of the targets, without materializing the logits.
 
     ``z = hidden·weightᵀ + bias``; if ``softcap``: ``z = softcap·tanh(z/softcap)``;
@@ -107,9 +114,11 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_IN
                        vocab_parallel=vocab_parallel, memory=memory)["logp"]
 
 
-def sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=IGNORE_INDEX, softcap=None,
-                      logit_scale=1.0, temperature=1.0, backend="auto", vocab_parallel=None,
-                      cu_seqlens=None, memory="lean") -> torch.Tensor:
+def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, average: bool = False,
+                      bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX, softcap: float | None = None,
+                      logit_scale: float = 1.0, temperature: float = 1.0, backend: Backend = "auto",
+                      vocab_parallel: VocabParallel | None = None, cu_seqlens: torch.Tensor | None = None,
+                      memory: Memory = "lean") -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens: ``π_s = Σ_t mask_st·logp_st``.
 
     Args:
@@ -160,11 +169,13 @@ def loss_config(beta, config, loss_options) -> LossConfig:
     return config
 
 
-def dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None, reference_free=False,
-             beta=None, bias=None, ref_bias=None, ignore_index=IGNORE_INDEX, softcap=None, logit_scale=1.0,
-             temperature=1.0,
-             backend="auto", config: LossConfig | None = None, vocab_parallel=None, cu_seqlens=None,
-             memory="lean", **loss_options) -> DPOOutput:
+def dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+             ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
+             ref_logps: torch.Tensor | None = None, reference_free: bool = False, beta: float | None = None,
+             bias: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+             softcap: float | None = None, logit_scale: float = 1.0, temperature: float = 1.0,
+             backend: Backend = "auto", config: LossConfig | None = None, vocab_parallel: VocabParallel | None = None,
+             cu_seqlens: torch.Tensor | None = None, memory: Memory = "lean", **loss_options: Any) -> DPOOutput:
     """The DPO loss computed from hidden states, without materializing the logits.
 
     ``π_s = Σ_t mask_st·logp_st`` for the policy, ``ρ_s`` the same for the reference;

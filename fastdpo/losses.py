@@ -260,8 +260,9 @@ def _ld_weights(mask: torch.Tensor, alpha: float, dtype, seqs: Sequences) -> tor
     return (mask & ~tail).to(dtype) + alpha * tail.to(dtype)
 
 
-def compute_dpo_loss(stats: dict, mask: torch.Tensor, config: LossConfig, *, ref_token_logps=None,
-                     ref_logps=None, reference_free=False, cu_seqlens=None) -> DPOOutput:
+def compute_dpo_loss(stats: dict[str, torch.Tensor], mask: torch.Tensor, config: LossConfig, *,
+                     ref_token_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+                     reference_free: bool = False, cu_seqlens: torch.Tensor | None = None) -> DPOOutput:
     """The loss, rewards and metrics from per-token statistics of the policy (and reference).
 
     Args:

@@ -6,6 +6,8 @@ call it. Pass float64 tensors to get a float64 reference.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._options import IGNORE_INDEX
@@ -18,7 +20,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def reference_logits(hidden, weight, bias=None, *, softcap=None, logit_scale=1.0, temperature=1.0):
+def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     softcap: float | None = None, logit_scale: float = 1.0, temperature: float = 1.0):
     """Full transformed logits ``[..., V]`` in fp32 (fp64 for fp64 inputs).
 
     The matmul runs in the inputs' dtype, as a model's own lm-head does, and is upcast afterwards.
@@ -32,8 +35,9 @@ def reference_logits(hidden, weight, bias=None, *, softcap=None, logit_scale=1.0
     return z * (logit_scale / temperature)
 
 
-def reference_token_stats(hidden, weight, targets, bias=None, *, ignore_index=IGNORE_INDEX, softcap=None,
-                          logit_scale=1.0, temperature=1.0):
+def reference_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          bias: torch.Tensor | None = None, *, ignore_index: int = IGNORE_INDEX,
+                          softcap: float | None = None, logit_scale: float = 1.0, temperature: float = 1.0):
     """Per-token statistics from materialized logits, each shaped like ``targets``, 0 where ignored.
 
     Returns a dict with ``logp`` (log-prob of the target, differentiable), ``mean_logit`` (mean over
@@ -61,8 +65,10 @@ def reference_token_stats(hidden, weight, targets, bias=None, *, ignore_index=IG
     }
 
 
-def reference_sequence_logprobs(hidden, weight, labels, *, average=False, bias=None, ignore_index=IGNORE_INDEX,
-                                softcap=None, logit_scale=1.0, temperature=1.0):
+def reference_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                average: bool = False, bias: torch.Tensor | None = None,
+                                ignore_index: int = IGNORE_INDEX, softcap: float | None = None,
+                                logit_scale: float = 1.0, temperature: float = 1.0):
     """``[S]`` summed (or per-token mean) log-probs of the labelled tokens of each sequence."""
     stats = reference_token_stats(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
                                   logit_scale=logit_scale, temperature=temperature)
@@ -72,9 +78,12 @@ def reference_sequence_logprobs(hidden, weight, labels, *, average=False, bias=N
     return total
 
 
-def reference_dpo_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
-                       reference_free=False, bias=None, ref_bias=None, ignore_index=IGNORE_INDEX, softcap=None,
-                       logit_scale=1.0, temperature=1.0, config: LossConfig | None = None, **loss_kwargs):
+def reference_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                       ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
+                       ref_logps: torch.Tensor | None = None, reference_free: bool = False,
+                       bias: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
+                       ignore_index: int = IGNORE_INDEX, softcap: float | None = None, logit_scale: float = 1.0,
+                       temperature: float = 1.0, config: LossConfig | None = None, **loss_kwargs: Any):
     """The DPO loss with materialized logits; same arguments and output as :func:`fastdpo.dpo_loss`."""
     config = config if config is not None else LossConfig(**loss_kwargs)
     head = dict(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, temperature=temperature)

@@ -175,7 +175,8 @@ def _check_ranks(vp: VocabParallel, labels: torch.Tensor, group) -> int:
     return total
 
 
-def _checked_type(vocab_parallel):
+def check_type(vocab_parallel: VocabParallel | None) -> VocabParallel | None:
+    """``vocab_parallel`` itself if it is a :class:`VocabParallel` or None; a ``TypeError`` naming it otherwise."""
     if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
         raise TypeError(f"vocab_parallel must be a fastdpo.VocabParallel or None, got "
                         f"{type(vocab_parallel).__name__}")
@@ -191,7 +192,7 @@ def _require_distributed():
 def with_vocab_size(vocab_parallel, labels) -> VocabParallel:
     """``vocab_parallel`` with its ``vocab_size`` found (and the split checked) by :func:`_check_ranks`, for
     several heads that share it and the labels."""
-    vp = _checked_type(vocab_parallel)
+    vp = check_type(vocab_parallel)
     if vp.vocab_size is not None or not isinstance(labels, torch.Tensor):
         return vp
     dist = _require_distributed()
@@ -202,7 +203,7 @@ def with_vocab_size(vocab_parallel, labels) -> VocabParallel:
 def resolve(weight, bias, labels, vocab_parallel, *, weight_name="weight", bias_name="bias",
             labels_name="labels") -> Resolved:
     """This rank's plain rows and the vocabulary-parallel options of one head (a plain head passes through)."""
-    _checked_type(vocab_parallel)
+    check_type(vocab_parallel)
     is_dt = _is_dtensor(weight)
     if is_dt and vocab_parallel is not None:
         raise ValueError(f"{weight_name} is a DTensor, which carries its own vocabulary split: do not pass "

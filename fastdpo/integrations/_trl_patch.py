@@ -16,7 +16,7 @@ import trl.trainer.utils as _trl_utils
 
 from .. import _validate
 from .. import head as _head
-from .._options import IGNORE_INDEX
+from .._options import IGNORE_INDEX, Backend, Memory
 from ._hf_model import call_head_module, innermost, to_fastdpo_transform
 from ._trl_compat import PATCH_INTERNALS, optional_module, require_trl_internals
 
@@ -210,7 +210,7 @@ class _Patch:
         return False
 
 
-def patch_trl(backend: str = "auto", memory="lean") -> _Patch:
+def patch_trl(backend: Backend = "auto", memory: Memory = "lean") -> _Patch:
     """Run TRL's per-token fused head on fastdpo's kernels, in every TRL trainer that uses it.
 
     Applied at once; :func:`unpatch_trl` undoes it, or use it as a context manager (``with patch_trl():``),

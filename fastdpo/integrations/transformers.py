@@ -33,12 +33,14 @@ against one-by-one sequences), and a model that does not is refused with a ``Val
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
+from torch import nn
 
 from .. import _validate as check
 from .. import functional
-from .._options import IGNORE_INDEX
+from .._options import IGNORE_INDEX, Backend, Memory
 from ..losses import DPOOutput, LossConfig, compute_dpo_loss
 from ._hf_batch import check_inputs
 from ._hf_head import model_head_output, model_token_stats
@@ -87,9 +89,11 @@ def _packed_token_stats(model, packed: PackedBatch, *, temperature, extras, igno
                              ignore_index=ignore_index, backend=backend, memory=memory).head
 
 
-def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temperature=1.0, extras=False,
-                          ignore_index=IGNORE_INDEX, backend="auto", hidden_states=None, padding_free=False,
-                          memory="lean", **model_kwargs) -> dict:
+def causal_lm_token_stats(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0, extras: bool = False,
+                          ignore_index: int = IGNORE_INDEX, backend: Backend = "auto",
+                          hidden_states: torch.Tensor | None = None, padding_free: bool = False,
+                          memory: Memory = "lean", **model_kwargs: Any) -> dict:
     """Per-token statistics of the next-token labels, as ``model(...).logits`` would give them.
 
     Args:
@@ -139,7 +143,8 @@ def causal_lm_token_stats(model, input_ids, labels, attention_mask=None, *, temp
                              attention_mask=attention_mask, **model_kwargs)
 
 
-def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, **kwargs) -> torch.Tensor:
+def causal_lm_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
     """``[B, T-1]`` log-probs of the next-token labels (0 where ignored); see :func:`causal_lm_token_stats`
     (``padding_free=True`` runs the backbone on the packed batch)."""
     return causal_lm_token_stats(model, input_ids, labels, attention_mask, **kwargs)["logp"]
@@ -153,10 +158,12 @@ def _adapter_disabled(model):
     return model.disable_adapter()
 
 
-def causal_lm_dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, ref_logps=None,
-                       reference_free=False, beta=None, temperature=1.0, ignore_index=IGNORE_INDEX, backend="auto",
-                       config: LossConfig | None = None, padding_free=False, memory="lean",
-                       **loss_options) -> DPOOutput:
+def causal_lm_dpo_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, *, ref_model: nn.Module | str | None = None,
+                       ref_logps: torch.Tensor | None = None, reference_free: bool = False, beta: float | None = None,
+                       temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, backend: Backend = "auto",
+                       config: LossConfig | None = None, padding_free: bool = False, memory: Memory = "lean",
+                       **loss_options: Any) -> DPOOutput:
     """The DPO loss of a causal LM on a batch of ``2B`` rows (``B`` chosen, then ``B`` rejected).
 
     Args:

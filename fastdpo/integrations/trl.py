@@ -27,9 +27,12 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from contextlib import nullcontext
+from typing import Any
 
 import torch
+from torch import nn
 
+from .._options import Backend, Memory
 from ._trl_compat import TRAINER_CONFIG_FIELDS, TRAINER_INTERNALS, TRL_TESTED, check_trl_version, require_trl_internals
 
 #: The TRL versions CI tests (older ones are refused, newer ones run with a warning); kept under its former name.
@@ -177,8 +180,8 @@ class FastDPOTrainer(DPOTrainer):
 
     _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
 
-    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pos, fastdpo_backend: str = "auto",
-                 fastdpo_memory="lean", **kwargs):
+    def __init__(self, model: nn.Module, ref_model: nn.Module | str | None = None, args: DPOConfig | None = None, *pos,
+                 fastdpo_backend: Backend = "auto", fastdpo_memory: Memory = "lean", **kwargs: Any) -> None:
         # Every refusal comes before DPOTrainer.__init__, which is expensive: it tokenizes the datasets, builds the
         # reference model and, when precomputing, already runs the reference pass through fastdpo's loss.
         require_trl_internals("FastDPOTrainer", TRAINER_INTERNALS, (*DPO_LOSS_FIELDS, *TRAINER_CONFIG_FIELDS))
