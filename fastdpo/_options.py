@@ -8,11 +8,18 @@ import functools
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 #: The engine names a user may pass as ``backend`` (``"auto"`` measures and picks; see :mod:`fastdpo.head`).
 Backend = Literal["auto", "triton", "torch"]
 #: ``memory=``: ``"lean"`` keeps nothing for the backward, ``"fast"`` keeps the logits' exponentials, a number is a
 #: budget in GiB for them.
 Memory = Literal["lean", "fast"] | float
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the head's softmax runs in for inputs of ``dtype``: fp64 for fp64, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 #: The label of a position that is skipped (prompt, padding): PyTorch's and transformers' convention.
 IGNORE_INDEX = -100

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from . import _merge
-from ._options import HeadOptions
+from ._options import HeadOptions, compute_dtype
 from .vocab_parallel import resolve_group
 
 # Logits of one CPU tile (fp32: 16 MiB): few, large ops (a tile adds one or two element-wise passes to its product).
@@ -49,10 +49,6 @@ MIN_VOCAB_CHUNK = 256
 EPILOGUES = False
 
 _HALF = (torch.bfloat16, torch.float16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _epilogues(x: torch.Tensor) -> bool:
@@ -85,7 +81,7 @@ def _kept_dtypes(hidden: torch.Tensor):
     """``(e, r)`` dtypes: 16-bit ``e`` and fp32 ``r`` on the epilogue path, else the compute dtype for both."""
     if _epilogues(hidden):
         return hidden.dtype, torch.float32
-    cd = _compute_dtype(hidden.dtype)
+    cd = compute_dtype(hidden.dtype)
     return cd, cd
 
 
@@ -125,7 +121,7 @@ class _Rows:
         self.idx = (targets != ignore_index).nonzero().squeeze(1)  # the host sync: n sizes what follows
         self.n = self.idx.numel()
         self.tgt = targets.index_select(0, self.idx).to(torch.int64)
-        self.cd = _compute_dtype(hidden.dtype)
+        self.cd = compute_dtype(hidden.dtype)
         self.epilogues = epilogues
         self.x = hidden.index_select(0, self.idx)
         if not epilogues:
@@ -484,7 +480,7 @@ def chunked_backward(hidden, weight, bias, rows_all, dlogits, opts: HeadOptions,
     the whole weight and sums its gradient over the token chunks in the compute dtype.
     """
     need_h, need_w, need_b = needs
-    cd = _compute_dtype(hidden.dtype)
+    cd = compute_dtype(hidden.dtype)
     w, b = _cast(weight, bias, cd)
     grad_h = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None

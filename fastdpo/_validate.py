@@ -153,20 +153,22 @@ def label_range(name, labels, vocab, ignore_index):
                          f"found {example}")
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on ``device_type`` where it is on there, else None."""
     try:
-        return torch.is_autocast_enabled(device_type)
+        enabled = torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type autocast does not know (meta): never under autocast
-        return False
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def common_dtype(hidden, weight, hidden_name="hidden", weight_name="weight"):
     """The dtype the head computes in: under ``torch.autocast`` the autocast dtype, as ``F.linear`` (the lm-head
     stock TRL and transformers run) would cast to (fp64 inputs excepted, which autocast leaves alone); otherwise
     the inputs' own, which must then agree."""
-    dev = hidden.device.type
-    if _autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
-        return torch.get_autocast_dtype(dev)
+    autocast = autocast_dtype(hidden.device.type)
+    if autocast is not None and torch.float64 not in (hidden.dtype, weight.dtype):
+        return autocast
     if hidden.dtype == weight.dtype:
         return hidden.dtype
     raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype "
@@ -195,7 +197,7 @@ def dpo_inputs(hidden, weight, labels, ref_hidden, ref_weight, ref_logps, refere
     if ref_hidden is not None:
         _reference_head(hidden, weight, ref_hidden, ref_weight, packed=packed_rows is not None)
     if ref_logps is not None:
-        _reference_logps(ref_logps, rows)
+        reference_logps(ref_logps, rows)
 
 
 def _padded_dpo_layout(hidden, labels):
@@ -223,11 +225,17 @@ def _one_reference(ref_hidden, ref_weight, ref_logps, reference_free, ref_bias, 
     if ref_hidden is not None and ref_weight is None:
         raise ValueError("ref_hidden was given without ref_weight: pass the reference lm-head weight [V, H] "
                          "(it may be the policy's weight tensor itself)")
+    one_reference(given, needs_reference, "ref_hidden with ref_weight, or precomputed ref_logps [2B], or "
+                  "reference_free=True (only the loss types simpo, cpo, orpo, sft need none)")
+
+
+def one_reference(given: list[str], needed: bool, modes: str) -> None:
+    """At most one reference mode among ``given`` (the names of those passed), and one if ``needed``; ``modes``
+    says what may be passed."""
     if len(given) > 1:
-        raise ValueError(f"give exactly one reference, got {' and '.join(given)}")
-    if not given and needs_reference:
-        raise ValueError("no reference: pass ref_hidden with ref_weight, or precomputed ref_logps [2B], "
-                         "or reference_free=True (only the loss types simpo, cpo, orpo, sft need none)")
+        raise ValueError(f"give exactly one reference, got {' and '.join(given)}; pass {modes}")
+    if not given and needed:
+        raise ValueError(f"no reference: give exactly one reference: pass {modes}")
 
 
 def _reference_head(hidden, weight, ref_hidden, ref_weight, packed):
@@ -241,7 +249,8 @@ def _reference_head(hidden, weight, ref_hidden, ref_weight, packed):
                          f"{tuple(ref_hidden.shape)}")
 
 
-def _reference_logps(ref_logps, rows):
+def reference_logps(ref_logps, rows: int) -> None:
+    """``ref_logps`` is a floating ``[rows]`` tensor (chosen then rejected); a named error otherwise."""
     tensor("ref_logps", ref_logps)
     if tuple(ref_logps.shape) != (rows,):
         raise ValueError(f"ref_logps must be [2B] = [{rows}] (chosen then rejected), got {tuple(ref_logps.shape)}")

@@ -10,14 +10,10 @@ from typing import Any
 
 import torch
 
-from ._options import IGNORE_INDEX
+from ._options import IGNORE_INDEX, compute_dtype
 from .losses import LossConfig, compute_dpo_loss
 
 __all__ = ["reference_logits", "reference_token_stats", "reference_sequence_logprobs", "reference_dpo_loss"]
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -29,7 +25,7 @@ def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     z = hidden @ weight.t()
     if bias is not None:
         z = z + bias
-    z = z.to(_compute_dtype(hidden))
+    z = z.to(compute_dtype(hidden.dtype))
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z * (logit_scale / temperature)

@@ -551,7 +551,7 @@ def test_profile_absurd_depth_is_refused_without_building_it(capsys, tmp_path, m
     real = profiling._causal_lm
 
     def counting(hf_config, *args, **kwargs):
-        built.append(profiling._text_config(hf_config).num_hidden_layers)
+        built.append(profiling.text_config(hf_config).num_hidden_layers)
         return real(hf_config, *args, **kwargs)
 
     monkeypatch.setattr(profiling, "_causal_lm", counting)

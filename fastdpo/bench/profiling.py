@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..integrations._hf_model import text_config
 from .memory import (
     USABLE_FRACTION,
     PeakMeter,
@@ -181,10 +182,6 @@ def _causal_lm(hf_config, dtype, attention=None):
                      f"{type(error).__name__}: {error}".splitlines()[0][:300]) from error
 
 
-def _text_config(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-
-
 def resolve_config(model=None, *, layers=None, budget_gib=None, seq_len=None, pairs=None, device=None,
                    search=True) -> ProfileConfig:
     """Defaults for ``fastdpo profile``; ValueError naming the argument for anything invalid."""
@@ -228,7 +225,7 @@ def _model_sizes(config: ProfileConfig) -> dict:
         return _SIZES[key]
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
     hf_config = _hf_config(config.model_config)
-    text = _text_config(hf_config)
+    text = text_config(hf_config)
     layers = int(getattr(text, "num_hidden_layers", 0) or 0)
 
     def count(n):
@@ -402,7 +399,7 @@ class _Harness:
         self.policy.train()
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-6)
-        text = _text_config(hf_config)
+        text = text_config(hf_config)
         self.vocab = text.vocab_size
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.params = sum(p.numel() for p in self.policy.parameters())

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from .._fast import resolve_memory
-from .._options import HeadOptions
+from .._options import HeadOptions, compute_dtype
 from .engines import AUTO, BACKENDS, ENGINES, Engine, Saved, check_backend, dispatch
 from .ops import EXTRA_OUTPUTS, backward, forward, head, saved
 
@@ -51,7 +51,7 @@ def entropy_backward(hidden, weight, bias, grad_entropy, opts: HeadOptions, need
     ``∂H/∂z_j = −p_j·(log p_j + H)``. No engine computes it in its kernels; TRL's head can ask for it."""
     from .. import _torch_backend
 
-    g_all = grad_entropy.to(_torch_backend._compute_dtype(hidden.dtype))
+    g_all = grad_entropy.to(compute_dtype(hidden.dtype))
 
     def dentropy(z, start, rows):
         logsm = z - torch.logsumexp(z, dim=1, keepdim=True)

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _torch_backend
-from .._options import HeadOptions
+from .._options import HeadOptions, compute_dtype
 from .engines import Saved, dispatch
 
 EXTRA_OUTPUTS = ("entropy", "log_sum_sq_probs", "is_top1")
@@ -43,7 +42,7 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
     # The inputs already carry the compute dtype; autocast must not recast the inner matmuls.
     with torch.autocast(hidden.device.type, enabled=False):
         out, kept, order = dispatch(opts.backend, opts.memory).forward(hidden, weight, bias, targets, opts)
-    cd = _torch_backend._compute_dtype(hidden.dtype)
+    cd = compute_dtype(hidden.dtype)
     empty = hidden.new_empty(0, dtype=cd)
     extra = [out[k] if opts.extras else (empty.bool() if k == "is_top1" else empty.clone()) for k in EXTRA_OUTPUTS]
     return (out["logp"].to(cd), out["mean_logit"].to(cd), *(t.to(cd) if t.dtype.is_floating_point else t
@@ -55,7 +54,7 @@ def _head_forward_fake(hidden, weight, bias, targets, options, ignore_index, sof
     opts = HeadOptions.from_op_args(options, ignore_index, softcap, scale, memory)
     engine = dispatch(opts.backend, opts.memory)
     N = hidden.shape[0]
-    cd = _torch_backend._compute_dtype(hidden.dtype)
+    cd = compute_dtype(hidden.dtype)
     n_extra = N if opts.extras else 0
     return (hidden.new_empty(N, dtype=cd), hidden.new_empty(N, dtype=cd), hidden.new_empty(n_extra, dtype=cd),
             hidden.new_empty(n_extra, dtype=cd), hidden.new_empty(n_extra, dtype=torch.bool),

@@ -141,7 +141,7 @@ class FastChunkedLogProbFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         device = hidden.device
         # As TRL: under autocast the head computes in the autocast dtype.
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        dtype = _validate.autocast_dtype(device.type) or hidden.dtype
         temperature = _validate.number("temperature", temperature, positive=True)
         softcap, scale = to_fastdpo_transform(final_logit_softcapping, _validate.number("logit_scale", logit_scale))
         unknown = set(outputs) - set(_TRL_OPTIONAL_OUTPUTS) - {"log_probs"}

@@ -200,10 +200,6 @@ def causal_lm_dpo_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     batch = (input_ids, labels, attention_mask, packed)
     stats = _stats_of(model, batch, extras=config.needs_token_extras, memory=memory, **common)
     ref_token_logps = None if ref_model is None else _reference_token_logps(model, ref_model, batch, common)
-    if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) !=
-                                  (input_ids.shape[0],)):
-        raise ValueError(f"ref_logps must be a [2B] = [{input_ids.shape[0]}] tensor, got "
-                         f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
     device = stats["logp"].device
     mask, cu_seqlens = completion_layout(device, labels, packed, ignore_index)
     return compute_dpo_loss(stats, mask, config, ref_token_logps=ref_token_logps,
@@ -222,9 +218,9 @@ def _check_dpo_batch(input_ids, labels, attention_mask, ref_model, ref_logps, re
     given = [n for n, v in (("ref_model", ref_model), ("ref_logps", ref_logps)) if v is not None]
     if reference_free:
         given.append("reference_free=True")
-    if len(given) != 1:
-        raise ValueError(f"give exactly one reference: ref_model, ref_logps or reference_free=True; got "
-                         f"{given or 'none'}")
+    check.one_reference(given, True, "ref_model, ref_logps or reference_free=True")
+    if ref_logps is not None:
+        check.reference_logps(ref_logps, input_ids.shape[0])
 
 
 def _stats_of(model, batch, *, extras, memory="lean", **common) -> dict:
