@@ -3,11 +3,10 @@ that the checks (and the loss) read. The loss types themselves are in :mod:`fast
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from dataclasses import dataclass, fields
 
-from ._validate import finite
+from ._validate import flag, is_real, number
 
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -33,26 +32,10 @@ _SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
 # --- the checks ------------------------------------------------------------------------------------------
 
-def _check_number(name, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
-
-
 def _warn(message):
     # stacklevel 5: past a check of __post_init__, __post_init__ and the dataclass __init__, at the caller that
     # built the config.
     warnings.warn(message, UserWarning, stacklevel=5)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -129,12 +112,12 @@ class LossConfig:
         # the same whatever the caller's scalar type (bools are refused by _check_number below).
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value) not in (int, float):
+            if is_real(value) and type(value) not in (int, float):
                 object.__setattr__(self, f.name, float(value))
 
     def _check_loss_types(self) -> tuple:
         """``loss_type`` (stored as a tuple when a list was given) and ``loss_weights``; returns the types."""
-        _check_number("beta", self.beta)
+        number("beta", self.beta)
         types = self._normalise_loss_type(self.loss_type)
         object.__setattr__(self, "loss_type", types if isinstance(self.loss_type, (list, tuple)) else types[0])
         if self.loss_weights is not None:
@@ -142,7 +125,7 @@ class LossConfig:
                 raise TypeError(f"loss_weights must be a list of numbers, got {self.loss_weights!r}")
             weights = tuple(self.loss_weights)
             for w in weights:
-                _check_number("each of loss_weights", w)
+                number("each of loss_weights", w)
             weights = tuple(float(w) for w in weights)
             if len(weights) != len(types):
                 raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
@@ -159,7 +142,7 @@ class LossConfig:
             _warn(f"beta={self.beta!r} < 0 rewards the rejected completions over the chosen ones")
 
     def _check_label_smoothing(self, types, used):
-        _check_number("label_smoothing", self.label_smoothing)
+        number("label_smoothing", self.label_smoothing)
         eps = self.label_smoothing
         if eps != 0 and not used & _LABEL_SMOOTHING_LOSS_TYPES:
             _warn(f"label_smoothing={eps!r} is ignored by loss types {list(types)}; it applies to "
@@ -178,7 +161,7 @@ class LossConfig:
         if not isinstance(self.f_divergence_type, str) or self.f_divergence_type not in F_DIVERGENCE_TYPES:
             raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got "
                              f"{self.f_divergence_type!r}")
-        _check_number("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
+        number("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
         if self.f_divergence_type != "reverse_kl" and not used <= F_DIVERGENCE_LOSS_TYPES:
             raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies only to loss types "
                              f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, not to {sorted(used - F_DIVERGENCE_LOSS_TYPES)}; "
@@ -190,8 +173,8 @@ class LossConfig:
     def _check_length_options(self, used):
         """The flags, and the two length corrections ``average_log_prob`` and ``ld_alpha`` (and WPO's weights)."""
         for name in ("average_log_prob", "use_weighting", "extra_metrics"):
-            _check_bool(name, getattr(self, name))
-        _check_number("ld_alpha", self.ld_alpha, allow_none=True)
+            flag(name, getattr(self, name))
+        number("ld_alpha", self.ld_alpha, allow_none=True)
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             _warn(f"ld_alpha={self.ld_alpha!r} is outside LD-DPO's [0, 1]: the tokens beyond the shorter completion "
                   f"count {'more than the shared ones' if self.ld_alpha > 1 else 'negatively'}")
@@ -209,11 +192,11 @@ class LossConfig:
 
     def _check_type_options(self, used):
         """The options that only one loss type reads: checked, and a warning where no chosen type reads them."""
-        _check_number("discopop_tau", self.discopop_tau)
+        number("discopop_tau", self.discopop_tau)
         if "discopop" in used and self.discopop_tau <= 0:
             _warn(f"loss_type 'discopop': discopop_tau should be > 0, got {self.discopop_tau!r}")
-        _check_number("simpo_gamma", self.simpo_gamma)
-        _check_number("cpo_alpha", self.cpo_alpha)
+        number("simpo_gamma", self.simpo_gamma)
+        number("cpo_alpha", self.cpo_alpha)
         if "cpo" in used and self.cpo_alpha < 0:
             _warn(f"loss_type 'cpo': cpo_alpha={self.cpo_alpha!r} < 0 pushes the chosen completions' likelihood down")
         defaults = {f.name: f.default for f in fields(self)}

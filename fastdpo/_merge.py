@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-MAX, SUMEXP, TARGET, SUM, XSUMEXP, SQSUMEXP, ARGMAX = range(7)
-N_STATS, N_STATS_EXTRAS = 4, 7
+# The record layout the kernels write (one definition, shared with the torch backend).
+from .kernels.records import ARGMAX, MAX, N_STATS, N_STATS_EXTRAS, SQSUMEXP, SUM, SUMEXP, TARGET, XSUMEXP  # noqa: F401
 
 
 def _finite_ref(m: torch.Tensor) -> torch.Tensor:

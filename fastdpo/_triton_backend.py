@@ -14,12 +14,6 @@ from .kernels import autotune, logprob_bwd, logprob_fwd
 from .kernels.config import default_config, overridden
 from .vocab_parallel import resolve_group
 
-# The kernel writes the record layout that the shared merge reads.
-assert (logprob_fwd.STAT_MAX, logprob_fwd.STAT_SUMEXP, logprob_fwd.STAT_TARGET, logprob_fwd.STAT_SUM,
-        logprob_fwd.STAT_XSUMEXP, logprob_fwd.STAT_SQSUMEXP, logprob_fwd.STAT_ARGMAX) == tuple(range(7))
-assert (_merge.MAX, _merge.SUMEXP, _merge.TARGET, _merge.SUM, _merge.XSUMEXP, _merge.SQSUMEXP,
-        _merge.ARGMAX) == tuple(range(7))
-
 
 def _config(hidden: torch.Tensor, weight=None, bias=None, opts: HeadOptions | None = None, compacted=None,
             force: bool = False):

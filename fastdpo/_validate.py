@@ -55,13 +55,21 @@ def integer(name, value) -> int:
     return int(value)
 
 
-def number(name, value, *, positive=False, allow_none=False):
+def number(name, value, *, positive=False, allow_none=False, low=None, high=None, low_open=False,
+           high_open=False):
+    """A finite real option (Python or NumPy scalar, not a bool) as a Python float, within ``[low, high]`` (an
+    open end with ``low_open``/``high_open``; ``positive`` is ``low=0, low_open=True``); None passes with
+    ``allow_none``. TypeError for a non-number, ValueError naming the bound it breaks."""
     if value is None and allow_none:
         return None
     if not is_real(value) or not finite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if positive:
+        low, low_open = 0, True
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
     return float(value)
 
 

@@ -245,6 +245,7 @@ def test_forward_splits_the_vocabulary_by_the_labelled_count(keep, labelled):
     """The split count comes from nv on the device: cdiv(min_programs, cdiv(nv, BLOCK_M)) splits work, the others
     write neutral records (max -inf, sums 0), and the merged statistics do not depend on the split."""
     from fastdpo.kernels import logprob_fwd as F
+    from fastdpo.kernels import records
 
     cfg = INTERPRETER_DEFAULT  # BLOCK_M 16, BLOCK_V 16, min_programs 4
     g = torch.Generator().manual_seed(7)
@@ -261,11 +262,11 @@ def test_forward_splits_the_vocabulary_by_the_labelled_count(keep, labelled):
     used = min(4, -(-cfg.min_programs // -(-labelled // 16)))
     per = -(-10 // used)
     working = -(-10 // per)
-    m = stats[F.STAT_MAX, :, :labelled]
+    m = stats[records.MAX, :, :labelled]
     assert torch.isfinite(m[:working]).all()
-    assert (m[working:] == -math.inf).all() and (stats[F.STAT_SUMEXP, working:, :labelled] == 0).all()
+    assert (m[working:] == -math.inf).all() and (stats[records.SUMEXP, working:, :labelled] == 0).all()
     z = x[rows[:labelled]] @ w.t()
     lse = torch.logsumexp(z.double(), 1)
     m_all = m.max(0).values
-    merged = m_all + torch.log((stats[F.STAT_SUMEXP, :, :labelled] * torch.exp(m - m_all)).sum(0))
+    merged = m_all + torch.log((stats[records.SUMEXP, :, :labelled] * torch.exp(m - m_all)).sum(0))
     torch.testing.assert_close(merged.double(), lse, rtol=0, atol=2e-5)

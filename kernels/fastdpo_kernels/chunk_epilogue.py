@@ -14,10 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_fwd import N_STATS, N_STATS_EXTRAS, _first_argmax, _target_and_sum
+from .logprob_fwd import _first_argmax, _store_record, _target_and_sum
+from .records import N_STATS, N_STATS_EXTRAS
 
-_ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in range(4))
-_ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7))
 BLOCK_M, BLOCK_V = 16, 128
 
 
@@ -78,15 +77,7 @@ def _chunk_fwd_kernel(
             s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1)
             amax = _first_argmax(amax, z, tile_max, m, tile, BLOCK_V)
         m = m_new
-    base = stats_ptr + rows
-    tl.store(base + _ROW_MAX * stride_stat, m, mask=row_mask)
-    tl.store(base + _ROW_SUMEXP * stride_stat, s, mask=row_mask)
-    tl.store(base + _ROW_TARGET * stride_stat, zt, mask=row_mask)
-    tl.store(base + _ROW_SUM * stride_stat, zsum, mask=row_mask)
-    if EXTRAS:
-        tl.store(base + _ROW_XSUMEXP * stride_stat, sz, mask=row_mask)
-        tl.store(base + _ROW_SQSUMEXP * stride_stat, s2, mask=row_mask)
-        tl.store(base + _ROW_ARGMAX * stride_stat, amax.to(tl.float32), mask=row_mask)
+    _store_record(stats_ptr + rows, stride_stat, row_mask, m, s, zt, zsum, sz, s2, amax, EXTRAS)
     if KEEP:
         # A second pass, relative to the chunk's max: e ∈ [0, 1] with its largest entry 1, so fp16 keeps
         # the probabilities' relative precision. An all -inf row keeps e = 0.

@@ -16,13 +16,31 @@ import triton.language as tl
 
 from .config import KernelConfig
 from .logit_tile import block_rows, logit_tile, vocab_split
+from .records import ARGMAX as _ARGMAX
+from .records import MAX as _MAX
+from .records import N_STATS, N_STATS_EXTRAS
+from .records import SQSUMEXP as _SQSUMEXP
+from .records import SUM as _SUM
+from .records import SUMEXP as _SUMEXP
+from .records import TARGET as _TARGET
+from .records import XSUMEXP as _XSUMEXP
 
-# Rows of the stats record; the last three only with EXTRAS.
-STAT_MAX, STAT_SUMEXP, STAT_TARGET, STAT_SUM, STAT_XSUMEXP, STAT_SQSUMEXP, STAT_ARGMAX = range(7)
-N_STATS, N_STATS_EXTRAS = 4, 7
-# The kernel reads globals only as constexpr.
-_ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in range(4))
-_ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in range(4, 7))
+# The kernels read globals only as constexpr.
+_ROW_MAX, _ROW_SUMEXP, _ROW_TARGET, _ROW_SUM = (tl.constexpr(i) for i in (_MAX, _SUMEXP, _TARGET, _SUM))
+_ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in (_XSUMEXP, _SQSUMEXP, _ARGMAX))
+
+
+@triton.jit
+def _store_record(base, stride_stat, row_mask, m, s, zt, zsum, sz, s2, amax, EXTRAS: tl.constexpr):
+    """Writes one split's statistics record (see ``records``) for a block of rows starting at ``base``."""
+    tl.store(base + _ROW_MAX * stride_stat, m, mask=row_mask)
+    tl.store(base + _ROW_SUMEXP * stride_stat, s, mask=row_mask)
+    tl.store(base + _ROW_TARGET * stride_stat, zt, mask=row_mask)
+    tl.store(base + _ROW_SUM * stride_stat, zsum, mask=row_mask)
+    if EXTRAS:
+        tl.store(base + _ROW_XSUMEXP * stride_stat, sz, mask=row_mask)
+        tl.store(base + _ROW_SQSUMEXP * stride_stat, s2, mask=row_mask)
+        tl.store(base + _ROW_ARGMAX * stride_stat, amax.to(tl.float32), mask=row_mask)
 
 
 @triton.jit
@@ -123,15 +141,7 @@ def _logprob_fwd_kernel(
                 amax = _first_argmax(amax, z, tile_max, m, tile, BLOCK_V)
         m = m_new
 
-    base = stats_ptr + pid_s * stride_split + rows
-    tl.store(base + _ROW_MAX * stride_stat, m, mask=row_mask)
-    tl.store(base + _ROW_SUMEXP * stride_stat, s, mask=row_mask)
-    tl.store(base + _ROW_TARGET * stride_stat, zt, mask=row_mask)
-    tl.store(base + _ROW_SUM * stride_stat, zsum, mask=row_mask)
-    if EXTRAS:
-        tl.store(base + _ROW_XSUMEXP * stride_stat, sz, mask=row_mask)
-        tl.store(base + _ROW_SQSUMEXP * stride_stat, s2, mask=row_mask)
-        tl.store(base + _ROW_ARGMAX * stride_stat, amax.to(tl.float32), mask=row_mask)
+    _store_record(stats_ptr + pid_s * stride_split + rows, stride_stat, row_mask, m, s, zt, zsum, sz, s2, amax, EXTRAS)
 
 
 def input_precision(dtype: torch.dtype) -> str:
