@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._options import IGNORE_INDEX
+
 __all__ = ["DPOInputs", "Implementation", "IMPLEMENTATIONS", "get_implementations", "dpo_sigmoid", "make_inputs"]
 
 # TRL 1.16's DPOTrainer passes this vocabulary tile width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE);
@@ -53,7 +55,7 @@ class DPOInputs:
     ref_hidden: torch.Tensor | None = None
     ref_weight: torch.Tensor | None = None
     beta: float = 0.1
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
 
     @property
     def has_ref(self) -> bool:
@@ -105,7 +107,7 @@ def make_inputs(pairs: int, seq_len: int, hidden: int, vocab: int, *, dtype=torc
     h = torch.randn(rows, seq_len, hidden, generator=g)
     w = torch.randn(vocab, hidden, generator=g) * (logit_std / hidden ** 0.5)
     labels = torch.randint(0, vocab, (rows, seq_len), generator=g)
-    labels[:, : int(seq_len * prompt_frac)] = -100
+    labels[:, : int(seq_len * prompt_frac)] = IGNORE_INDEX
     ref_h = ref_w = None
     if with_ref:
         ref_h = (h + 0.1 * torch.randn(h.shape, generator=g)).to(device, dtype)

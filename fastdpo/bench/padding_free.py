@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .._options import IGNORE_INDEX
 from .memory import PeakMeter
 
 __all__ = ["NotPackableError", "LAYOUTS", "ragged_lengths", "ragged_batch", "LayoutStep", "PaddingFreeReport",
@@ -62,7 +63,7 @@ def ragged_batch(lengths: dict, vocab: int, device, seed: int = 0):
     total = torch.tensor([n for _, n in rows]).unsqueeze(1)
     prompt = torch.tensor([p for p, _ in rows]).unsqueeze(1)
     attention = (position < total).long()
-    labels = ids.masked_fill((position < prompt) | (position >= total), -100)
+    labels = ids.masked_fill((position < prompt) | (position >= total), IGNORE_INDEX)
     return ids.to(device), attention.to(device), labels.to(device)
 
 
@@ -110,7 +111,7 @@ class _Runner:
 
         self.h = harness
         self.ids, self.attention, self.labels = batch
-        self.padded_targets = torch.nn.functional.pad(self.labels[:, 1:], (0, 1), value=-100)
+        self.padded_targets = torch.nn.functional.pad(self.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         self.packed = pack_batch(self.ids, self.labels, self.attention)
 
     def inputs(self, layout):
@@ -205,7 +206,7 @@ def run_padding_free(config, *, repeats: int = 3, seed: int = 0, progress=True) 
                                memory_method=PeakMeter(device).method, dtype=config.dtype, seq_len=config.seq_len,
                                pairs=config.pairs, lengths=lengths, padded_shape=tuple(runner.ids.shape),
                                repeats=repeats, date=_dt.datetime.now().isoformat(timespec="seconds"))
-    labelled = int((runner.labels[:, 1:] != -100).sum())
+    labelled = int((runner.labels[:, 1:] != IGNORE_INDEX).sum())
     for layout in LAYOUTS:
         say(f"{layout}: warm-up step")
         runner.step(layout)  # warm-up: AdamW creates its state, the allocator settles

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .._options import IGNORE_INDEX
 from ..integrations._hf_model import text_config
 from .memory import (
     USABLE_FRACTION,
@@ -412,7 +413,7 @@ class _Harness:
         T = self.config.seq_len
         ids = torch.randint(0, self.vocab, (2 * pairs, T + 1), generator=g)
         labels = ids[:, 1:].clone()
-        labels[:, : T // 4] = -100  # the prompt
+        labels[:, : T // 4] = IGNORE_INDEX  # the prompt
         return ids[:, :T].to(self.device), labels.to(self.device)
 
     def step(self, head, pairs, mark=lambda label: None):

@@ -35,7 +35,7 @@ from torch import nn
 from .._options import Backend, Memory
 from ._trl_compat import TRAINER_CONFIG_FIELDS, TRAINER_INTERNALS, TRL_TESTED, check_trl_version, require_trl_internals
 
-#: The TRL versions CI tests (older ones are refused, newer ones run with a warning); kept under its former name.
+#: Alias of ``TRL_TESTED``: the TRL versions CI tests (older ones are refused, newer ones run with a warning).
 TRL_SPECIFIER = TRL_TESTED
 
 check_trl_version()
