@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_fwd import _first_argmax, _store_record, _target_and_sum
+from .logprob_fwd import _online_tile, _store_record
 from .records import N_STATS, N_STATS_EXTRAS
 
 BLOCK_M, BLOCK_V = 16, 128
@@ -64,19 +64,8 @@ def _chunk_fwd_kernel(
         z_valid = tl.where(col_mask[None, :], z, 0.0)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
-        m_new = tl.maximum(m, tile_max)
-        # While every logit so far is -inf (a masked vocabulary), subtract 0: exp(-inf - -inf) would be NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        zt, zsum = _target_and_sum(zt, zsum, cols, tgt, z_valid)
-        if EXTRAS:
-            # p·z → 0 for a masked logit (p = 0, z = -inf): drop the terms whose exp is 0.
-            sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1)
-            s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1)
-            amax = _first_argmax(amax, z, tile_max, m, tile, BLOCK_V)
-        m = m_new
+        m, s, zt, zsum, sz, s2, amax = _online_tile(m, s, zt, zsum, sz, s2, amax, z, z_valid, tile_max, cols, tgt,
+                                                    tile, BLOCK_V, EXTRAS)
     _store_record(stats_ptr + rows, stride_stat, row_mask, m, s, zt, zsum, sz, s2, amax, EXTRAS)
     if KEEP:
         # A second pass, relative to the chunk's max: e ∈ [0, 1] with its largest entry 1, so fp16 keeps

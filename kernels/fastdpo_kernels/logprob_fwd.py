@@ -31,6 +31,26 @@ _ROW_XSUMEXP, _ROW_SQSUMEXP, _ROW_ARGMAX = (tl.constexpr(i) for i in (_XSUMEXP, 
 
 
 @triton.jit
+def _online_tile(m, s, zt, zsum, sz, s2, amax, z, z_valid, tile_max, cols, tgt, tile, BLOCK_V: tl.constexpr,
+                 EXTRAS: tl.constexpr):
+    """One logit tile of the online softmax (``z`` with ``-inf`` outside the vocabulary, ``z_valid`` with 0 there):
+    the new running max and the record's sums rescaled to it; returns ``(m_new, s, zt, zsum, sz, s2, amax)``."""
+    m_new = tl.maximum(m, tile_max)
+    # While every logit so far is -inf (a masked vocabulary), subtract 0: exp(-inf - -inf) would be NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_ref)
+    e = tl.exp(z - m_ref[:, None])
+    s = s * alpha + tl.sum(e, axis=1)
+    zt, zsum = _target_and_sum(zt, zsum, cols, tgt, z_valid)
+    if EXTRAS:
+        # p·z → 0 for a masked logit (p = 0, z = -inf): drop the terms whose exp is 0.
+        sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1)
+        s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1)
+        amax = _first_argmax(amax, z, tile_max, m, tile, BLOCK_V)
+    return m_new, s, zt, zsum, sz, s2, amax
+
+
+@triton.jit
 def _store_record(base, stride_stat, row_mask, m, s, zt, zsum, sz, s2, amax, EXTRAS: tl.constexpr):
     """Writes one split's statistics record (see ``records``) for a block of rows starting at ``base``."""
     tl.store(base + _ROW_MAX * stride_stat, m, mask=row_mask)
@@ -119,11 +139,11 @@ def _logprob_fwd_kernel(
                 keep = row_mask[:, None] & (cols < V_keep)[None, :]
                 tl.store(e_ptr + rows[:, None] * stride_en + cols[None, :], e.to(e_ptr.dtype.element_ty), mask=keep)
                 tl.store(mt_ptr + rows * stride_mn + tile, tile_max, mask=row_mask)
-        m_new = tl.maximum(m, tile_max)
-        # While every logit so far is -inf (a masked vocabulary), subtract 0: exp(-inf - -inf) would be NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
         if KEEP:
+            m_new = tl.maximum(m, tile_max)
+            # While every logit so far is -inf (a masked vocabulary), subtract 0: exp(-inf - -inf) would be NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
             beta = tl.exp(tile_ref - m_ref)
             s = s * alpha + tl.sum(e, axis=1) * beta
             if EXTRAS:
@@ -131,14 +151,8 @@ def _logprob_fwd_kernel(
                 sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1) * beta
                 s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1) * beta * beta
         else:
-            e = tl.exp(z - m_ref[:, None])
-            s = s * alpha + tl.sum(e, axis=1)
-            zt, zsum = _target_and_sum(zt, zsum, cols, tgt, z_valid)
-            if EXTRAS:
-                # p·z → 0 for a masked logit (p = 0, z = -inf): drop the terms whose exp is 0.
-                sz = sz * alpha + tl.sum(tl.where(e > 0.0, e * z_valid, 0.0), axis=1)
-                s2 = s2 * alpha * alpha + tl.sum(e * e, axis=1)
-                amax = _first_argmax(amax, z, tile_max, m, tile, BLOCK_V)
+            m_new, s, zt, zsum, sz, s2, amax = _online_tile(m, s, zt, zsum, sz, s2, amax, z, z_valid, tile_max, cols,
+                                                            tgt, tile, BLOCK_V, EXTRAS)
         m = m_new
 
     _store_record(stats_ptr + pid_s * stride_split + rows, stride_stat, row_mask, m, s, zt, zsum, sz, s2, amax, EXTRAS)
