@@ -15,7 +15,7 @@ FLOORS_TESTS ?= tests/test_integrations_transformers.py tests/test_integrations_
 	tests/test_distributed_head.py tests/test_distributed.py tests/test_distributed_trainers.py \
 	tests/test_vocab_parallel.py tests/test_adversarial.py
 
-.PHONY: demo test lint test-floors test-compile-triton36 venv clean
+.PHONY: demo test lint docs test-floors test-compile-triton36 venv clean
 
 # The compile guard also runs against triton 3.6 (what the GPU machines we benchmark on run), in its own venv:
 # torch as above, then triton 3.6.0 without dependencies (the guard needs only its compiler and ptxas).
@@ -53,6 +53,11 @@ test: venv
 # ruff, configured in pyproject.toml (installed by the test extra).
 lint: venv
 	$(PY) -m ruff check fastdpo kernels benchmarks tests
+
+# The documentation site (docs/, mkdocs.yml) must build without a warning: a broken link or a page outside the nav
+# fails it.
+docs: venv
+	$(PY) -m mkdocs build --strict -q -d build/site
 
 # torch comes from pip (a local CPU wheel may serve it), the rest from uv, which resolves the pins in seconds.
 $(VENV_FLOORS)/.installed: pyproject.toml Makefile .ci/floors.txt
