@@ -504,7 +504,7 @@ def summary(report: BenchReport, out_dir: str | None = None) -> str:
         lines.append(f"memory: fastdpo peaks {format_bytes(ours.peak_bytes)} above the inputs, the naive reference "
                      f"{format_bytes(naive.peak_bytes)}: {compare_peaks(ours.peak_bytes, naive.peak_bytes)}")
         lines.append(f"time: fastdpo {ours.ms_median:.1f} ms, naive {naive.ms_median:.1f} ms "
-                     f"({naive.ms_median / ours.ms_median:.2f}x)")
+                     f"({ours.ms_median / naive.ms_median:.2f}x naive's time)")
     if ours and trl:
         lines.append(f"vs TRL: {ours.ms_median / trl.ms_median:.2f}x its time; TRL peaks "
                      f"{format_bytes(trl.peak_bytes)}: {compare_peaks(ours.peak_bytes, trl.peak_bytes)}")
