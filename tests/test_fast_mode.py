@@ -16,6 +16,7 @@ from fastdpo import _torch_backend
 from fastdpo.kernels import logprob_fast as K
 from fastdpo.kernels.config import INTERPRETER_DEFAULT
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
+from fdtest import poison_empty
 
 N_ROWS, T, H, V = 3, 13, 21, 61  # 39 tokens; V crosses 4 tiles of 16 and 3 backward chunks of 24
 HEADS = {"plain": {}, "softcap+bias+scale": dict(softcap=2.5, logit_scale=1.4, temperature=0.9, bias=True)}
@@ -69,22 +70,6 @@ def _small_torch_chunks(monkeypatch):
     monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", 8 * 16)
 
 
-def _poison(monkeypatch):
-    """Every new floating tensor starts as NaN: an element a kernel reads without writing it shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    def nan_empty_like(*args, **kwargs):
-        t = empty_like(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
-
-
 CASES = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)]
 
 
@@ -95,7 +80,7 @@ def test_every_output_and_gradient_against_float64(backend, dtype, head, monkeyp
     cfg = HEADS[head]
     rounded = [t.to(dtype).double() for t in (hidden, weight, bias)]
     ref, ref_g = _run(_ref, *rounded, labels, upstream, cfg, torch.float64)
-    _poison(monkeypatch)
+    poison_empty(monkeypatch)
     results = {}
     for memory in ("lean", "fast", _part_budget(dtype, backend)):
         ours, ours_g = _run(_ours, hidden, weight, bias, labels, upstream, cfg, dtype, backend=backend, memory=memory)
