@@ -13,7 +13,7 @@ import torch
 import fastdpo
 from fastdpo.integrations import transformers as fx
 from fastdpo.reference import reference_dpo_loss
-from fdtest import record_ref_logps
+from fdtest import assert_same_as_lean, record_head_memory, record_ref_logps
 
 transformers = pytest.importorskip("transformers")
 
@@ -470,11 +470,7 @@ def test_exact_tie_logs_no_reward_accuracy(backend):
 def test_memory_reaches_the_head_and_keeps_the_lean_gradients(padding_free, monkeypatch):
     """memory='fast' and a GiB budget reach the policy's head through causal_lm_dpo_loss and give lean's gradients
     (float64)."""
-    from fastdpo.head import ops
-
-    seen = []
-    real = ops.dispatch
-    monkeypatch.setattr(ops, "dispatch", lambda backend, memory: seen.append(memory) or real(backend, memory))
+    seen = record_head_memory(monkeypatch)
     policy = make_model("phi").double()
     reference = make_model("phi", seed=1).double()
     ids, labels, attention = make_batch()
@@ -485,9 +481,4 @@ def test_memory_reaches_the_head_and_keeps_the_lean_gradients(padding_free, monk
                                      padding_free=padding_free).loss
         results[memory] = (loss.detach(), torch.autograd.grad(loss, list(policy.parameters())))
         assert max(seen) == fastdpo.head.resolve_memory(memory)  # the policy's head, forward and backward
-    lean_loss, lean_grads = results["lean"]
-    for memory in ("fast", 1e-3):
-        loss, grads = results[memory]
-        torch.testing.assert_close(loss, lean_loss, rtol=1e-12, atol=1e-12)
-        for a, b in zip(grads, lean_grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_same_as_lean(results)
