@@ -16,7 +16,7 @@ from fastdpo import _torch_backend
 from fastdpo.kernels import logprob_fast as K
 from fastdpo.kernels.config import INTERPRETER_DEFAULT
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
-from fdtest import poison_empty
+from fdtest import backend_params, make_batch, poison_empty
 
 N_ROWS, T, H, V = 3, 13, 21, 61  # 39 tokens; V crosses 4 tiles of 16 and 3 backward chunks of 24
 HEADS = {"plain": {}, "softcap+bias+scale": dict(softcap=2.5, logit_scale=1.4, temperature=0.9, bias=True)}
@@ -254,3 +254,15 @@ def test_forward_splits_the_vocabulary_by_the_labelled_count(keep, labelled):
     m_all = m.max(0).values
     merged = m_all + torch.log((stats[F.STAT_SUMEXP, :, :labelled] * torch.exp(m - m_all)).sum(0))
     torch.testing.assert_close(merged.double(), lse, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_zero_memory_budget_is_lean(backend):
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    grads = []
+    for memory in ("lean", 0, 0.0):
+        w = weight.clone().requires_grad_()
+        logp = fastdpo.fused_logprobs(hidden, w, labels, backend=backend, memory=memory)
+        grads.append((logp.detach(), torch.autograd.grad(logp.sum(), w)[0]))
+    for got in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, grads[0]))

@@ -482,3 +482,40 @@ def test_memory_reaches_the_head_and_keeps_the_lean_gradients(padding_free, monk
         results[memory] = (loss.detach(), torch.autograd.grad(loss, list(policy.parameters())))
         assert max(seen) == fastdpo.head.resolve_memory(memory)  # the policy's head, forward and backward
     assert_same_as_lean(results)
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=31, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_causal_lm_dpo_loss_checks_its_batch_and_options():
+    """The transformers entry point names the argument for what the backbone would fail on obscurely or accept
+    silently: float ids, a mask of another shape or type, a device mismatch, a string flag, beta twice."""
+    from fastdpo.integrations.transformers import causal_lm_dpo_loss
+    model = _llama()
+    ids = torch.randint(0, 31, (4, 6))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    mask = torch.ones_like(ids)
+    cases = [
+        (dict(input_ids=ids.float()), TypeError, "input_ids"),
+        (dict(labels=labels.numpy()), TypeError, "labels"),
+        (dict(labels=labels.float()), TypeError, "labels"),
+        (dict(attention_mask=mask[:, :3]), ValueError, "attention_mask"),
+        (dict(attention_mask=mask.numpy()), TypeError, "attention_mask"),
+        (dict(labels=labels.to("meta")), ValueError, "labels"),
+        (dict(reference_free="True"), TypeError, "reference_free"),
+        (dict(beta=5.0, config=fastdpo.LossConfig(beta=0.1)), ValueError, "beta"),
+    ]
+    for change, error, match in cases:
+        kw = dict(input_ids=ids, labels=labels, attention_mask=mask, reference_free=True)
+        kw.update(change)
+        with pytest.raises(error, match=match):
+            causal_lm_dpo_loss(model, **kw)
+    out = causal_lm_dpo_loss(model, ids, labels, mask.bool(), reference_free=True, beta=0.1,
+                             config=fastdpo.LossConfig(beta=0.1))
+    assert torch.isfinite(out.loss)
