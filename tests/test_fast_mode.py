@@ -258,6 +258,7 @@ def test_forward_splits_the_vocabulary_by_the_labelled_count(keep, labelled):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_a_zero_memory_budget_is_lean(backend):
+    """A memory budget of 0 (int or float) is lean mode: the same log-probs and weight gradient, bit for bit."""
     hidden, weight, labels = make_batch(dtype=torch.float32)
     grads = []
     for memory in ("lean", 0, 0.0):

@@ -7,6 +7,7 @@ from fastdpo.kernels.config import INTERPRETER_DEFAULT, KernelConfig, default_co
 
 
 def test_use_config_does_not_leak_into_other_threads():
+    """A config set by use_config holds in its own thread only, nests, and is undone on exit."""
     mine = KernelConfig(vocab_chunk=7, min_programs=3)
     inside, seen = threading.Event(), {}
 

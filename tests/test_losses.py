@@ -787,6 +787,8 @@ def test_nll_loss_metric(loss_type, logged):
 # --- beta together with a LossConfig ------------------------------------------------------------------------------
 
 def test_beta_that_differs_from_the_config_raises():
+    """A ``beta`` keyword that disagrees with ``config.beta`` raises, also at its default value; one that agrees,
+    or none, gives the config's loss."""
     hidden, weight, labels = make_batch(dtype=torch.float32)
     config = fastdpo.LossConfig(beta=0.3)
     with pytest.raises(ValueError, match="beta=5.0 differs from config.beta=0.3"):
@@ -805,6 +807,8 @@ def test_beta_that_differs_from_the_config_raises():
 
 
 def test_module_takes_a_config_and_refuses_a_different_beta():
+    """FusedLinearDPOLoss takes a LossConfig and gives dpo_loss's result with it; a different beta, a config that
+    is not a LossConfig, or a config together with loss options is refused."""
     hidden, weight, labels = make_batch(dtype=torch.float32)
     config = fastdpo.LossConfig(beta=0.4, loss_type="ipo")
     module = fastdpo.FusedLinearDPOLoss(config=config, backend="torch")

@@ -14,6 +14,7 @@ from fdtest import backend_params, make_batch
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.int32])
 def test_small_integer_labels_are_widened(backend, dtype):
+    """Labels in int8, int16, uint8 (ignore_index 255) or int32 give the log-probs and loss of int64 labels."""
     hidden, weight, labels = make_batch(dtype=torch.float32, V=37)
     if dtype in (torch.uint8,):
         labels = torch.where(labels < 0, torch.zeros_like(labels), labels)  # no -100 in uint8
@@ -63,6 +64,8 @@ def _call(backend="torch", **overrides):
 ])
 @pytest.mark.parametrize("backend", backend_params())
 def test_bad_input_gets_a_named_error(backend, overrides, error, words):
+    """Each bad argument to dpo_loss raises a TypeError/ValueError that names it, rather than crash or be
+    ignored."""
     if "config" in overrides:
         overrides.setdefault("beta", None)
     with pytest.raises(error, match=words):
@@ -99,6 +102,8 @@ def test_unchecked_out_of_range_target_gives_nan_not_a_finite_value(backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_zero_sized_head_in_the_per_token_api(backend):
+    """An empty hidden size or vocabulary is refused by name in fused_logprobs, as is an integer ref_bias in
+    dpo_loss."""
     hidden, weight, labels = make_batch(dtype=torch.float32)
     with pytest.raises(ValueError, match="H >= 1"):
         fastdpo.fused_logprobs(hidden[..., :0], weight[:, :0], labels, backend=backend)
@@ -154,6 +159,7 @@ def test_device_mismatch_is_named(which, reference):
 
 
 def test_device_mismatch_without_a_majority_names_every_tensor():
+    """With no device that most tensors share, the device check names every tensor with its device."""
     from fastdpo import _validate
 
     a, b = torch.zeros(2), torch.zeros(2, device="meta")
