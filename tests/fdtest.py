@@ -1,5 +1,5 @@
 """Helpers shared by the tests: the runnable backends, an odd-shape DPO batch, a relative error, options for
-every loss type."""
+every loss type, NaN-poisoned allocations, the head's memory mode."""
 
 import pytest
 import torch
@@ -44,6 +44,20 @@ def rel_err(a, b):
     return ((a - b).abs().max() / denom).item()
 
 
+def poison_empty(monkeypatch):
+    """Every new floating tensor from ``torch.empty``/``torch.empty_like`` starts as NaN (until ``monkeypatch``
+    undoes it), so an element a kernel reads or returns without writing it shows up."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
 def record_ref_logps(monkeypatch, module):
     """Patches ``module.compute_dpo_loss`` to record the ``ref_token_logps`` of each call; returns the record."""
     seen = []
@@ -55,6 +69,27 @@ def record_ref_logps(monkeypatch, module):
 
     monkeypatch.setattr(module, "compute_dpo_loss", spy)
     return seen
+
+
+def record_head_memory(monkeypatch):
+    """Patches ``fastdpo.head.ops.dispatch`` to record the ``memory`` of each call; returns the record."""
+    from fastdpo.head import ops
+
+    seen = []
+    real = ops.dispatch
+    monkeypatch.setattr(ops, "dispatch", lambda backend, memory: seen.append(memory) or real(backend, memory))
+    return seen
+
+
+def assert_same_as_lean(results):
+    """``results`` maps memory ("lean", "fast", 1e-3) to ``(loss, grads)``: the other modes give lean's loss and
+    gradients (float64 tolerances)."""
+    lean_loss, lean_grads = results["lean"]
+    for memory in ("fast", 1e-3):
+        loss, grads = results[memory]
+        torch.testing.assert_close(loss, lean_loss, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, lean_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def word_tokenizer(words):

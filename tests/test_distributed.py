@@ -1,16 +1,16 @@
 """fastdpo under every data-parallel wrapper, on 2 CPU gloo ranks, against one process on the whole global batch.
 
-One spawned run (``tests/dist_worker.py``) executes every case on a shared process group; each test below asserts on
-one case's numbers. A tiny Llama (2 layers, hidden 32, vocabulary 101) and a global batch of 4 pairs, 2 per rank.
-Averaging convention: each rank's loss is the mean over its own pairs and the wrappers average gradients over ranks,
-which equals one process's mean over the whole batch (same number of pairs on every rank).
+One spawned run (``tests/workers/dist_worker.py``) executes every case on a shared process group; each test below
+asserts on one case's numbers. A tiny Llama (2 layers, hidden 32, vocabulary 101) and a global batch of 4 pairs, 2
+per rank. Averaging convention: each rank's loss is the mean over its own pairs and the wrappers average gradients
+over ranks, which equals one process's mean over the whole batch (same number of pairs on every rank).
 """
 
 import pytest
 
 pytest.importorskip("transformers")
 
-import dist_worker  # noqa: E402
+from workers import dist_worker  # noqa: E402
 
 WORLD = 2
 # float64 everywhere except where stated: the same sums in another order, so ~1e-15 relative is expected.

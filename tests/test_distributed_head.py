@@ -10,7 +10,7 @@ from fastdpo.integrations import transformers as fx
 
 transformers = pytest.importorskip("transformers")
 
-import dist_worker  # noqa: E402
+from workers import dist_worker  # noqa: E402
 
 
 def test_head_fn_runs_inside_the_head_forward_with_its_weight():

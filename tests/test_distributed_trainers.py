@@ -1,9 +1,10 @@
 """FastDPOTrainer and patch_trl() launched by ``accelerate launch`` on 2 CPU processes (DDP and FSDP2) log the same
 losses and metrics as one process on the same global batch.
 
-``tests/dist_trainer.py`` trains a tiny Llama for 3 steps with each trainer; its dataset is exactly one global batch
-(4 pairs), so every step sees the same pairs whatever the split. Each rank's loss is the mean over its 2 pairs; the
-wrappers average the gradients and the trainer averages the logged losses over ranks: the one-process mean.
+``tests/workers/dist_trainer.py`` trains a tiny Llama for 3 steps with each trainer; its dataset is exactly one
+global batch (4 pairs), so every step sees the same pairs whatever the split. Each rank's loss is the mean over its
+2 pairs; the wrappers average the gradients and the trainer averages the logged losses over ranks: the one-process
+mean.
 """
 
 import json
@@ -18,7 +19,7 @@ import pytest
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 
-SCRIPT = Path(__file__).with_name("dist_trainer.py")
+SCRIPT = Path(__file__).parent / "workers" / "dist_trainer.py"
 GLOBAL_BATCH = 4
 
 # The accelerate config of the FSDP2 run: the lines the README gives.

@@ -217,3 +217,15 @@ def test_reference_head_differs_from_the_policy_head(backend, entry):
         torch.testing.assert_close(got.metrics[key].double(), want.metrics[key].double(), rtol=0, atol=2e-4, msg=key)
     for a, c in zip(got_g, want_g):
         assert rel_err(a, c) < 1e-4
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_tied_rewards_are_not_accurate(backend):
+    """``rewards/accuracies`` counts chosen rewards strictly above the rejected ones, as TRL does: a pair whose
+    chosen and rejected completions are the same ties and counts 0."""
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    B = hidden.shape[0] // 2
+    hidden[B:], labels[B:] = hidden[:B], labels[:B]
+    out = fastdpo.dpo_loss(hidden, weight, labels, ref_logps=torch.zeros(2 * B), backend=backend)
+    assert torch.equal(out.chosen_rewards, out.rejected_rewards)
+    assert out.metrics["rewards/accuracies"].item() == 0.0

@@ -16,6 +16,7 @@ from fastdpo import _torch_backend
 from fastdpo.kernels import logprob_fast as K
 from fastdpo.kernels.config import INTERPRETER_DEFAULT
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
+from fdtest import backend_params, make_batch, poison_empty
 
 N_ROWS, T, H, V = 3, 13, 21, 61  # 39 tokens; V crosses 4 tiles of 16 and 3 backward chunks of 24
 HEADS = {"plain": {}, "softcap+bias+scale": dict(softcap=2.5, logit_scale=1.4, temperature=0.9, bias=True)}
@@ -69,22 +70,6 @@ def _small_torch_chunks(monkeypatch):
     monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", 8 * 16)
 
 
-def _poison(monkeypatch):
-    """Every new floating tensor starts as NaN: an element a kernel reads without writing it shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    def nan_empty_like(*args, **kwargs):
-        t = empty_like(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
-
-
 CASES = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)]
 
 
@@ -95,7 +80,7 @@ def test_every_output_and_gradient_against_float64(backend, dtype, head, monkeyp
     cfg = HEADS[head]
     rounded = [t.to(dtype).double() for t in (hidden, weight, bias)]
     ref, ref_g = _run(_ref, *rounded, labels, upstream, cfg, torch.float64)
-    _poison(monkeypatch)
+    poison_empty(monkeypatch)
     results = {}
     for memory in ("lean", "fast", _part_budget(dtype, backend)):
         ours, ours_g = _run(_ours, hidden, weight, bias, labels, upstream, cfg, dtype, backend=backend, memory=memory)
@@ -270,3 +255,16 @@ def test_forward_splits_the_vocabulary_by_the_labelled_count(keep, labelled):
     m_all = m.max(0).values
     merged = m_all + torch.log((stats[records.SUMEXP, :, :labelled] * torch.exp(m - m_all)).sum(0))
     torch.testing.assert_close(merged.double(), lse, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_zero_memory_budget_is_lean(backend):
+    """A memory budget of 0 (int or float) is lean mode: the same log-probs and weight gradient, bit for bit."""
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    grads = []
+    for memory in ("lean", 0, 0.0):
+        w = weight.clone().requires_grad_()
+        logp = fastdpo.fused_logprobs(hidden, w, labels, backend=backend, memory=memory)
+        grads.append((logp.detach(), torch.autograd.grad(logp.sum(), w)[0]))
+    for got in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, grads[0]))

@@ -254,3 +254,21 @@ def test_bench_names_the_engine_auto_ran(measuring):
     inp = SimpleNamespace(hidden=hidden, weight=weight, labels=labels)
     assert FastDPO("auto").choice(inp) == "auto: chunked"
     assert FastDPO("triton").choice(inp) == ""
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("backend", ["auto", "Torch", "cuda", ""])
+def test_head_ops_refuse_an_unknown_backend(backend, device):
+    """The custom ops take a resolved backend: anything else is refused, in the real and the fake (meta) kernel,
+    forward and backward, instead of silently running the torch backend."""
+    hidden, weight, labels = make_batch(dtype=torch.float32, device=device)
+    h, t = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    options = HeadOptions(backend=backend).op_args()
+    refused = rf"backend must be one of \['triton', 'torch'\] here \(resolve 'auto' first\), got '{backend}'"
+    with pytest.raises(ValueError, match=refused):
+        torch.ops.fastdpo.head_forward(h, weight, None, t, *options)
+    lse = torch.zeros(h.shape[0], device=device)
+    empty = lse.new_empty(0)
+    with pytest.raises(ValueError, match=refused):
+        torch.ops.fastdpo.head_backward(lse, h, weight, None, t, lse, lse, empty, empty, t, *options, True, True,
+                                        False)

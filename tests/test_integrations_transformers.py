@@ -13,7 +13,7 @@ import torch
 import fastdpo
 from fastdpo.integrations import transformers as fx
 from fastdpo.reference import reference_dpo_loss
-from fdtest import record_ref_logps
+from fdtest import assert_same_as_lean, record_head_memory, record_ref_logps
 
 transformers = pytest.importorskip("transformers")
 
@@ -470,11 +470,7 @@ def test_exact_tie_logs_no_reward_accuracy(backend):
 def test_memory_reaches_the_head_and_keeps_the_lean_gradients(padding_free, monkeypatch):
     """memory='fast' and a GiB budget reach the policy's head through causal_lm_dpo_loss and give lean's gradients
     (float64)."""
-    from fastdpo.head import ops
-
-    seen = []
-    real = ops.dispatch
-    monkeypatch.setattr(ops, "dispatch", lambda backend, memory: seen.append(memory) or real(backend, memory))
+    seen = record_head_memory(monkeypatch)
     policy = make_model("phi").double()
     reference = make_model("phi", seed=1).double()
     ids, labels, attention = make_batch()
@@ -485,9 +481,41 @@ def test_memory_reaches_the_head_and_keeps_the_lean_gradients(padding_free, monk
                                      padding_free=padding_free).loss
         results[memory] = (loss.detach(), torch.autograd.grad(loss, list(policy.parameters())))
         assert max(seen) == fastdpo.head.resolve_memory(memory)  # the policy's head, forward and backward
-    lean_loss, lean_grads = results["lean"]
-    for memory in ("fast", 1e-3):
-        loss, grads = results[memory]
-        torch.testing.assert_close(loss, lean_loss, rtol=1e-12, atol=1e-12)
-        for a, b in zip(grads, lean_grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_same_as_lean(results)
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=31, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_causal_lm_dpo_loss_checks_its_batch_and_options():
+    """The transformers entry point names the argument for what the backbone would fail on obscurely or accept
+    silently: float ids, a mask of another shape or type, a device mismatch, a string flag, beta twice."""
+    from fastdpo.integrations.transformers import causal_lm_dpo_loss
+    model = _llama()
+    ids = torch.randint(0, 31, (4, 6))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    mask = torch.ones_like(ids)
+    cases = [
+        (dict(input_ids=ids.float()), TypeError, "input_ids"),
+        (dict(labels=labels.numpy()), TypeError, "labels"),
+        (dict(labels=labels.float()), TypeError, "labels"),
+        (dict(attention_mask=mask[:, :3]), ValueError, "attention_mask"),
+        (dict(attention_mask=mask.numpy()), TypeError, "attention_mask"),
+        (dict(labels=labels.to("meta")), ValueError, "labels"),
+        (dict(reference_free="True"), TypeError, "reference_free"),
+        (dict(beta=5.0, config=fastdpo.LossConfig(beta=0.1)), ValueError, "beta"),
+    ]
+    for change, error, match in cases:
+        kw = dict(input_ids=ids, labels=labels, attention_mask=mask, reference_free=True)
+        kw.update(change)
+        with pytest.raises(error, match=match):
+            causal_lm_dpo_loss(model, **kw)
+    out = causal_lm_dpo_loss(model, ids, labels, mask.bool(), reference_free=True, beta=0.1,
+                             config=fastdpo.LossConfig(beta=0.1))
+    assert torch.isfinite(out.loss)

@@ -28,7 +28,7 @@ from fastdpo import _validate  # noqa: E402
 from fastdpo.integrations import _trl_compat, _trl_config  # noqa: E402
 from fastdpo.integrations import trl as ftrl  # noqa: E402
 from fastdpo.integrations.trl import FastDPOTrainer, patch_trl, unpatch_trl  # noqa: E402
-from fdtest import record_ref_logps, word_tokenizer  # noqa: E402
+from fdtest import assert_same_as_lean, record_head_memory, record_ref_logps, word_tokenizer  # noqa: E402
 
 V = 96
 WORDS = [f"w{i}" for i in range(V - 3)]
@@ -682,11 +682,8 @@ def test_memory_reaches_the_head_and_keeps_the_lean_gradients(via, tmp_path, mon
     """memory='fast' and a GiB budget reach fastdpo's head through FastDPOTrainer(fastdpo_memory=) and
     patch_trl(memory=), and give lean's loss and gradients (float64)."""
     from fastdpo import head
-    from fastdpo.head import ops
 
-    seen = []
-    real = ops.dispatch
-    monkeypatch.setattr(ops, "dispatch", lambda backend, memory: seen.append(memory) or real(backend, memory))
+    seen = record_head_memory(monkeypatch)
     results = {}
     for memory in ("lean", "fast", 1e-3):
         seen.clear()
@@ -696,12 +693,7 @@ def test_memory_reaches_the_head_and_keeps_the_lean_gradients(via, tmp_path, mon
             with patch_trl(memory=memory):
                 results[memory] = _one_step_grads(DPOTrainer, tmp_path)
         assert max(seen) == head.resolve_memory(memory)
-    lean_loss, lean_grads = results["lean"]
-    for memory in ("fast", 1e-3):
-        loss, grads = results[memory]
-        torch.testing.assert_close(loss, lean_loss, rtol=1e-12, atol=1e-12)
-        for a, b in zip(grads, lean_grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_same_as_lean(results)
 
 
 @pytest.mark.parametrize("make", [lambda: patch_trl(memory="quick"), lambda: patch_trl(backend="fused_v2"),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import fastdpo
 from fastdpo import LossConfig
 from fastdpo.losses import LOSS_TYPES, TRL_LOSS_TYPES
+from fastdpo.reference import reference_dpo_loss
 from fdtest import TYPE_OPTIONS, backend_params, make_batch, rel_err
 
 IGNORE = -100
@@ -781,3 +782,41 @@ def test_nll_loss_metric(loss_type, logged):
     off = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, backend="torch", loss_type="cpo",
                            cpo_alpha=0.0)
     assert off.metrics["nll_loss"].item() == 0.0
+
+
+# --- beta together with a LossConfig ------------------------------------------------------------------------------
+
+def test_beta_that_differs_from_the_config_raises():
+    """A ``beta`` keyword that disagrees with ``config.beta`` raises, also at its default value; one that agrees,
+    or none, gives the config's loss."""
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    config = fastdpo.LossConfig(beta=0.3)
+    with pytest.raises(ValueError, match="beta=5.0 differs from config.beta=0.3"):
+        fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=5.0, config=config, backend="torch")
+    # Also when the keyword is the default value: it was given, and it disagrees.
+    with pytest.raises(ValueError, match="beta"):
+        fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=0.1, config=config, backend="torch")
+    same = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=0.3, config=config, backend="torch")
+    alone = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, config=config, backend="torch")
+    want = reference_dpo_loss(hidden.double(), weight.double(), labels, reference_free=True, beta=0.3)
+    assert torch.equal(same.loss, alone.loss)
+    assert abs(alone.loss.item() - want.loss.item()) < 1e-5
+    default = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, backend="torch")
+    want = reference_dpo_loss(hidden.double(), weight.double(), labels, reference_free=True, beta=0.1)
+    assert abs(default.loss.item() - want.loss.item()) < 1e-5
+
+
+def test_module_takes_a_config_and_refuses_a_different_beta():
+    """FusedLinearDPOLoss takes a LossConfig and gives dpo_loss's result with it; a different beta, a config that
+    is not a LossConfig, or a config together with loss options is refused."""
+    hidden, weight, labels = make_batch(dtype=torch.float32)
+    config = fastdpo.LossConfig(beta=0.4, loss_type="ipo")
+    module = fastdpo.FusedLinearDPOLoss(config=config, backend="torch")
+    want = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, config=config, backend="torch")
+    assert torch.equal(module(hidden, weight, labels, reference_free=True).loss, want.loss)
+    with pytest.raises(ValueError, match="beta=0.1 differs from config.beta=0.4"):
+        fastdpo.FusedLinearDPOLoss(0.1, config=config)
+    with pytest.raises(TypeError, match="config must be a fastdpo.LossConfig"):
+        fastdpo.FusedLinearDPOLoss(config={"beta": 0.4})
+    with pytest.raises(ValueError, match="not both"):
+        fastdpo.FusedLinearDPOLoss(config=config, loss_type="sigmoid")

@@ -10,7 +10,7 @@ from fastdpo import _validate
 from fastdpo.kernels.config import KernelConfig, use_config
 from fastdpo.kernels.logit_tile import tanh
 from fastdpo.reference import reference_token_stats
-from fdtest import backend_params, make_batch, rel_err
+from fdtest import backend_params, make_batch, poison_empty, rel_err
 
 HEADS = [
     dict(),
@@ -20,17 +20,9 @@ HEADS = [
 
 
 @pytest.fixture(autouse=True)
-def poison_empty(monkeypatch):
+def _poisoned_empty(monkeypatch):
     """Fresh float buffers start as NaN, so an element a kernel forgets to write shows up."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    poison_empty(monkeypatch)
 
 
 def _inputs(dtype, head, seed=0, **shape):

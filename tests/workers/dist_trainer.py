@@ -1,21 +1,24 @@
 """Script of ``tests/test_distributed_trainers.py``: train with FastDPOTrainer, then with TRL's DPOTrainer under
 ``patch_trl()``, in whatever ``accelerate launch`` set up (one process, DDP, FSDP2), and write the logs.
 
-``python dist_trainer.py OUT.json PER_DEVICE_BATCH [ddp_find_unused|fsdp_on_cpu|moe]``. The dataset holds exactly one
-global batch (4 pairs), so every step sees the same pairs however they are split over processes and shuffled; rank 0
-writes ``{"fast": [log, ...], "patched": [log, ...]}`` with the logged metrics of each step. ``moe``: a tiny
-Qwen3-MoE model (router loss on, DDP with ``find_unused_parameters``), also trained by stock ``DPOTrainer``
-(``"stock"``), with ``aux_loss`` logged and each trainer's final parameters summarized (``params``).
+``python tests/workers/dist_trainer.py OUT.json PER_DEVICE_BATCH [ddp_find_unused|fsdp_on_cpu|moe]``. The dataset
+holds exactly one global batch (4 pairs), so every step sees the same pairs however they are split over processes
+and shuffled; rank 0 writes ``{"fast": [log, ...], "patched": [log, ...]}`` with the logged metrics of each step.
+``moe``: a tiny Qwen3-MoE model (router loss on, DDP with ``find_unused_parameters``), also trained by stock
+``DPOTrainer`` (``"stock"``), with ``aux_loss`` logged and each trainer's final parameters summarized (``params``).
 """
 
 import copy
 import json
 import sys
 import uuid
+from pathlib import Path
 
 import torch
 
-from fdtest import word_tokenizer
+# Run as a script, this file sees its own folder only: the shared helpers live one folder up (tests/fdtest.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fdtest import word_tokenizer  # noqa: E402
 
 V = 64
 WORDS = [f"w{i}" for i in range(V - 3)]

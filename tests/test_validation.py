@@ -1,56 +1,20 @@
-"""The loss core's guard rails: options that must not be silently ignored, inputs that must raise a named error
-rather than crash, and the thread-locality of the kernel config."""
-
-import threading
+"""Input checks of the public API (``dpo_loss``, ``fused_logprobs``, ``token_stats``, ``sequence_logprobs``,
+``FusedLinearDPOLoss``): small integer label dtypes are widened, bad inputs raise a named TypeError/ValueError
+rather than crash, the tensor on the wrong device is named, and the label range check."""
 
 import pytest
 import torch
 
 import fastdpo
-from fastdpo._options import HeadOptions
-from fastdpo.kernels.config import INTERPRETER_DEFAULT, KernelConfig, default_config, use_config
 from fastdpo.reference import reference_dpo_loss, reference_token_stats
 from fdtest import backend_params, make_batch
-
-# ---- beta together with a config --------------------------------------------------------------------------------
-
-def test_beta_that_differs_from_the_config_raises():
-    hidden, weight, labels = make_batch(dtype=torch.float32)
-    config = fastdpo.LossConfig(beta=0.3)
-    with pytest.raises(ValueError, match="beta=5.0 differs from config.beta=0.3"):
-        fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=5.0, config=config, backend="torch")
-    # Also when the keyword is the default value: it was given, and it disagrees.
-    with pytest.raises(ValueError, match="beta"):
-        fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=0.1, config=config, backend="torch")
-    same = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, beta=0.3, config=config, backend="torch")
-    alone = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, config=config, backend="torch")
-    want = reference_dpo_loss(hidden.double(), weight.double(), labels, reference_free=True, beta=0.3)
-    assert torch.equal(same.loss, alone.loss)
-    assert abs(alone.loss.item() - want.loss.item()) < 1e-5
-    default = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, backend="torch")
-    want = reference_dpo_loss(hidden.double(), weight.double(), labels, reference_free=True, beta=0.1)
-    assert abs(default.loss.item() - want.loss.item()) < 1e-5
-
-
-def test_module_takes_a_config_and_refuses_a_different_beta():
-    hidden, weight, labels = make_batch(dtype=torch.float32)
-    config = fastdpo.LossConfig(beta=0.4, loss_type="ipo")
-    module = fastdpo.FusedLinearDPOLoss(config=config, backend="torch")
-    want = fastdpo.dpo_loss(hidden, weight, labels, reference_free=True, config=config, backend="torch")
-    assert torch.equal(module(hidden, weight, labels, reference_free=True).loss, want.loss)
-    with pytest.raises(ValueError, match="beta=0.1 differs from config.beta=0.4"):
-        fastdpo.FusedLinearDPOLoss(0.1, config=config)
-    with pytest.raises(TypeError, match="config must be a fastdpo.LossConfig"):
-        fastdpo.FusedLinearDPOLoss(config={"beta": 0.4})
-    with pytest.raises(ValueError, match="not both"):
-        fastdpo.FusedLinearDPOLoss(config=config, loss_type="sigmoid")
-
 
 # ---- small integer label dtypes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.int32])
 def test_small_integer_labels_are_widened(backend, dtype):
+    """Labels in int8, int16, uint8 (ignore_index 255) or int32 give the log-probs and loss of int64 labels."""
     hidden, weight, labels = make_batch(dtype=torch.float32, V=37)
     if dtype in (torch.uint8,):
         labels = torch.where(labels < 0, torch.zeros_like(labels), labels)  # no -100 in uint8
@@ -100,6 +64,8 @@ def _call(backend="torch", **overrides):
 ])
 @pytest.mark.parametrize("backend", backend_params())
 def test_bad_input_gets_a_named_error(backend, overrides, error, words):
+    """Each bad argument to dpo_loss raises a TypeError/ValueError that names it, rather than crash or be
+    ignored."""
     if "config" in overrides:
         overrides.setdefault("beta", None)
     with pytest.raises(error, match=words):
@@ -136,6 +102,8 @@ def test_unchecked_out_of_range_target_gives_nan_not_a_finite_value(backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_zero_sized_head_in_the_per_token_api(backend):
+    """An empty hidden size or vocabulary is refused by name in fused_logprobs, as is an integer ref_bias in
+    dpo_loss."""
     hidden, weight, labels = make_batch(dtype=torch.float32)
     with pytest.raises(ValueError, match="H >= 1"):
         fastdpo.fused_logprobs(hidden[..., :0], weight[:, :0], labels, backend=backend)
@@ -191,6 +159,7 @@ def test_device_mismatch_is_named(which, reference):
 
 
 def test_device_mismatch_without_a_majority_names_every_tensor():
+    """With no device that most tensors share, the device check names every tensor with its device."""
     from fastdpo import _validate
 
     a, b = torch.zeros(2), torch.zeros(2, device="meta")
@@ -199,47 +168,7 @@ def test_device_mismatch_without_a_majority_names_every_tensor():
     _validate.one_device(("a", a), ("b", a.clone()), ("c", None))
 
 
-# ---- use_config is context-local ---------------------------------------------------------------------------------
-
-def test_use_config_does_not_leak_into_other_threads():
-    mine = KernelConfig(vocab_chunk=7, min_programs=3)
-    inside, seen = threading.Event(), {}
-
-    def other():
-        inside.wait(timeout=30)
-        seen["other"] = default_config()
-
-    worker = threading.Thread(target=other)
-    worker.start()
-    with use_config(mine):
-        inside.set()
-        worker.join(timeout=30)
-        seen["mine"] = default_config()
-    assert seen["mine"] is mine
-    assert seen["other"] is not mine and seen["other"] == INTERPRETER_DEFAULT
-    assert default_config() == INTERPRETER_DEFAULT
-    with use_config(mine), use_config(INTERPRETER_DEFAULT):
-        assert default_config() is INTERPRETER_DEFAULT
-    assert default_config() is not mine
-
-
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("backend", ["auto", "Torch", "cuda", ""])
-def test_head_ops_refuse_an_unknown_backend(backend, device):
-    """The custom ops take a resolved backend: anything else is refused, in the real and the fake (meta) kernel,
-    forward and backward, instead of silently running the torch backend."""
-    hidden, weight, labels = make_batch(dtype=torch.float32, device=device)
-    h, t = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    options = HeadOptions(backend=backend).op_args()
-    refused = rf"backend must be one of \['triton', 'torch'\] here \(resolve 'auto' first\), got '{backend}'"
-    with pytest.raises(ValueError, match=refused):
-        torch.ops.fastdpo.head_forward(h, weight, None, t, *options)
-    lse = torch.zeros(h.shape[0], device=device)
-    empty = lse.new_empty(0)
-    with pytest.raises(ValueError, match=refused):
-        torch.ops.fastdpo.head_backward(lse, h, weight, None, t, lse, lse, empty, empty, t, *options, True, True,
-                                        False)
-
+# ---- the label range check ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_check_labels_off_skips_only_the_gpu_sync(backend, monkeypatch):
@@ -260,25 +189,12 @@ def test_check_labels_off_skips_only_the_gpu_sync(backend, monkeypatch):
                                   cu_seqlens=torch.arange(rows + 1) * (T - 1), backend=backend)
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_tied_rewards_are_not_accurate(backend):
-    """``rewards/accuracies`` counts chosen rewards strictly above the rejected ones, as TRL does: a pair whose
-    chosen and rejected completions are the same ties and counts 0."""
-    hidden, weight, labels = make_batch(dtype=torch.float32)
-    B = hidden.shape[0] // 2
-    hidden[B:], labels[B:] = hidden[:B], labels[:B]
-    out = fastdpo.dpo_loss(hidden, weight, labels, ref_logps=torch.zeros(2 * B), backend=backend)
-    assert torch.equal(out.chosen_rewards, out.rejected_rewards)
-    assert out.metrics["rewards/accuracies"].item() == 0.0
+# ---- the module's options ----------------------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("backend", backend_params())
-def test_a_zero_memory_budget_is_lean(backend):
-    hidden, weight, labels = make_batch(dtype=torch.float32)
-    grads = []
-    for memory in ("lean", 0, 0.0):
-        w = weight.clone().requires_grad_()
-        logp = fastdpo.fused_logprobs(hidden, w, labels, backend=backend, memory=memory)
-        grads.append((logp.detach(), torch.autograd.grad(logp.sum(), w)[0]))
-    for got in grads[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(got, grads[0]))
+def test_module_checks_head_options_when_built():
+    """FusedLinearDPOLoss refuses bad head options at construction, as it refuses bad loss options."""
+    for bad, error in ((dict(softcap="30"), TypeError), (dict(ignore_index=True), TypeError),
+                       (dict(temperature=0), ValueError), (dict(backend="cuda"), ValueError),
+                       (dict(logit_scale=1e300, temperature=1e-300), ValueError)):
+        with pytest.raises(error, match=next(iter(bad))):
+            fastdpo.FusedLinearDPOLoss(beta=0.1, **bad)
