@@ -13,7 +13,7 @@ PYF := $(VENV_FLOORS)/bin/python
 # depend on the floors.
 FLOORS_TESTS ?= tests/test_integrations_transformers.py tests/test_integrations_trl.py tests/test_packing.py \
 	tests/test_distributed_head.py tests/test_distributed.py tests/test_distributed_trainers.py \
-	tests/test_vocab_parallel.py
+	tests/test_vocab_parallel.py tests/test_losses.py
 
 .PHONY: demo test lint docs test-floors test-compile-triton36 venv clean
 
