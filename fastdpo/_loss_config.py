@@ -109,7 +109,7 @@ class LossConfig:
 
     def _store_python_numbers(self):
         # NumPy scalars are numbers too; stored as Python floats so that the config compares, hashes and prints
-        # the same whatever the caller's scalar type (bools are refused by _check_number below).
+        # the same whatever the caller's scalar type (bools are refused by the number checks below).
         for f in fields(self):
             value = getattr(self, f.name)
             if is_real(value) and type(value) not in (int, float):
@@ -123,10 +123,7 @@ class LossConfig:
         if self.loss_weights is not None:
             if isinstance(self.loss_weights, (str, bytes)) or not hasattr(self.loss_weights, "__len__"):
                 raise TypeError(f"loss_weights must be a list of numbers, got {self.loss_weights!r}")
-            weights = tuple(self.loss_weights)
-            for w in weights:
-                number("each of loss_weights", w)
-            weights = tuple(float(w) for w in weights)
+            weights = tuple(number("each of loss_weights", w) for w in self.loss_weights)
             if len(weights) != len(types):
                 raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
                                  f"{len(types)} loss types {list(types)}")

@@ -1,16 +1,8 @@
 """The one merge of per-token partial statistics, shared by both backends.
 
 Each backend walks the vocabulary in pieces (the Triton forward's splits, the torch backend's chunks) and
-writes, for every labelled token and piece, a partial record ``stats[k, piece, token]``:
-
-- ``MAX``: ``m = max_v z_v`` over the piece (``-inf`` when every logit of the piece is ``-inf``);
-- ``SUMEXP``: ``Σ_v exp(z_v − m)`` (``exp`` relative to 0 instead of ``m`` when ``m = -inf``, so an all-masked
-  piece contributes 0, never ``exp(-inf − -inf)``);
-- ``TARGET``: the target's logit if it lies in the piece, else 0;
-- ``SUM``: ``Σ_v z_v`` (it also carries any NaN of the inputs, which a max may drop);
-- with the extras, ``XSUMEXP``: ``Σ_v exp(z_v − m)·z_v`` over the terms with ``exp(z_v − m) > 0`` (the limit
-  ``p·z → 0`` of a masked logit), ``SQSUMEXP``: ``Σ_v exp(2(z_v − m))``, ``ARGMAX``: the first index of the
-  piece's maximum, as a vocabulary id.
+writes, for every labelled token and piece, a partial record ``stats[k, piece, token]`` whose rows ``k`` are
+defined once in :mod:`fastdpo.kernels.records`.
 
 :func:`merge` rescales the pieces to the overall max and sums them. The pieces may come from one device or,
 for a vocabulary-parallel head, from several ranks: the max is then an all-reduce(max) of the ``[n]`` maxima and
