@@ -8,11 +8,13 @@ count, as ``h[mask]`` does) and walks the vocabulary in chunks, each chunk in ti
   chunks as it combines the fused kernels' splits); in fast mode the chunks within the budget also keep
   ``e = exp(z − r)`` and the per-row reference ``r`` (``[N·V_keep]`` and ``[kept chunks, N]``).
 - backward: every tile becomes ``D = (p − onehot(y))·(1 − tanh²)``, the logit gradient without its per-row factor
-  ``a = −g·scale``: recomputed from the product in lean chunks, ``p = e·exp(r − lse)`` (one pass into a new tile;
-  the kept one serves a second backward too) in kept chunks, so fast mode skips the chunk's product. ``a``
-  multiplies the hidden gradient once at the end and is folded into the gathered rows for the weight gradient,
-  so the products see ``D`` as it is. Each chunk's weight and bias gradient is complete when its chunk is done
-  and is written once, in the parameter's dtype.
+  ``a = −g·scale``: recomputed from the product in lean chunks. A kept chunk skips that product and is only read:
+  ``p = e·f`` with ``f = exp(r − lse)`` per row, so ``f`` scales the rows that multiply ``e`` (the gathered rows
+  for the weight gradient, the product's result for the hidden gradient) and the one-hot rows are subtracted from
+  the accumulators (with a softcap, ``p`` goes into a new tile, as ``1 − tanh²`` is per logit). ``a`` multiplies the
+  hidden gradient once at the end and is folded into the gathered rows for the weight gradient, so the products
+  see ``D`` as it is. Each chunk's weight and bias gradient is complete when its chunk is done and is written once,
+  in the parameter's dtype.
 
 Two ways to make a tile:
 
@@ -138,9 +140,11 @@ def _mm(a, b):
     return a @ b
 
 
-def _logit_product(x, w, v0):
-    """The raw logits of a tile: ``x @ w.T`` for the vocabulary chunk from row ``v0`` (profilers and tests see the
-    products that fast mode skips by this name)."""
+def _logit_product(x, w, v0, out=None):
+    """The raw logits of a tile: ``x @ w.T`` for the vocabulary chunk from row ``v0``, into ``out`` when given (a
+    compute-dtype tile; profilers and tests see the products that fast mode skips by this name)."""
+    if out is not None:
+        return torch.mm(x, w.t(), out=out)
     return _mm(x, w.t())
 
 
@@ -152,6 +156,15 @@ def _addmm_(acc, a, b):
             return acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))
         return acc.addmm_(a.float(), b.float())
     return acc.addmm_(a, b)
+
+
+def _sub_rows_(acc, index, rows):
+    """``acc[index[i]] −= rows[i]`` for every ``i``, repeated indices summed in a fixed order (``index_add_``
+    adds with atomics on CUDA; the accumulating ``index_put_`` with atomics on a multi-threaded CPU)."""
+    if acc.is_cuda:
+        acc.index_put_((index,), rows.neg(), accumulate=True)
+    else:
+        acc.index_add_(0, index, rows, alpha=-1)
 
 
 def _vocab_walk(chunks, opts, bias):
@@ -268,7 +281,9 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
             record = stats[:, c, s:e]
             local = R.tgt[s:e] - col0
             keep = (e_chunk[s:e], kept_r[c, s:e]) if e_chunk is not None else (None, None)
-            z = _logit_product(x[s:e], w, v0)
+            running_tile = running and c > 0 and not bool(torch.isneginf(r_run[s:e]).any())
+            # A running tile's exp(z − r) is its kept e: its product goes straight into the kept tile.
+            z = _logit_product(x[s:e], w, v0, out=keep[0] if running_tile else None)
             if epi:
                 from .kernels import chunk_epilogue
 
@@ -281,8 +296,8 @@ def _forward(hidden, weight, bias, targets, opts: HeadOptions, n_keep: int):
             if running:
                 r = r_run[s:e]
                 shift = torch.where(torch.isneginf(r), 0.0, r)
-                if c > 0 and not bool(torch.isneginf(r).any()):
-                    sums = (z.exp_() if keep[0] is None else torch.exp(z, out=keep[0])).sum(1)
+                if running_tile:
+                    sums = z.exp_().sum(1)
                     if bool(torch.isfinite(sums).all()):
                         record[_merge.MAX] = r
                         record[_merge.SUMEXP] = sums
@@ -398,10 +413,27 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
             hit = ((local >= 0) & (local < vc)).nonzero().squeeze(1)
             t = None
             if kept_chunk:
-                # p = e·exp(r − lse) from the kept chunk, into a new tile (the kept one serves a second backward).
                 ek = kept_e[N * v0:N * v1].view(N, vc)[s:e]
                 r = kept_r[c, s:e].to(acc_dtype)
                 factor = torch.where(torch.isneginf(r), 0.0, torch.exp(r - lse[s:e])).unsqueeze(1)
+            if kept_chunk and softcap is None:
+                # D = f·e − onehot(y), f = exp(r − lse) per row: f scales the products' small operands (or their
+                # result) and the one-hot rows are subtracted from the accumulators, so no pass over the tile is
+                # made and the kept tile stays as it is (it serves a second backward too).
+                cols = local.index_select(0, hit)
+                if need_h:
+                    acc_h[s:e].addcmul_(_mm(ek, w_h), factor)
+                    _sub_rows_(acc_h[s:e], hit, w_h.index_select(0, cols).to(acc_dtype))
+                if need_w:
+                    _addmm_(gw, ek.t(), (xa[s:e].to(acc_dtype) * factor).to(xa.dtype))
+                    _sub_rows_(gw, cols, xa[s:e].index_select(0, hit).to(acc_dtype))
+                if need_b:
+                    ga = a_op[s:e].unsqueeze(1)
+                    _addmm_(gb.unsqueeze(1), ek.t(), (ga * factor).to(xa.dtype))
+                    _sub_rows_(gb.unsqueeze(1), cols, ga.index_select(0, hit))
+                continue
+            if kept_chunk:
+                # p = e·exp(r − lse) from the kept chunk, into a new tile (the kept one serves a second backward).
                 d = (ek * factor).to(ek.dtype)
                 if softcap is not None:
                     # tanh from z = r + log e where e > 0 (elsewhere p is 0), exact at the target.

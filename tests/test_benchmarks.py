@@ -134,6 +134,20 @@ def test_tune_flow_runs_through_the_interpreter(tmp_path, monkeypatch, capsys):
     assert "KernelConfig(" in text and (tmp_path / "tune.json").exists()
 
 
+def test_cpu_engine_flow_at_a_tiny_shape(tmp_path, monkeypatch, capsys):
+    bench = _load("cpu_engine")
+    monkeypatch.setitem(bench.SHAPES, "tiny", (24, 301, 1, 16))
+    out = tmp_path / "cpu_engine.json"
+    assert bench.main(["--shapes", "tiny", "--rounds", "1", "--no-loaded", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["shapes"]["tiny"]
+    assert set(res["time"]) == {"naive", "lean", "fast", "skipped"}
+    assert len(set(round(v, 5) for v in res["loss"].values())) == 1, res["loss"]
+    ratios = res["ratios"]
+    lean, skipped = res["time"]["lean"]["median_s"], res["time"]["skipped"]["median_s"]
+    assert ratios["fast_vs_lean_bound"] == pytest.approx((lean - skipped) / lean)
+    assert "the recompute fast mode skips" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def device_run(tmp_path_factory):
     """benchmarks/device_run.sh's whole flow on CPU at toy sizes (interpreter), without the install step."""

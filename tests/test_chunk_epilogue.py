@@ -136,8 +136,9 @@ def _head_case(dtype, head, seed=4):
     hidden, weight, labels = make_batch(dtype=torch.float64, seed=seed, V=61)
     g = torch.Generator().manual_seed(seed)
     bias = torch.randn(61, generator=g, dtype=torch.float64)
-    kw = dict(softcap=2.5, logit_scale=1.3, temperature=0.9) if head == "softcap+bias+scale" else {}
-    leaves = [t.to(dtype) for t in (hidden, weight)] + ([bias.to(dtype)] if kw else [])
+    kw = {"plain": {}, "bias+scale": dict(logit_scale=1.3, temperature=0.9),
+          "softcap+bias+scale": dict(softcap=2.5, logit_scale=1.3, temperature=0.9)}[head]
+    leaves = [t.to(dtype) for t in (hidden, weight)] + ([bias.to(dtype)] if head != "plain" else [])
     upstream = torch.randn(labels.shape, generator=g, dtype=torch.float64)
     return leaves, labels, kw, upstream
 
@@ -158,7 +159,7 @@ def _ref(h, w, y, b, **kw):
     return reference_token_stats(h, w, y, b, **kw)
 
 
-@pytest.mark.parametrize("head", ["plain", "softcap+bias+scale"])
+@pytest.mark.parametrize("head", ["plain", "bias+scale", "softcap+bias+scale"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_epilogue_path_every_output_and_gradient(dtype, head, monkeypatch, small_chunks):
     monkeypatch.setattr(_torch_backend, "EPILOGUES", True)

@@ -19,7 +19,8 @@ from fastdpo.reference import reference_dpo_loss, reference_token_stats
 from fdtest import backend_params, make_batch, poison_empty
 
 N_ROWS, T, H, V = 3, 13, 21, 61  # 39 tokens; V crosses 4 tiles of 16 and 3 backward chunks of 24
-HEADS = {"plain": {}, "softcap+bias+scale": dict(softcap=2.5, logit_scale=1.4, temperature=0.9, bias=True)}
+HEADS = {"plain": {}, "bias+scale": dict(logit_scale=1.4, temperature=0.9, bias=True),
+         "softcap+bias+scale": dict(softcap=2.5, logit_scale=1.4, temperature=0.9, bias=True)}
 STATS = ("logp", "mean_logit", "entropy", "log_sum_sq_probs")
 
 
@@ -137,7 +138,7 @@ def test_fast_mode_skips_the_logit_recompute_on_torch(monkeypatch, _small_torch_
     calls = []
     real = _torch_backend._logit_product
     monkeypatch.setattr(_torch_backend, "_logit_product",
-                        lambda x, w, v0: calls.append((v0, x.shape[0])) or real(x, w, v0))
+                        lambda x, w, v0, out=None: calls.append((v0, x.shape[0])) or real(x, w, v0, out))
     n = int((labels != -100).sum())
     tiles = []
     for v0, v1 in _torch_backend._vocab_chunks(V):
