@@ -416,30 +416,29 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, opts: HeadOptions,
                 ek = kept_e[N * v0:N * v1].view(N, vc)[s:e]
                 r = kept_r[c, s:e].to(acc_dtype)
                 factor = torch.where(torch.isneginf(r), 0.0, torch.exp(r - lse[s:e])).unsqueeze(1)
-            if kept_chunk and softcap is None:
-                # D = f·e − onehot(y), f = exp(r − lse) per row: f scales the products' small operands (or their
-                # result) and the one-hot rows are subtracted from the accumulators, so no pass over the tile is
-                # made and the kept tile stays as it is (it serves a second backward too).
-                cols = local.index_select(0, hit)
-                if need_h:
-                    acc_h[s:e].addcmul_(_mm(ek, w_h), factor)
-                    _sub_rows_(acc_h[s:e], hit, w_h.index_select(0, cols).to(acc_dtype))
-                if need_w:
-                    _addmm_(gw, ek.t(), (xa[s:e].to(acc_dtype) * factor).to(xa.dtype))
-                    _sub_rows_(gw, cols, xa[s:e].index_select(0, hit).to(acc_dtype))
-                if need_b:
-                    ga = a_op[s:e].unsqueeze(1)
-                    _addmm_(gb.unsqueeze(1), ek.t(), (ga * factor).to(xa.dtype))
-                    _sub_rows_(gb.unsqueeze(1), cols, ga.index_select(0, hit))
-                continue
-            if kept_chunk:
-                # p = e·exp(r − lse) from the kept chunk, into a new tile (the kept one serves a second backward).
+                if softcap is None:
+                    # D = f·e − onehot(y), f = exp(r − lse) per row: f scales the products' small operands (or
+                    # their result) and the one-hot rows are subtracted from the accumulators, so no pass over the
+                    # tile is made and the kept tile stays as it is (it serves a second backward too).
+                    cols = local.index_select(0, hit)
+                    if need_h:
+                        acc_h[s:e].addcmul_(_mm(ek, w_h), factor)
+                        _sub_rows_(acc_h[s:e], hit, w_h.index_select(0, cols).to(acc_dtype))
+                    if need_w:
+                        _addmm_(gw, ek.t(), (xa[s:e].to(acc_dtype) * factor).to(xa.dtype))
+                        _sub_rows_(gw, cols, xa[s:e].index_select(0, hit).to(acc_dtype))
+                    if need_b:
+                        ga = a_op[s:e].unsqueeze(1)
+                        _addmm_(gb.unsqueeze(1), ek.t(), (ga * factor).to(xa.dtype))
+                        _sub_rows_(gb.unsqueeze(1), cols, ga.index_select(0, hit))
+                    continue
+                # With a softcap 1 − tanh² is per logit: p = e·exp(r − lse) goes into a new tile (the kept one
+                # serves a second backward), and tanh comes from z = r + log e where e > 0 (elsewhere p is 0),
+                # exact at the target.
                 d = (ek * factor).to(ek.dtype)
-                if softcap is not None:
-                    # tanh from z = r + log e where e > 0 (elsewhere p is 0), exact at the target.
-                    ef = ek.to(acc_dtype)
-                    t = torch.where(ef > 0, (r.unsqueeze(1) + ef.log()) / (softcap * scale), 0.0)
-                    t[hit, local[hit]] = t_target[s:e][hit]
+                ef = ek.to(acc_dtype)
+                t = torch.where(ef > 0, (r.unsqueeze(1) + ef.log()) / (softcap * scale), 0.0)
+                t[hit, local[hit]] = t_target[s:e][hit]
             else:
                 z = _logit_product(x[s:e], w, v0)
                 if epi:

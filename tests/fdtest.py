@@ -1,6 +1,9 @@
 """Helpers shared by the tests: the runnable backends, an odd-shape DPO batch, a relative error, options for
 every loss type, NaN-poisoned allocations, the head's memory mode."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -102,3 +105,12 @@ def word_tokenizer(words):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
                                                 unk_token="<unk>")
+
+
+def load_script(path):
+    """The Python file at ``path`` (a script outside any package: a benchmark, the TRL-suite harness) as a module."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

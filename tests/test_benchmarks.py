@@ -1,6 +1,5 @@
 """The benchmarks run: every pytest-benchmark case at tiny size, and gpu_compare.py's flow on CPU at toy sizes."""
 
-import importlib.util
 import json
 import os
 import re
@@ -10,16 +9,14 @@ import sys
 import pytest
 
 from fastdpo.bench.competitors import IMPLEMENTATIONS
+from fdtest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = ("device", "shape", "case", "impl", "extras", "ms", "peak_gib", "loss_err", "grad_h_rel_err")
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(ROOT, "benchmarks", f"{name}.py"))
 
 
 def test_suite_covers_every_implementation_and_phase():

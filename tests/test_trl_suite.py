@@ -2,12 +2,12 @@
 as the hub ids they replace, the plugin puts fastdpo in place per mode, and a test that passes stock but fails with
 fastdpo makes the run fail."""
 
-import importlib.util
 import os
-import sys
 import textwrap
 
 import pytest
+
+from fdtest import load_script
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -16,11 +16,7 @@ HERE = os.path.join(os.path.dirname(__file__), "trl_suite")
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(HERE, f"{name}.py"))
 
 
 def test_stand_ins_load_as_the_hub_ids(tmp_path, monkeypatch):
